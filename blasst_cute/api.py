@@ -1,0 +1,273 @@
+"""The torch-facing functions: validation (one place), output allocation, dispatch, stats.
+
+Every argument is checked here, before any device work; kernels assume validated inputs.
+Bad input raises ``TypeError``/``ValueError`` naming the argument and what was expected; a valid
+configuration that no kernel supports raises ``NotImplementedError`` naming what is unsupported.
+Nothing ever falls back silently to a dense or a reference path on the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Union
+
+import torch
+
+from . import dispatch
+from .stats import BlasstStats
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BACKENDS = ("auto", "reference", "cute")
+
+Factor = Union[None, float, int, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation helpers
+# ----------------------------------------------------------------------------------------------
+
+def _require_tensor(name, t, ndim=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    return t
+
+
+def _check_float(name, t, dtype=None):
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must have the dtype of q ({dtype}), got {t.dtype}")
+
+
+def _check_device(name, t, device):
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device} (the device of q), got {t.device}")
+
+
+def _check_last_contiguous(name, t):
+    if t.numel() > 0 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last (head) dim, got strides {t.stride()}")
+
+
+def _check_bool(name, x):
+    if not isinstance(x, bool):
+        raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
+
+
+def _check_backend(backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_scale(softmax_scale):
+    if softmax_scale is None:
+        return
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be finite and > 0, got {softmax_scale}")
+
+
+def _check_factor(factor, batch, device):
+    """threshold_scale_factor: None, a finite number >= 0, or a float tensor [batch] on q's device."""
+    if factor is None:
+        return
+    if isinstance(factor, torch.Tensor):
+        if factor.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"threshold_scale_factor tensor must be float32, got {factor.dtype}")
+        if factor.dim() != 1 or factor.shape[0] != batch:
+            raise ValueError(
+                f"threshold_scale_factor tensor must have shape [{batch}] (one factor per sequence), "
+                f"got {tuple(factor.shape)}")
+        _check_device("threshold_scale_factor", factor, device)
+        if factor.device.type == "cpu":  # on the GPU the kernel treats non-finite/negative as off
+            if not bool(torch.isfinite(factor).all()) or bool((factor < 0).any()):
+                raise ValueError("threshold_scale_factor must be finite and >= 0 for every sequence")
+        return
+    if isinstance(factor, bool) or not isinstance(factor, numbers.Real):
+        raise TypeError(
+            f"threshold_scale_factor must be None, a number or a float tensor, got {type(factor).__name__}")
+    if not math.isfinite(factor) or factor < 0:
+        raise ValueError(f"threshold_scale_factor must be finite and >= 0 (None or 0 = dense), got {factor}")
+
+
+def _check_cu_seqlens(name, cu, device, total, batch=None):
+    _require_tensor(name, cu, 1)
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    _check_device(name, cu, device)
+    if cu.numel() < 2:
+        raise ValueError(f"{name} must hold at least 2 entries (batch + 1), got {cu.numel()}")
+    if batch is not None and cu.numel() != batch + 1:
+        raise ValueError(f"{name} must have {batch + 1} entries like cu_seqlens_q, got {cu.numel()}")
+    host = cu.cpu()
+    if int(host[0]) != 0:
+        raise ValueError(f"{name}[0] must be 0, got {int(host[0])}")
+    if bool((host[1:] < host[:-1]).any()):
+        raise ValueError(f"{name} must be non-decreasing")
+    if int(host[-1]) != total:
+        raise ValueError(f"{name}[-1] must equal the total number of tokens ({total}), got {int(host[-1])}")
+    return host
+
+
+def _check_qkv(q, k, v, ndim, what):
+    for name, t in (("q", q), ("k" + what, k), ("v" + what, v)):
+        _require_tensor(name, t, ndim)
+    _check_float("q", q)
+    _check_float("k" + what, k, q.dtype)
+    _check_float("v" + what, v, q.dtype)
+    _check_device("k" + what, k, q.device)
+    _check_device("v" + what, v, q.device)
+    for name, t in (("q", q), ("k" + what, k), ("v" + what, v)):
+        _check_last_contiguous(name, t)
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(
+            f"k{what} and v{what} must have the same shape except the head dim: "
+            f"{tuple(k.shape)} vs {tuple(v.shape)}")
+    hq, hk = q.shape[-2], k.shape[-2]
+    if hk == 0 or hq % hk != 0:
+        raise ValueError(f"the number of q heads ({hq}) must be a positive multiple of kv heads ({hk})")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k{what} must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
+    if q.shape[-1] == 0 or v.shape[-1] == 0:
+        raise ValueError("head dims must be > 0")
+
+
+def _pack_result(out, lse, stats, return_lse, return_stats):
+    res = [out]
+    if return_lse:
+        res.append(lse)
+    if return_stats:
+        res.append(stats)
+    return res[0] if len(res) == 1 else tuple(res)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+def prefill(q, k, v, *, causal: bool = False, softmax_scale: Optional[float] = None,
+            threshold_scale_factor: Factor = None, cu_seqlens_q: Optional[torch.Tensor] = None,
+            cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_q: Optional[int] = None,
+            max_seqlen_k: Optional[int] = None, return_lse: bool = False,
+            return_stats: bool = False, backend: str = "auto"):
+    """BLASST attention for prefill.
+
+    Batched: q [B, Lq, Hq, D], k [B, Lk, Hk, D], v [B, Lk, Hk, Dv] (Hq % Hk == 0: MHA, GQA, MQA).
+    Varlen (as ``flash_attn_varlen_func``): q [total_q, Hq, D], k/v [total_k, Hk, D(v)] with
+    ``cu_seqlens_q``/``cu_seqlens_k`` int32 [B + 1].
+
+    ``causal`` is bottom-right aligned. ``threshold_scale_factor`` (None/0 = dense) sets
+    λ = factor / Lk per sequence; a float32 tensor [B] gives one factor per sequence (it may be
+    updated in place between CUDA-graph replays). ``softmax_scale`` defaults to 1/sqrt(D).
+
+    Returns ``out`` [.., Hq, Dv] in q's dtype, then ``lse`` (float32 [B, Hq, Lq], or
+    [Hq, total_q] varlen) if ``return_lse``, then a :class:`BlasstStats` if ``return_stats``.
+
+    ``backend``: "auto" runs the CuTe DSL kernel for CUDA tensors and the reference on CPU;
+    "reference" always runs the pure-torch reference; "cute" requires the kernel.
+    """
+    _check_backend(backend)
+    _check_bool("causal", causal)
+    _check_bool("return_lse", return_lse)
+    _check_bool("return_stats", return_stats)
+    _check_scale(softmax_scale)
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if varlen:
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together")
+        _check_qkv(q, k, v, 3, "")
+        cq = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0])
+        ck = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0],
+                               batch=cu_seqlens_q.numel() - 1)
+        batch = cq.numel() - 1
+        for name, given, cu in (("max_seqlen_q", max_seqlen_q, cq), ("max_seqlen_k", max_seqlen_k, ck)):
+            longest = int((cu[1:] - cu[:-1]).max())
+            if given is not None and (not isinstance(given, int) or given < longest):
+                raise ValueError(f"{name} must be an int >= the longest sequence ({longest}), got {given!r}")
+        max_seqlen_q = max_seqlen_q if max_seqlen_q is not None else int((cq[1:] - cq[:-1]).max())
+        max_seqlen_k = max_seqlen_k if max_seqlen_k is not None else int((ck[1:] - ck[:-1]).max())
+    else:
+        if max_seqlen_q is not None or max_seqlen_k is not None:
+            raise ValueError("max_seqlen_q/max_seqlen_k are only meaningful with cu_seqlens_q/cu_seqlens_k")
+        _check_qkv(q, k, v, 4, "")
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+        batch = q.shape[0]
+    _check_factor(threshold_scale_factor, batch, q.device)
+
+    call = dispatch.PrefillCall(
+        q=q, k=k, v=v, causal=causal, softmax_scale=softmax_scale,
+        threshold_scale_factor=threshold_scale_factor, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        want_stats=return_stats)
+    out, lse, stats = dispatch.run_prefill(call, backend)
+    return _pack_result(out, lse, stats, return_lse, return_stats)
+
+
+def decode(q, k_cache, v_cache, *, cache_seqlens: torch.Tensor,
+           block_table: Optional[torch.Tensor] = None, softmax_scale: Optional[float] = None,
+           threshold_scale_factor: Factor = None, return_lse: bool = False,
+           return_stats: bool = False, backend: str = "auto"):
+    """BLASST attention for decode against a (paged) KV cache.
+
+    q [B, Lq_new, Hq, D] holds the new tokens (Lq_new >= 1: speculative tokens are causal among
+    themselves); the cache already holds their keys, ``cache_seqlens[b]`` keys in all.
+    Paged (vLLM/FlashInfer convention): k_cache/v_cache [num_pages, page_size, Hk, D(v)],
+    ``block_table`` [B, max_pages] int32. Contiguous: k_cache/v_cache [B, capacity, Hk, D(v)].
+    λ = threshold_scale_factor / cache_seqlens[b]. Returns like :func:`prefill` (lse [B, Hq, Lq_new]).
+    """
+    _check_backend(backend)
+    _check_bool("return_lse", return_lse)
+    _check_bool("return_stats", return_stats)
+    _check_scale(softmax_scale)
+    _check_qkv(q, k_cache, v_cache, 4, "_cache")
+    if q.shape[1] < 1:
+        raise ValueError(f"q must hold at least one new token per sequence (dim 1), got {q.shape[1]}")
+    batch = q.shape[0]
+    _require_tensor("cache_seqlens", cache_seqlens, 1)
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
+    _check_device("cache_seqlens", cache_seqlens, q.device)
+    if cache_seqlens.shape[0] != batch:
+        raise ValueError(f"cache_seqlens must have shape [{batch}], got {tuple(cache_seqlens.shape)}")
+    if block_table is not None:
+        _require_tensor("block_table", block_table, 2)
+        if block_table.dtype != torch.int32:
+            raise TypeError(f"block_table must be int32, got {block_table.dtype}")
+        _check_device("block_table", block_table, q.device)
+        if block_table.shape[0] != batch:
+            raise ValueError(f"block_table must have {batch} rows (one per sequence), got {block_table.shape[0]}")
+        capacity = block_table.shape[1] * k_cache.shape[1]
+    else:
+        if k_cache.shape[0] != batch:
+            raise ValueError(
+                f"without block_table, k_cache must be [B, capacity, Hk, D] with B={batch}, "
+                f"got {tuple(k_cache.shape)}")
+        capacity = k_cache.shape[1]
+    lens = cache_seqlens.cpu()
+    if batch and (int(lens.min()) < 0 or int(lens.max()) > capacity):
+        raise ValueError(f"cache_seqlens must lie in [0, {capacity}] (the cache capacity), "
+                         f"got range [{int(lens.min())}, {int(lens.max())}]")
+    if block_table is not None and batch:
+        pages_needed = (lens + k_cache.shape[1] - 1) // k_cache.shape[1]
+        bt = block_table.cpu()
+        used = torch.arange(bt.shape[1])[None, :] < pages_needed[:, None]
+        bad = used & ((bt < 0) | (bt >= k_cache.shape[0]))
+        if bool(bad.any()):
+            b, p = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(f"block_table[{b}, {p}] = {int(bt[b, p])} is out of range [0, {k_cache.shape[0]})")
+    _check_factor(threshold_scale_factor, batch, q.device)
+
+    call = dispatch.DecodeCall(
+        q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, block_table=block_table,
+        softmax_scale=softmax_scale, threshold_scale_factor=threshold_scale_factor,
+        want_stats=return_stats)
+    out, lse, stats = dispatch.run_decode(call, backend)
+    return _pack_result(out, lse, stats, return_lse, return_stats)
+
+
+__all__ = ["prefill", "decode", "BlasstStats"]

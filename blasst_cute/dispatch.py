@@ -1,0 +1,176 @@
+"""Choose the backend and tile geometry for a validated call, and run it.
+
+The geometry of a configuration is data: the CuTe DSL kernel uses it, and the reference (the CPU
+backend, and the oracle in tests) is called with the very same geometry, so both take the same
+skip decisions. Compiled kernels are cached by :mod:`blasst_cute.kernels.launch`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from . import reference
+from .reference import Geometry
+from .stats import BlasstStats
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class PrefillCall:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    causal: bool
+    softmax_scale: Optional[float]
+    threshold_scale_factor: object
+    cu_seqlens_q: Optional[torch.Tensor]
+    cu_seqlens_k: Optional[torch.Tensor]
+    max_seqlen_q: Optional[int]
+    max_seqlen_k: Optional[int]
+    want_stats: bool
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+
+@dataclass
+class DecodeCall:
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    cache_seqlens: torch.Tensor
+    block_table: Optional[torch.Tensor]
+    softmax_scale: Optional[float]
+    threshold_scale_factor: object
+    want_stats: bool
+
+
+def _kernel_launch_module():
+    """The kernel glue module, or the reason it cannot be used."""
+    try:
+        from .kernels import launch  # noqa: WPS433 (imports the CuTe DSL)
+    except Exception as exc:  # pragma: no cover - depends on the installation
+        return None, f"the CuTe DSL kernels could not be imported ({type(exc).__name__}: {exc})"
+    return launch, None
+
+
+def prefill_geometry(head_dim: int, head_dim_v: int, causal: bool, dtype: torch.dtype) -> Geometry:
+    """The tile geometry the Hopper prefill kernel uses for this configuration."""
+    launch, _ = _kernel_launch_module()
+    # The geometry does not depend on the dtype: fp32/fp64 reference calls take the bf16 kernel's,
+    # so CPU and GPU runs of one workload skip the same tiles.
+    kdtype = dtype if dtype in KERNEL_DTYPES else torch.bfloat16
+    if launch is not None and hasattr(launch, "prefill_geometry"):
+        try:
+            return Geometry(**launch.prefill_geometry(head_dim, head_dim_v, causal, kdtype))
+        except NotImplementedError:
+            pass  # a head dim no kernel takes: the reference still runs, at the default tiling
+    return Geometry(block_m=128, block_n=128)
+
+
+def decode_geometry(rows_per_kv_head: int, page_size: Optional[int] = None) -> Geometry:
+    """Decode packs the G query heads x new tokens of one kv head into the rows of a tile."""
+    block_m = 64 if rows_per_kv_head <= 64 else 128
+    return Geometry(block_m=block_m, block_n=128, pack_gqa=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefill
+# ----------------------------------------------------------------------------------------------
+
+def _prefill_unsupported(call: PrefillCall) -> Optional[str]:
+    """Why the sm90 prefill kernel cannot run this call (None when it can)."""
+    q, k, v = call.q, call.k, call.v
+    if q.dtype not in KERNEL_DTYPES:
+        return f"dtype {q.dtype} (the kernels take float16 or bfloat16)"
+    major, minor = torch.cuda.get_device_capability(q.device)
+    if major != 9:
+        return f"compute capability {major}.{minor} (the prefill kernel targets sm_90a: H100/H200)"
+    if q.shape[-1] not in (64, 128, 256) or v.shape[-1] != q.shape[-1]:
+        return f"head dims q/k={q.shape[-1]}, v={v.shape[-1]} (supported: 64, 128, 256 with Dv == D)"
+    launch, why = _kernel_launch_module()
+    if launch is None:
+        return why
+    if not hasattr(launch, "run_prefill_sm90"):
+        return "the sm90 prefill kernel is not built in this version"
+    return None
+
+
+def run_prefill(call: PrefillCall, backend: str) -> Tuple[torch.Tensor, torch.Tensor, Optional[BlasstStats]]:
+    on_gpu = call.q.is_cuda
+    if backend == "reference" or (backend == "auto" and not on_gpu):
+        return _prefill_reference(call)
+    if not on_gpu:
+        raise NotImplementedError("backend='cute' needs CUDA tensors; q is on the CPU")
+    why = _prefill_unsupported(call)
+    if why is not None:
+        raise NotImplementedError(f"blasst_cute.prefill has no CuTe DSL kernel for {why}; "
+                                  "pass backend='reference' to run the (slow) reference explicitly")
+    return _prefill_kernel(call)
+
+
+def _prefill_reference(call: PrefillCall):
+    geom = prefill_geometry(call.q.shape[-1], call.v.shape[-1], call.causal, call.q.dtype)
+    common = dict(causal=call.causal, softmax_scale=call.softmax_scale,
+                  threshold_scale_factor=call.threshold_scale_factor, **geom.kwargs())
+    if call.varlen:
+        out, lse, stats = reference.blasst_attention_varlen(
+            call.q, call.k, call.v, cu_seqlens_q=call.cu_seqlens_q, cu_seqlens_k=call.cu_seqlens_k, **common)
+    else:
+        out, lse, stats = reference.blasst_attention(call.q, call.k, call.v, **common)
+    return out, lse, (stats if call.want_stats else None)
+
+
+def _prefill_kernel(call: PrefillCall):
+    launch, _ = _kernel_launch_module()
+    q, k, v = call.q, call.k, call.v
+    hq = q.shape[-2]
+    if call.varlen:
+        batch = call.cu_seqlens_q.numel() - 1
+        lse = torch.empty(hq, q.shape[0], dtype=torch.float32, device=q.device)
+    else:
+        batch = q.shape[0]
+        lse = torch.empty(batch, hq, q.shape[1], dtype=torch.float32, device=q.device)
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    visited = skipped = None
+    if call.want_stats:
+        visited = torch.zeros(batch, hq, dtype=torch.int32, device=q.device)
+        skipped = torch.zeros_like(visited)
+    launch.run_prefill_sm90(
+        q, k, v, out, lse, causal=call.causal, softmax_scale=call.softmax_scale,
+        threshold_scale_factor=call.threshold_scale_factor, cu_seqlens_q=call.cu_seqlens_q,
+        cu_seqlens_k=call.cu_seqlens_k, max_seqlen_q=call.max_seqlen_q,
+        max_seqlen_k=call.max_seqlen_k, visited=visited, skipped=skipped)
+    stats = BlasstStats(visited.long(), skipped.long()) if call.want_stats else None
+    return out, lse, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode
+# ----------------------------------------------------------------------------------------------
+
+def run_decode(call: DecodeCall, backend: str):
+    on_gpu = call.q.is_cuda
+    if backend == "reference" or (backend == "auto" and not on_gpu):
+        g = call.q.shape[2] // call.k_cache.shape[2]
+        geom = decode_geometry(g * call.q.shape[1])
+        out, lse, stats = reference.blasst_attention_paged(
+            call.q, call.k_cache, call.v_cache, cache_seqlens=call.cache_seqlens,
+            block_table=call.block_table, causal=True, softmax_scale=call.softmax_scale,
+            threshold_scale_factor=call.threshold_scale_factor, **geom.kwargs())
+        return out, lse, (stats if call.want_stats else None)
+    if not on_gpu:
+        raise NotImplementedError("backend='cute' needs CUDA tensors; q is on the CPU")
+    raise NotImplementedError(
+        "blasst_cute.decode has no CuTe DSL kernel yet (the sm90 split-KV decode kernel is not built "
+        "in this version); pass backend='reference' to run the (slow) reference explicitly")
+
+
+def default_softmax_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,343 @@
+"""The oracle: exact BLASST semantics in pure torch, for any tile geometry.
+
+Every kernel in this package must reproduce the outputs of this module at its own precision and,
+given the kernel's geometry (tile sizes, rows per decision, visit order, splits), its skip
+decisions. It also serves as the CPU backend.
+
+Semantics (one q-tile of ``block_m`` rows at a time):
+
+* Rows. ``pack_gqa=False``: the rows of a tile are ``block_m`` consecutive query positions of one
+  query head. ``pack_gqa=True``: ``block_m`` consecutive entries of the flattened
+  (position, head-in-group) list of one kv head, row ``r = pos * G + g`` with ``G = Hq // Hk``.
+* Causal masks are bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + (Lk - Lq)``.
+* The tile visits the key tiles (``block_n`` keys each) that hold at least one key visible to at
+  least one of its valid rows. ``num_splits`` (or ``split_tiles``) cuts the visited tile range into
+  contiguous chunks of ``cs = ceil(n_visit / num_splits)`` tiles (chunk ``c`` holds tile indices
+  ``[c·cs, (c+1)·cs)``), each with its own running state, merged by lse; inside a chunk the tiles
+  are visited in ascending (``order="forward"``) or descending (``"reverse"``) index order.
+* ``rows_per_decision`` (default ``block_m``) divides the tile's rows into decision groups that
+  decide independently (e.g. one 64-row consumer warpgroup of a 128-row tile).
+* ``λ = threshold_scale_factor / Lk`` per sequence. ``None``, ``0`` or ``λ >= 1`` mean no
+  skipping for that sequence.
+* The first tile of each chunk is never skipped. Any other tile is skipped for a group iff every
+  row of the group votes skip. A row votes skip iff it is padding, or sees no key of the tile, or
+  ``m_tile - m_run < ln λ``, where ``m_tile`` is its max scaled score over its visible keys of the
+  tile and ``m_run`` its running max over the chunk's non-skipped tiles so far.
+* A skipped tile changes nothing (m, l, O untouched); otherwise the standard online softmax update.
+  Because online softmax is exact, the result equals a softmax over the visible keys of the kept
+  tiles, which is how it is computed here (one masked softmax, no sequential accumulation).
+* ``out = O / l`` in q's dtype; ``lse = m + ln(l)`` as float32 ``[B, Hq, Lq]``; a row with no
+  visible key gives out 0 and lse -inf.
+* Stats count (decision group, key tile) pairs, per ``[B, Hq]`` (rows not packed) or ``[B, Hk]``
+  (packed). Groups with no valid row are not counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from .stats import BlasstStats
+
+Factor = Union[None, float, int, torch.Tensor]
+
+# Bound on the fp32 score block materialised at once (elements), ~512 MiB.
+_MAX_SCORE_ELEMS = 1 << 27
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The tiling a kernel uses; the reference reproduces its decisions from exactly this."""
+
+    block_m: int = 128
+    block_n: int = 128
+    pack_gqa: bool = False
+    order: str = "forward"
+    num_splits: int = 1
+    rows_per_decision: Optional[int] = None
+    split_tiles: Optional[int] = None
+
+    def kwargs(self) -> dict:
+        return asdict(self)
+
+
+def _check_geometry(block_m, block_n, order, num_splits, rows_per_decision, split_tiles):
+    if not (isinstance(block_m, int) and block_m > 0):
+        raise ValueError(f"block_m must be a positive int, got {block_m!r}")
+    if not (isinstance(block_n, int) and block_n > 0):
+        raise ValueError(f"block_n must be a positive int, got {block_n!r}")
+    if order not in ("forward", "reverse"):
+        raise ValueError(f'order must be "forward" or "reverse", got {order!r}')
+    if not (isinstance(num_splits, int) and num_splits >= 1):
+        raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
+    if split_tiles is not None and not (isinstance(split_tiles, int) and split_tiles >= 1):
+        raise ValueError(f"split_tiles must be None or an int >= 1, got {split_tiles!r}")
+    rpd = block_m if rows_per_decision is None else rows_per_decision
+    if not (isinstance(rpd, int) and rpd > 0 and block_m % rpd == 0):
+        raise ValueError(
+            f"rows_per_decision must be a positive divisor of block_m={block_m}, got {rows_per_decision!r}"
+        )
+    return rpd
+
+
+def log_threshold(threshold_scale_factor: Factor, seqlens_k: torch.Tensor) -> torch.Tensor:
+    """ln λ per sequence as float64 [B]; -inf where skipping is off (factor None/0, λ >= 1, Lk = 0)."""
+    lk = seqlens_k.to(torch.float64)
+    if threshold_scale_factor is None:
+        return torch.full_like(lk, -math.inf)
+    f = torch.as_tensor(threshold_scale_factor, dtype=torch.float64).to(lk.device).expand_as(lk)
+    lam = f / lk.clamp_min(1)
+    on = (f > 0) & (lam < 1) & (lk > 0)
+    return torch.where(on, torch.log(lam.clamp_min(1e-300)), torch.full_like(lam, -math.inf))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _attend_batch(q, k, v, *, causal, scale, ln_lam, block_m, block_n, pack_gqa, order,
+                  num_splits, rpd, split_tiles):
+    """Equal-length batch. q [B,Lq,Hq,D], k [B,Lk,Hk,D], v [B,Lk,Hk,Dv]; ln_lam [B] float64."""
+    B, Lq, Hq, D = q.shape
+    Lk, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    G = Hq // Hk
+    dev = q.device
+    cdt = _compute_dtype(q.dtype)
+
+    # Units own the rows of a tile: a query head, or a kv head with its G query heads packed.
+    if pack_gqa:
+        U, R = Hk, Lq * G
+        qu = q.reshape(B, Lq, Hk, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hk, R, D)
+        ku, vu = k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)  # [B, Hk, Lk, *]
+        row_pos = torch.arange(R, device=dev) // G
+    else:
+        U, R = Hq, Lq
+        qu = q.permute(0, 2, 1, 3)
+        kv_of = torch.arange(Hq, device=dev) // G
+        ku = k.permute(0, 2, 1, 3).index_select(1, kv_of)
+        vu = v.permute(0, 2, 1, 3).index_select(1, kv_of)
+        row_pos = torch.arange(R, device=dev)
+    qu, ku, vu = qu.to(cdt), ku.to(cdt), vu.to(cdt)
+
+    n_qt = -(-R // block_m)
+    n_kt = -(-Lk // block_n)
+    n_grp = block_m // rpd
+    out_u = torch.zeros(B, U, R, Dv, dtype=cdt, device=dev)
+    lse_u = torch.full((B, U, R), -math.inf, dtype=cdt, device=dev)
+    visited = torch.zeros(B, U, dtype=torch.int64, device=dev)
+    skipped = torch.zeros(B, U, dtype=torch.int64, device=dev)
+    if R == 0 or Lk == 0:
+        return out_u, lse_u, visited, skipped, U, R
+
+    key_pos = torch.arange(n_kt * block_n, device=dev)
+    key_ok = key_pos < Lk
+    skip_on = torch.isfinite(ln_lam).view(B, 1, 1, 1)
+    ln_lam_b = ln_lam.to(cdt).view(B, 1, 1, 1, 1)
+
+    per_tile = max(1, B * U * block_m * n_kt * block_n)
+    tiles_per_chunk = max(1, _MAX_SCORE_ELEMS // per_tile)
+    for t0 in range(0, n_qt, tiles_per_chunk):
+        t1 = min(n_qt, t0 + tiles_per_chunk)
+        nt = t1 - t0
+        rows = torch.arange(t0 * block_m, t1 * block_m, device=dev)
+        row_ok = rows < R
+        rpos = row_pos[rows.clamp_max(R - 1)]
+        vis = row_ok[:, None] & key_ok[None, :]
+        if causal:
+            vis = vis & (key_pos[None, :] <= rpos[:, None] + (Lk - Lq))
+        r1 = min(t1 * block_m, R)
+        s = torch.full((B, U, nt * block_m, n_kt * block_n), -math.inf, dtype=cdt, device=dev)
+        s[:, :, : r1 - t0 * block_m, :Lk] = (qu[:, :, t0 * block_m:r1] @ ku.transpose(-1, -2)) * scale
+        s = s.masked_fill(~vis, -math.inf)
+
+        # Row maxima per key tile and the tiles each q-tile visits (always a prefix 0..n_visit-1).
+        m_tile = s.view(B, U, nt, n_grp, rpd, n_kt, block_n).amax(-1)  # [B,U,nt,ng,rpd,nkt]
+        tile_vis = vis.view(nt, block_m, n_kt, block_n).any(-1).any(1)  # [nt, nkt]
+        n_visit = tile_vis.sum(-1)  # [nt]
+        assert bool((tile_vis == (torch.arange(n_kt, device=dev)[None] < n_visit[:, None])).all())
+        grp_valid = row_ok.view(nt, n_grp, rpd).any(-1)  # [nt, ng]
+        row_valid = row_ok.view(nt, n_grp, rpd)
+
+        # Chunks (splits) of the visited range: chunk c holds tiles [c*cs, (c+1)*cs).
+        if split_tiles is not None:
+            cs = torch.full_like(n_visit, split_tiles)
+        else:
+            cs = torch.div(n_visit + num_splits - 1, num_splits, rounding_mode="floor").clamp_min(1)
+        n_chunk = int(torch.div(n_visit + cs - 1, cs, rounding_mode="floor").max())
+        cs_max = int(cs.max())
+        kept = torch.zeros(B, U, nt, n_grp, n_kt, dtype=torch.uint8, device=dev)
+        if n_chunk > 0:
+            c = torch.arange(n_chunk, device=dev)[None, :]
+            c_start = c * cs[:, None]  # [nt, nc]
+            c_len = (n_visit[:, None] - c_start).clamp(min=0).minimum(cs[:, None])
+            counted = grp_valid[None, None, :, None, :]  # [1,1,nt,1,ng]
+            m_run = torch.full((B, U, nt, n_chunk, n_grp, rpd), -math.inf, dtype=cdt, device=dev)
+            for j in range(cs_max):
+                active = (j < c_len)[None, None, :, :, None]  # [1,1,nt,nc,1]
+                step = j if order == "forward" else (c_len - 1 - j)
+                kt = (c_start + step).clamp(0, n_kt - 1)  # [nt, nc]; inactive steps clamp harmlessly
+                idx = kt.view(1, 1, nt, 1, 1, n_chunk).expand(B, U, nt, n_grp, rpd, n_chunk)
+                mt = torch.gather(m_tile, 5, idx).permute(0, 1, 2, 5, 3, 4)  # [B,U,nt,nc,ng,rpd]
+                votes = (~row_valid[None, None, :, None]) | (mt == -math.inf) | (
+                    (mt - m_run) < ln_lam_b.unsqueeze(-1))
+                skip = votes.all(-1) & skip_on.unsqueeze(-1) & active & (j > 0)  # [B,U,nt,nc,ng]
+                keep = active & ~skip
+                m_run = torch.where(keep.unsqueeze(-1), torch.maximum(m_run, mt), m_run)
+                visited += (active & counted).expand_as(skip).sum((2, 3, 4))
+                skipped += (skip & counted).sum((2, 3, 4))
+                kidx = kt.view(1, 1, nt, 1, n_chunk).expand(B, U, nt, n_grp, n_chunk)
+                kept.scatter_reduce_(4, kidx, keep.permute(0, 1, 2, 4, 3).to(torch.uint8), reduce="amax")
+        kept = kept.bool()
+
+        # Softmax over the visible keys of the kept tiles.
+        allow = kept.view(B, U, nt, n_grp, 1, n_kt, 1).expand(-1, -1, -1, -1, rpd, -1, block_n)
+        s = s.masked_fill(~allow.reshape(B, U, nt * block_m, n_kt * block_n), -math.inf)
+        s = s[..., :Lk]
+        m = s.amax(-1, keepdim=True)
+        m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m_safe)
+        l = p.sum(-1, keepdim=True)
+        o = (p @ vu) / torch.where(l > 0, l, torch.ones_like(l))
+        lse = torch.where(l > 0, m_safe + torch.log(l), torch.full_like(l, -math.inf)).squeeze(-1)
+        nr = r1 - t0 * block_m
+        out_u[:, :, t0 * block_m:r1] = o[:, :, :nr]
+        lse_u[:, :, t0 * block_m:r1] = lse[:, :, :nr]
+        del s, p, allow
+
+    return out_u, lse_u, visited, skipped, U, R
+
+
+def _unpack(out_u, lse_u, B, Lq, Hq, Hk, Dv, pack_gqa):
+    """Units/rows back to out [B, Lq, Hq, Dv] and lse [B, Hq, Lq]."""
+    G = Hq // Hk
+    if pack_gqa:
+        out = out_u.reshape(B, Hk, Lq, G, Dv).permute(0, 2, 1, 3, 4).reshape(B, Lq, Hq, Dv)
+        lse = lse_u.reshape(B, Hk, Lq, G).permute(0, 1, 3, 2).reshape(B, Hq, Lq)
+    else:
+        out = out_u.permute(0, 2, 1, 3)
+        lse = lse_u
+    return out, lse
+
+
+def _check_qkv(q, k, v, seq_dims):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != seq_dims + 2:
+            raise ValueError(f"{name} must have {seq_dims + 2} dims, got shape {tuple(t.shape)}")
+    if q.shape[-2] % k.shape[-2] != 0:
+        raise ValueError(f"q heads ({q.shape[-2]}) must be a multiple of k heads ({k.shape[-2]})")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"k and v must agree except in the last dim: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
+
+
+def blasst_attention(q, k, v, *, causal: bool = False, softmax_scale: Optional[float] = None,
+                     threshold_scale_factor: Factor = None, block_m: int = 128, block_n: int = 128,
+                     pack_gqa: bool = False, order: str = "forward", num_splits: int = 1,
+                     rows_per_decision: Optional[int] = None, split_tiles: Optional[int] = None,
+                     seqlens_k: Optional[torch.Tensor] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor, BlasstStats]:
+    """BLASST attention for an equal-length batch; see the module docstring for the semantics.
+
+    q [B, Lq, Hq, D], k [B, Lk, Hk, D], v [B, Lk, Hk, Dv]. ``threshold_scale_factor`` is a number
+    or a float tensor [B] (one factor per sequence). ``seqlens_k`` [B] optionally overrides the Lk
+    that divides the factor (the caller's per-sequence KV length); keys are not masked by it.
+    Returns ``(out [B, Lq, Hq, Dv] in q.dtype, lse [B, Hq, Lq] float32, BlasstStats)``.
+    """
+    _check_qkv(q, k, v, 2)
+    rpd = _check_geometry(block_m, block_n, order, num_splits, rows_per_decision, split_tiles)
+    B, Lq, Hq, _ = q.shape
+    Lk, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    lk = seqlens_k if seqlens_k is not None else torch.full((B,), Lk, dtype=torch.int64)
+    ln_lam = log_threshold(threshold_scale_factor, lk.to(q.device))
+    out_u, lse_u, visited, skipped, _, _ = _attend_batch(
+        q, k, v, causal=causal, scale=scale, ln_lam=ln_lam, block_m=block_m, block_n=block_n,
+        pack_gqa=pack_gqa, order=order, num_splits=num_splits, rpd=rpd, split_tiles=split_tiles)
+    out, lse = _unpack(out_u, lse_u, B, Lq, Hq, Hk, Dv, pack_gqa)
+    return out.to(q.dtype), lse.float(), BlasstStats(visited, skipped)
+
+
+def _seqlens(cu: torch.Tensor) -> Sequence[int]:
+    return (cu[1:] - cu[:-1]).tolist()
+
+
+def blasst_attention_varlen(q, k, v, *, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                            causal: bool = False, softmax_scale: Optional[float] = None,
+                            threshold_scale_factor: Factor = None, **geometry
+                            ) -> Tuple[torch.Tensor, torch.Tensor, BlasstStats]:
+    """Varlen form (as ``flash_attn_varlen_func``): q [total_q, Hq, D], k/v [total_k, Hk, D(v)].
+
+    Sequence ``b`` is rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and likewise for k/v, with its
+    own Lk (and so its own λ). Returns out [total_q, Hq, Dv], lse [Hq, total_q] float32 and stats
+    with one row per sequence.
+    """
+    _check_qkv(q, k, v, 1)
+    n = cu_seqlens_q.numel() - 1
+    lq, lk = _seqlens(cu_seqlens_q.cpu()), _seqlens(cu_seqlens_k.cpu())
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    factors = _per_sequence_factor(threshold_scale_factor, n)
+    Hq, Hk, Dv = q.shape[1], k.shape[1], v.shape[2]
+    out = q.new_zeros(q.shape[0], Hq, Dv)
+    lse = torch.full((Hq, q.shape[0]), -math.inf, dtype=torch.float32, device=q.device)
+    units = Hk if geometry.get("pack_gqa", False) else Hq
+    visited = torch.zeros(n, units, dtype=torch.int64, device=q.device)
+    skipped = torch.zeros_like(visited)
+    for b in range(n):
+        o, l, st = blasst_attention(
+            q[cq[b]:cq[b + 1]][None], k[ck[b]:ck[b + 1]][None], v[ck[b]:ck[b + 1]][None],
+            causal=causal, softmax_scale=softmax_scale, threshold_scale_factor=factors[b], **geometry)
+        out[cq[b]:cq[b + 1]] = o[0]
+        lse[:, cq[b]:cq[b + 1]] = l[0]
+        visited[b], skipped[b] = st.visited[0], st.skipped[0]
+    del lq, lk
+    return out, lse, BlasstStats(visited, skipped)
+
+
+def blasst_attention_paged(q, k_cache, v_cache, *, cache_seqlens: torch.Tensor,
+                           block_table: Optional[torch.Tensor] = None, causal: bool = True,
+                           softmax_scale: Optional[float] = None, threshold_scale_factor: Factor = None,
+                           **geometry) -> Tuple[torch.Tensor, torch.Tensor, BlasstStats]:
+    """Decode form: q [B, Lq_new, Hq, D] against a KV cache holding ``cache_seqlens[b]`` keys.
+
+    With ``block_table`` [B, max_pages] int32 the cache is paged, k_cache/v_cache
+    [num_pages, page_size, Hk, D(v)], and key ``j`` of sequence ``b`` lives in page
+    ``block_table[b, j // page_size]`` at slot ``j % page_size``. Without it, k_cache/v_cache are
+    [B, capacity, Hk, D(v)]. The cache already holds the new tokens' keys (the last Lq_new), so
+    ``causal=True`` is causality among the new tokens (bottom-right aligned).
+    """
+    B = q.shape[0]
+    lens = cache_seqlens.tolist()
+    factors = _per_sequence_factor(threshold_scale_factor, B)
+    Hq, Hk, Dv = q.shape[2], k_cache.shape[2], v_cache.shape[3]
+    out = q.new_zeros(*q.shape[:3], Dv)
+    lse = torch.full((B, Hq, q.shape[1]), -math.inf, dtype=torch.float32, device=q.device)
+    units = Hk if geometry.get("pack_gqa", False) else Hq
+    visited = torch.zeros(B, units, dtype=torch.int64, device=q.device)
+    skipped = torch.zeros_like(visited)
+    for b in range(B):
+        L = lens[b]
+        if block_table is not None:
+            ps = k_cache.shape[1]
+            pages = block_table[b, : -(-L // ps)].long()
+            kb = k_cache[pages].reshape(-1, Hk, k_cache.shape[3])[:L]
+            vb = v_cache[pages].reshape(-1, Hk, Dv)[:L]
+        else:
+            kb, vb = k_cache[b, :L], v_cache[b, :L]
+        o, l, st = blasst_attention(q[b:b + 1], kb[None], vb[None], causal=causal,
+                                    softmax_scale=softmax_scale, threshold_scale_factor=factors[b],
+                                    **geometry)
+        out[b], lse[b] = o[0], l[0]
+        visited[b], skipped[b] = st.visited[0], st.skipped[0]
+    return out, lse, BlasstStats(visited, skipped)
+
+
+def _per_sequence_factor(threshold_scale_factor: Factor, n: int):
+    if isinstance(threshold_scale_factor, torch.Tensor) and threshold_scale_factor.dim() > 0:
+        return [float(x) for x in threshold_scale_factor.reshape(-1).tolist()]
+    return [threshold_scale_factor] * n
