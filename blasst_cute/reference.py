@@ -98,47 +98,40 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _attend_batch(q, k, v, *, causal, scale, ln_lam, block_m, block_n, pack_gqa, order,
-                  num_splits, rpd, split_tiles):
-    """Equal-length batch. q [B,Lq,Hq,D], k [B,Lk,Hk,D], v [B,Lk,Hk,Dv]; ln_lam [B] float64."""
+def _units(q, k, v, pack_gqa):
+    """Regroup heads into units that own the rows of a tile: a query head, or a kv head with its
+    G query heads packed (row r = pos * G + g). Returns qu [B,U,R,D], ku [B,U,Lk,D], vu, row_pos."""
     B, Lq, Hq, D = q.shape
-    Lk, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    Hk = k.shape[2]
     G = Hq // Hk
-    dev = q.device
     cdt = _compute_dtype(q.dtype)
-
-    # Units own the rows of a tile: a query head, or a kv head with its G query heads packed.
     if pack_gqa:
-        U, R = Hk, Lq * G
-        qu = q.reshape(B, Lq, Hk, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hk, R, D)
-        ku, vu = k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)  # [B, Hk, Lk, *]
-        row_pos = torch.arange(R, device=dev) // G
+        qu = q.reshape(B, Lq, Hk, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hk, Lq * G, D)
+        ku = k.permute(0, 2, 1, 3)
+        vu = v.permute(0, 2, 1, 3) if v is not None else None
+        row_pos = torch.arange(Lq * G, device=q.device) // G
     else:
-        U, R = Hq, Lq
         qu = q.permute(0, 2, 1, 3)
-        kv_of = torch.arange(Hq, device=dev) // G
+        kv_of = torch.arange(Hq, device=q.device) // G
         ku = k.permute(0, 2, 1, 3).index_select(1, kv_of)
-        vu = v.permute(0, 2, 1, 3).index_select(1, kv_of)
-        row_pos = torch.arange(R, device=dev)
-    qu, ku, vu = qu.to(cdt), ku.to(cdt), vu.to(cdt)
+        vu = v.permute(0, 2, 1, 3).index_select(1, kv_of) if v is not None else None
+        row_pos = torch.arange(Lq, device=q.device)
+    return qu.to(cdt), ku.to(cdt), (vu.to(cdt) if vu is not None else None), row_pos
 
-    n_qt = -(-R // block_m)
-    n_kt = -(-Lk // block_n)
-    n_grp = block_m // rpd
-    out_u = torch.zeros(B, U, R, Dv, dtype=cdt, device=dev)
-    lse_u = torch.full((B, U, R), -math.inf, dtype=cdt, device=dev)
-    visited = torch.zeros(B, U, dtype=torch.int64, device=dev)
-    skipped = torch.zeros(B, U, dtype=torch.int64, device=dev)
-    if R == 0 or Lk == 0:
-        return out_u, lse_u, visited, skipped, U, R
 
+def _score_chunks(qu, ku, row_pos, Lq, causal, scale, block_m, block_n, rpd):
+    """Yield the masked scores of consecutive q-tiles, a bounded number at a time.
+
+    Each item: (r0, r1, s [B,U,nt*block_m,n_kt*block_n], m_tile [B,U,nt,ng,rpd,n_kt], n_visit [nt],
+    row_valid [nt,ng,rpd], grp_valid [nt,ng]).
+    """
+    B, U, R, _ = qu.shape
+    Lk = ku.shape[2]
+    dev = qu.device
+    n_qt, n_kt, n_grp = -(-R // block_m), -(-Lk // block_n), block_m // rpd
     key_pos = torch.arange(n_kt * block_n, device=dev)
     key_ok = key_pos < Lk
-    skip_on = torch.isfinite(ln_lam).view(B, 1, 1, 1)
-    ln_lam_b = ln_lam.to(cdt).view(B, 1, 1, 1, 1)
-
-    per_tile = max(1, B * U * block_m * n_kt * block_n)
-    tiles_per_chunk = max(1, _MAX_SCORE_ELEMS // per_tile)
+    tiles_per_chunk = max(1, _MAX_SCORE_ELEMS // max(1, B * U * block_m * n_kt * block_n))
     for t0 in range(0, n_qt, tiles_per_chunk):
         t1 = min(n_qt, t0 + tiles_per_chunk)
         nt = t1 - t0
@@ -148,66 +141,132 @@ def _attend_batch(q, k, v, *, causal, scale, ln_lam, block_m, block_n, pack_gqa,
         vis = row_ok[:, None] & key_ok[None, :]
         if causal:
             vis = vis & (key_pos[None, :] <= rpos[:, None] + (Lk - Lq))
-        r1 = min(t1 * block_m, R)
-        s = torch.full((B, U, nt * block_m, n_kt * block_n), -math.inf, dtype=cdt, device=dev)
-        s[:, :, : r1 - t0 * block_m, :Lk] = (qu[:, :, t0 * block_m:r1] @ ku.transpose(-1, -2)) * scale
+        r0, r1 = t0 * block_m, min(t1 * block_m, R)
+        s = torch.full((B, U, nt * block_m, n_kt * block_n), -math.inf, dtype=qu.dtype, device=dev)
+        s[:, :, : r1 - r0, :Lk] = (qu[:, :, r0:r1] @ ku.transpose(-1, -2)) * scale
         s = s.masked_fill(~vis, -math.inf)
-
-        # Row maxima per key tile and the tiles each q-tile visits (always a prefix 0..n_visit-1).
-        m_tile = s.view(B, U, nt, n_grp, rpd, n_kt, block_n).amax(-1)  # [B,U,nt,ng,rpd,nkt]
-        tile_vis = vis.view(nt, block_m, n_kt, block_n).any(-1).any(1)  # [nt, nkt]
-        n_visit = tile_vis.sum(-1)  # [nt]
+        m_tile = s.view(B, U, nt, n_grp, rpd, n_kt, block_n).amax(-1)
+        # The tiles a q-tile visits: those with a key visible to one of its rows (a prefix).
+        tile_vis = vis.view(nt, block_m, n_kt, block_n).any(-1).any(1)
+        n_visit = tile_vis.sum(-1)
         assert bool((tile_vis == (torch.arange(n_kt, device=dev)[None] < n_visit[:, None])).all())
-        grp_valid = row_ok.view(nt, n_grp, rpd).any(-1)  # [nt, ng]
         row_valid = row_ok.view(nt, n_grp, rpd)
+        yield r0, r1, s, m_tile, n_visit, row_valid, row_valid.any(-1)
 
-        # Chunks (splits) of the visited range: chunk c holds tiles [c*cs, (c+1)*cs).
-        if split_tiles is not None:
-            cs = torch.full_like(n_visit, split_tiles)
-        else:
-            cs = torch.div(n_visit + num_splits - 1, num_splits, rounding_mode="floor").clamp_min(1)
-        n_chunk = int(torch.div(n_visit + cs - 1, cs, rounding_mode="floor").max())
-        cs_max = int(cs.max())
-        kept = torch.zeros(B, U, nt, n_grp, n_kt, dtype=torch.uint8, device=dev)
-        if n_chunk > 0:
-            c = torch.arange(n_chunk, device=dev)[None, :]
-            c_start = c * cs[:, None]  # [nt, nc]
-            c_len = (n_visit[:, None] - c_start).clamp(min=0).minimum(cs[:, None])
-            counted = grp_valid[None, None, :, None, :]  # [1,1,nt,1,ng]
-            m_run = torch.full((B, U, nt, n_chunk, n_grp, rpd), -math.inf, dtype=cdt, device=dev)
-            for j in range(cs_max):
-                active = (j < c_len)[None, None, :, :, None]  # [1,1,nt,nc,1]
-                step = j if order == "forward" else (c_len - 1 - j)
-                kt = (c_start + step).clamp(0, n_kt - 1)  # [nt, nc]; inactive steps clamp harmlessly
-                idx = kt.view(1, 1, nt, 1, 1, n_chunk).expand(B, U, nt, n_grp, rpd, n_chunk)
-                mt = torch.gather(m_tile, 5, idx).permute(0, 1, 2, 5, 3, 4)  # [B,U,nt,nc,ng,rpd]
-                votes = (~row_valid[None, None, :, None]) | (mt == -math.inf) | (
-                    (mt - m_run) < ln_lam_b.unsqueeze(-1))
-                skip = votes.all(-1) & skip_on.unsqueeze(-1) & active & (j > 0)  # [B,U,nt,nc,ng]
-                keep = active & ~skip
-                m_run = torch.where(keep.unsqueeze(-1), torch.maximum(m_run, mt), m_run)
-                visited += (active & counted).expand_as(skip).sum((2, 3, 4))
-                skipped += (skip & counted).sum((2, 3, 4))
-                kidx = kt.view(1, 1, nt, 1, n_chunk).expand(B, U, nt, n_grp, n_chunk)
-                kept.scatter_reduce_(4, kidx, keep.permute(0, 1, 2, 4, 3).to(torch.uint8), reduce="amax")
-        kept = kept.bool()
 
+def _decide(m_tile, n_visit, row_valid, grp_valid, ln_lam, order, num_splits, split_tiles):
+    """The BLASST scan: which (group, key tile) pairs are kept, and the visited/skipped counts.
+
+    m_tile [B,U,nt,ng,rpd,n_kt]; ln_lam [B] (-inf = skipping off). Returns kept [B,U,nt,ng,n_kt]
+    (bool), visited [B,U], skipped [B,U] (int64).
+    """
+    B, U, nt, n_grp, rpd, n_kt = m_tile.shape
+    dev = m_tile.device
+    visited = torch.zeros(B, U, dtype=torch.int64, device=dev)
+    skipped = torch.zeros(B, U, dtype=torch.int64, device=dev)
+    kept = torch.zeros(B, U, nt, n_grp, n_kt, dtype=torch.uint8, device=dev)
+    skip_on = torch.isfinite(ln_lam).view(B, 1, 1, 1, 1)
+    ln_lam_b = ln_lam.to(m_tile.dtype).view(B, 1, 1, 1, 1, 1)
+    # Chunks (splits) of the visited range: chunk c holds tiles [c*cs, (c+1)*cs).
+    if split_tiles is not None:
+        cs = torch.full_like(n_visit, split_tiles)
+    else:
+        cs = torch.div(n_visit + num_splits - 1, num_splits, rounding_mode="floor").clamp_min(1)
+    n_chunk = int(torch.div(n_visit + cs - 1, cs, rounding_mode="floor").max()) if nt else 0
+    if n_chunk == 0:
+        return kept.bool(), visited, skipped
+    c_start = torch.arange(n_chunk, device=dev)[None, :] * cs[:, None]  # [nt, nc]
+    c_len = (n_visit[:, None] - c_start).clamp(min=0).minimum(cs[:, None])
+    counted = grp_valid[None, None, :, None, :]  # [1,1,nt,1,ng]
+    m_run = torch.full((B, U, nt, n_chunk, n_grp, rpd), -math.inf, dtype=m_tile.dtype, device=dev)
+    for j in range(int(cs.max())):
+        active = (j < c_len)[None, None, :, :, None]  # [1,1,nt,nc,1]
+        step = j if order == "forward" else (c_len - 1 - j)
+        kt = (c_start + step).clamp(0, n_kt - 1)  # [nt, nc]; inactive steps clamp harmlessly
+        idx = kt.view(1, 1, nt, 1, 1, n_chunk).expand(B, U, nt, n_grp, rpd, n_chunk)
+        mt = torch.gather(m_tile, 5, idx).permute(0, 1, 2, 5, 3, 4)  # [B,U,nt,nc,ng,rpd]
+        votes = (~row_valid[None, None, :, None]) | (mt == -math.inf) | ((mt - m_run) < ln_lam_b)
+        skip = votes.all(-1) & skip_on & active & (j > 0)  # [B,U,nt,nc,ng]
+        keep = active & ~skip
+        m_run = torch.where(keep.unsqueeze(-1), torch.maximum(m_run, mt), m_run)
+        visited += (active & counted).expand_as(skip).sum((2, 3, 4))
+        skipped += (skip & counted).sum((2, 3, 4))
+        kidx = kt.view(1, 1, nt, 1, n_chunk).expand(B, U, nt, n_grp, n_chunk)
+        kept.scatter_reduce_(4, kidx, keep.permute(0, 1, 2, 4, 3).to(torch.uint8), reduce="amax")
+    return kept.bool(), visited, skipped
+
+
+def _attend_batch(q, k, v, *, causal, scale, ln_lam, block_m, block_n, pack_gqa, order,
+                  num_splits, rpd, split_tiles):
+    """Equal-length batch. q [B,Lq,Hq,D], k [B,Lk,Hk,D], v [B,Lk,Hk,Dv]; ln_lam [B] float64.
+
+    Returns out [B,U,R,Dv] and lse [B,U,R] in units/rows (see ``_units``), visited, skipped.
+    """
+    B, Lq = q.shape[:2]
+    Lk, Dv = k.shape[1], v.shape[3]
+    qu, ku, vu, row_pos = _units(q, k, v, pack_gqa)
+    U, R = qu.shape[1], qu.shape[2]
+    out_u = torch.zeros(B, U, R, Dv, dtype=qu.dtype, device=q.device)
+    lse_u = torch.full((B, U, R), -math.inf, dtype=qu.dtype, device=q.device)
+    visited = torch.zeros(B, U, dtype=torch.int64, device=q.device)
+    skipped = torch.zeros_like(visited)
+    if R == 0 or Lk == 0:
+        return out_u, lse_u, visited, skipped
+    n_grp = block_m // rpd
+    for r0, r1, s, m_tile, n_visit, row_valid, grp_valid in _score_chunks(
+            qu, ku, row_pos, Lq, causal, scale, block_m, block_n, rpd):
+        kept, vis_c, skip_c = _decide(m_tile, n_visit, row_valid, grp_valid, ln_lam, order,
+                                      num_splits, split_tiles)
+        visited += vis_c
+        skipped += skip_c
         # Softmax over the visible keys of the kept tiles.
+        nt, n_kt = m_tile.shape[2], m_tile.shape[5]
         allow = kept.view(B, U, nt, n_grp, 1, n_kt, 1).expand(-1, -1, -1, -1, rpd, -1, block_n)
-        s = s.masked_fill(~allow.reshape(B, U, nt * block_m, n_kt * block_n), -math.inf)
-        s = s[..., :Lk]
+        s = s.masked_fill(~allow.reshape(B, U, nt * block_m, n_kt * block_n), -math.inf)[..., :Lk]
         m = s.amax(-1, keepdim=True)
         m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(s - m_safe)
         l = p.sum(-1, keepdim=True)
         o = (p @ vu) / torch.where(l > 0, l, torch.ones_like(l))
         lse = torch.where(l > 0, m_safe + torch.log(l), torch.full_like(l, -math.inf)).squeeze(-1)
-        nr = r1 - t0 * block_m
-        out_u[:, :, t0 * block_m:r1] = o[:, :, :nr]
-        lse_u[:, :, t0 * block_m:r1] = lse[:, :, :nr]
+        out_u[:, :, r0:r1] = o[:, :, : r1 - r0]
+        lse_u[:, :, r0:r1] = lse[:, :, : r1 - r0]
         del s, p, allow
+    return out_u, lse_u, visited, skipped
 
-    return out_u, lse_u, visited, skipped, U, R
+
+def skip_counts(q, k, *, factors: Sequence[float], causal: bool = False,
+                softmax_scale: Optional[float] = None, block_m: int = 128, block_n: int = 128,
+                pack_gqa: bool = False, order: str = "forward", num_splits: int = 1,
+                rows_per_decision: Optional[int] = None, split_tiles: Optional[int] = None,
+                seqlens_k: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Skip decisions only, for many factors at once (calibration): scores are computed once.
+
+    q [B, Lq, Hq, D], k [B, Lk, Hk, D]. Returns (visited, skipped), int64 [len(factors), B, U]
+    with U = Hq (or Hk with ``pack_gqa``): exactly the stats ``blasst_attention`` would return
+    for each factor.
+    """
+    _check_qkv(q, k, k, 2)
+    rpd = _check_geometry(block_m, block_n, order, num_splits, rows_per_decision, split_tiles)
+    B, Lq = q.shape[:2]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    lk = seqlens_k if seqlens_k is not None else torch.full((B,), k.shape[1], dtype=torch.int64)
+    ln_lams = [log_threshold(f, lk.to(q.device)) for f in factors]
+    qu, ku, _, row_pos = _units(q, k, None, pack_gqa)
+    U = qu.shape[1]
+    visited = torch.zeros(len(factors), B, U, dtype=torch.int64, device=q.device)
+    skipped = torch.zeros_like(visited)
+    if qu.shape[2] == 0 or k.shape[1] == 0:
+        return visited, skipped
+    for _, _, s, m_tile, n_visit, row_valid, grp_valid in _score_chunks(
+            qu, ku, row_pos, Lq, causal, scale, block_m, block_n, rpd):
+        del s
+        for i, ln_lam in enumerate(ln_lams):
+            _, v_c, s_c = _decide(m_tile, n_visit, row_valid, grp_valid, ln_lam, order, num_splits,
+                                  split_tiles)
+            visited[i] += v_c
+            skipped[i] += s_c
+    return visited, skipped
 
 
 def _unpack(out_u, lse_u, B, Lq, Hq, Hk, Dv, pack_gqa):
@@ -256,7 +315,7 @@ def blasst_attention(q, k, v, *, causal: bool = False, softmax_scale: Optional[f
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     lk = seqlens_k if seqlens_k is not None else torch.full((B,), Lk, dtype=torch.int64)
     ln_lam = log_threshold(threshold_scale_factor, lk.to(q.device))
-    out_u, lse_u, visited, skipped, _, _ = _attend_batch(
+    out_u, lse_u, visited, skipped = _attend_batch(
         q, k, v, causal=causal, scale=scale, ln_lam=ln_lam, block_m=block_m, block_n=block_n,
         pack_gqa=pack_gqa, order=order, num_splits=num_splits, rpd=rpd, split_tiles=split_tiles)
     out, lse = _unpack(out_u, lse_u, B, Lq, Hq, Hk, Dv, pack_gqa)

@@ -275,3 +275,15 @@ def test_geometry_errors_are_clear():
         blasst_attention(q, k, v, order="sideways")
     with pytest.raises(ValueError, match="num_splits"):
         blasst_attention(q, k, v, num_splits=0)
+
+
+@pytest.mark.parametrize("geom", [Geometry(64, 64, False, "forward", 1, 32), Geometry(32, 64, True, "reverse", 2)])
+def test_skip_counts_match_attention_stats(geom):
+    from blasst_cute.reference import skip_counts
+    q, k, v = synthetic_qkv(2, 300, 400, 4, 2, 32, dtype=torch.float32, seed=8)
+    factors = [0.0, 3.0, 30.0, 300.0]
+    visited, skipped = skip_counts(q, k, factors=factors, causal=True, **geom.kwargs())
+    for i, f in enumerate(factors):
+        _, _, st = blasst_attention(q, k, v, causal=True, threshold_scale_factor=f, **geom.kwargs())
+        assert visited[i].tolist() == st.visited.tolist() and skipped[i].tolist() == st.skipped.tolist()
+    assert skipped[0].sum() == 0 and skipped[-1].sum() > skipped[1].sum()
