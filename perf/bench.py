@@ -91,10 +91,15 @@ def _fa4():
     return run
 
 
-def dense_peers(phase):
+PEERS = ("sdpa-flash", "sdpa-cudnn", "fa4")
+
+
+def dense_peers(phase, wanted=PEERS):
     peers = {}
     for name, make in (("sdpa-flash", lambda: _sdpa("flash")), ("sdpa-cudnn", lambda: _sdpa("cudnn")),
                        ("fa4", _fa4)):
+        if name not in wanted:
+            continue
         try:
             peers[name] = make()
         except Exception as exc:  # not installed here
@@ -127,7 +132,7 @@ def run_prefill(args):
                     for s in range(n_rotations(per_set))]
             flops = prefill_flops(B, args.heads_q, L, L, args.head_dim, args.head_dim, causal)
             peers = {}
-            for name, fn in dense_peers("prefill").items():
+            for name, fn in dense_peers("prefill", args.peers).items():
                 if isinstance(fn, Exception):
                     peers[name] = dict(error=f"{type(fn).__name__}: {fn}")
                     continue
@@ -138,6 +143,10 @@ def run_prefill(args):
                     peers[name] = dict(error=f"{type(exc).__name__}: {exc}")
             for f in args.factors:
                 point = dict(shape, factor=f, peers=peers)
+                if args.no_blasst:
+                    point.update(error="not run (--no-blasst)")
+                    rows.append(point)
+                    break
                 try:
                     _, st = blasst_cute.prefill(*sets[0], causal=causal, threshold_scale_factor=f,
                                                 return_stats=True)
@@ -175,7 +184,7 @@ def run_decode(args):
                 del q
             lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
             peers = {}
-            for name, fn in dense_peers("decode").items():
+            for name, fn in dense_peers("decode", args.peers).items():
                 if isinstance(fn, Exception):
                     peers[name] = dict(error=f"{type(fn).__name__}: {fn}")
                     continue
@@ -187,6 +196,10 @@ def run_decode(args):
                     peers[name] = dict(error=f"{type(exc).__name__}: {exc}")
             for f in args.factors:
                 point = dict(shape, factor=f, peers=peers)
+                if args.no_blasst:
+                    point.update(error="not run (--no-blasst)")
+                    rows.append(point)
+                    break
                 try:
                     s0 = sets[0]
                     _, st = blasst_cute.decode(s0[0], s0[3], s0[4], cache_seqlens=lens, block_table=s0[5],
@@ -244,18 +257,22 @@ def markdown(rows, meta):
     peer_names = sorted({n for r in rows for n in r["peers"]})
     lines = [f"# BLASST benchmark — {meta.get('gpu', 'no GPU')} — {meta['date']}", "",
              "versions: " + ", ".join(f"{k} {v}" for k, v in meta.items() if k not in ("date",)), ""]
+    unit = "TFLOP/s" if rows and rows[0]["phase"] == "prefill" else "K+V GB/s"
+    lines += [f"Times are medians in ms; in parentheses the dense-equivalent rate ({unit}).", ""]
     head = ["shape", "factor", "sparsity", "blasst ms"] + [f"{n} ms" for n in peer_names] + \
         [f"vs {n}" for n in peer_names] + ["ideal 1/(1-s/2)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [_shape_str(r), f"{r['factor']:g}"]
         if "ms" in r:
-            cells += [f"{r['sparsity']:.3f}", f"{r['ms']:.3f}"]
+            rate = r.get("tflops_dense_equiv", r.get("gbps_dense_equiv"))
+            cells += [f"{r['sparsity']:.3f}", f"{r['ms']:.3f} ({rate:.0f})"]
         else:
             cells += ["—", "n/a: " + r["error"].split("\n")[0][:80]]
         for n in peer_names:
             v = r["peers"].get(n, {})
-            cells.append(f"{v['ms']:.3f}" if "ms" in v else "n/a")
+            rate = v.get("tflops", v.get("gbps"))
+            cells.append(f"{v['ms']:.3f} ({rate:.0f})" if "ms" in v else "n/a")
         for n in peer_names:
             v = r["peers"].get(n, {})
             cells.append(f"{v['ms'] / r['ms']:.2f}x" if "ms" in v and "ms" in r else "—")
@@ -326,6 +343,8 @@ def main(argv=None):
         s.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
         s.add_argument("--tag", default=None, help="file name stem (default: phase + date)")
         s.add_argument("--verbose", action="store_true")
+        s.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS, help="dense peers to time")
+        s.add_argument("--no-blasst", action="store_true", help="time the dense peers only")
         if name == "prefill":
             s.add_argument("--tokens", type=int, default=32768, help="batch x seqlen per shape")
             s.add_argument("--causal", choices=("true", "false", "both"), default="both")

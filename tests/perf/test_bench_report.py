@@ -1,0 +1,42 @@
+"""The benchmark's reporting runs without a GPU (the timing itself needs one)."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "perf", "bench.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_prefill_flops_counts_bottom_right_causal_pairs():
+    bench = load_bench()
+    assert bench.prefill_flops(1, 1, 4, 4, 8, 8, False) == 2 * 16 * 16
+    assert bench.prefill_flops(1, 1, 4, 4, 8, 8, True) == 2 * 10 * 16
+    assert bench.prefill_flops(1, 1, 2, 4, 8, 8, True) == 2 * (3 + 4) * 16
+
+
+def test_report_files(tmp_path):
+    bench = load_bench()
+    peers = {"sdpa-flash": {"ms": 2.0, "tflops": 300.0}, "fa4": {"error": "ImportError: no flash_attn"}}
+    rows = [dict(phase="prefill", batch=1, seqlen=4096, heads_q=32, heads_kv=8, head_dim=128, causal=True,
+                 factor=f, peers=peers, ms=ms, sparsity=s, tflops_dense_equiv=600 / ms, ideal=1 / (1 - s / 2))
+            for f, ms, s in ((0, 2.1, 0.0), (1000, 1.5, 0.6))]
+    rows.append(dict(rows[0], factor=5000, error="NotImplementedError: no kernel"))
+    del rows[-1]["ms"]
+    meta = {"date": "2026-11-26T00:00:00+00:00", "gpu": "test", "torch": "x"}
+    bench.write_results(rows, meta, str(tmp_path), "t")
+    md = (tmp_path / "t.md").read_text()
+    assert "0.95x" in md and "n/a: NotImplementedError" in md and "fa4: ImportError" in md
+    assert json.loads((tmp_path / "t.json").read_text())["rows"][1]["sparsity"] == 0.6
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "t.png").stat().st_size > 1000
+    else:
+        pytest.skip("matplotlib not installed: no plot")
