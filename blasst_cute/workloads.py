@@ -149,8 +149,10 @@ def to_paged(k: torch.Tensor, v: torch.Tensor, page_size: int, *, seed: int = 0,
     n_pages = B * per_seq + extra_pages
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n_pages, generator=gen)[: B * per_seq].view(B, per_seq)
-    k_cache = torch.randn(n_pages, page_size, H, D, generator=gen).to(k.dtype).to(k.device)
-    v_cache = torch.randn(n_pages, page_size, H, Dv, generator=gen).to(v.dtype).to(v.device)
+    # Unused pages hold random data, so a kernel that reads a wrong page gives a wrong answer.
+    dgen = torch.Generator(device=k.device).manual_seed(seed)
+    k_cache = torch.randn(n_pages, page_size, H, D, generator=dgen, device=k.device).to(k.dtype)
+    v_cache = torch.randn(n_pages, page_size, H, Dv, generator=dgen, device=k.device).to(v.dtype)
     pad = per_seq * page_size - L
     kp = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, pad)).view(B, per_seq, page_size, H, D)
     vp = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, pad)).view(B, per_seq, page_size, H, Dv)

@@ -176,12 +176,10 @@ def run_decode(args):
             kv_bytes = 2 * B * L * args.heads_kv * args.head_dim * 2
             sets = []
             for s in range(n_rotations(kv_bytes)):
-                q, k, v = synthetic_qkv(B, L, L, args.heads_q, args.heads_kv, args.head_dim,
+                q, k, v = synthetic_qkv(B, 1, L, args.heads_q, args.heads_kv, args.head_dim,
                                         dtype=torch.bfloat16, device="cuda", seed=s)
-                q = q[:, -1:].contiguous()
                 kc, vc, bt = to_paged(k, v, args.page_size, seed=s)
                 sets.append((q, k, v, kc, vc, bt))
-                del q
             lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
             peers = {}
             for name, fn in dense_peers("decode", args.peers).items():
