@@ -72,14 +72,23 @@ def n_rotations(bytes_per_set):
 def _sdpa(backend_name):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend_name]
+    expanded = {}  # GQA expanded once, outside the timed region, for backends without enable_gqa
 
     def run(q, k, v, causal):
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-        if kt.shape[1] != qt.shape[1]:  # expand GQA: not every SDPA backend takes enable_gqa
-            g = qt.shape[1] // kt.shape[1]
-            kt, vt = kt.repeat_interleave(g, 1), vt.repeat_interleave(g, 1)
         with sdpa_kernel(backend):
-            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+            if kt.shape[1] == qt.shape[1]:
+                return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+            key = (k.data_ptr(), v.data_ptr())
+            if key not in expanded:
+                try:
+                    return torch.nn.functional.scaled_dot_product_attention(
+                        qt, kt, vt, is_causal=causal, enable_gqa=True)
+                except RuntimeError:
+                    g = qt.shape[1] // kt.shape[1]
+                    expanded[key] = (kt.repeat_interleave(g, 1), vt.repeat_interleave(g, 1))
+            ke, ve = expanded[key]
+            return torch.nn.functional.scaled_dot_product_attention(qt, ke, ve, is_causal=causal)
     return run
 
 
@@ -243,11 +252,12 @@ def stamp():
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
-    for mod in ("cutlass", "flash_attn", "triton"):
+    from importlib import metadata
+    for dist in ("nvidia-cutlass-dsl", "flash-attn-4", "triton"):
         try:
-            info[mod] = getattr(__import__(mod), "__version__", "?")
-        except Exception:
-            info[mod] = None
+            info[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            info[dist] = None
     return info
 
 
@@ -315,14 +325,15 @@ def plot(rows, meta, path):
     return True
 
 
-def write_results(rows, meta, out_dir, tag):
+def write_results(rows, meta, out_dir, tag, with_plot=True):
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.join(out_dir, tag)
     with open(base + ".json", "w") as fh:
         json.dump(dict(meta=meta, rows=rows), fh, indent=1)
     with open(base + ".md", "w") as fh:
         fh.write(markdown(rows, meta))
-    plot(rows, meta, base + ".png")
+    if with_plot:
+        plot(rows, meta, base + ".png")
     print(f"wrote {base}.json, .md" + (", .png" if os.path.exists(base + ".png") else ""))
 
 
@@ -343,6 +354,7 @@ def main(argv=None):
         s.add_argument("--verbose", action="store_true")
         s.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS, help="dense peers to time")
         s.add_argument("--no-blasst", action="store_true", help="time the dense peers only")
+        s.add_argument("--no-plot", action="store_true", help="JSON and markdown only (plot later with `report`)")
         if name == "prefill":
             s.add_argument("--tokens", type=int, default=32768, help="batch x seqlen per shape")
             s.add_argument("--causal", choices=("true", "false", "both"), default="both")
@@ -365,7 +377,7 @@ def main(argv=None):
     meta = stamp()
     rows = run_prefill(args) if args.phase == "prefill" else run_decode(args)
     tag = args.tag or f"{args.phase}-{_dt.date.today().isoformat()}"
-    write_results(rows, meta, args.out, tag)
+    write_results(rows, meta, args.out, tag, with_plot=not args.no_plot)
     print(markdown(rows, meta))
     return 0
 
