@@ -270,4 +270,36 @@ def decode(q, k_cache, v_cache, *, cache_seqlens: torch.Tensor,
     return _pack_result(out, lse, stats, return_lse, return_stats)
 
 
-__all__ = ["prefill", "decode", "BlasstStats"]
+def decode_mla(q, kv_cache, *, cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor] = None,
+               softmax_scale: float, threshold_scale_factor: Factor = None, head_dim_v: int = 512,
+               return_lse: bool = False, return_stats: bool = False, backend: str = "auto"):
+    """Absorbed multi-head latent attention (DeepSeek-style MLA) decode with BLASST.
+
+    q [B, Lq_new, H, 576] (512 latent + 64 rope dims); one latent row per token, shared by every
+    head: paged ``kv_cache`` [num_pages, page_size, 576] with ``block_table`` [B, max_pages] int32,
+    or contiguous [B, capacity, 576]. K is the whole row, V its first ``head_dim_v`` (512) dims.
+    ``softmax_scale`` is required (MLA folds 1/sqrt(192) with YaRN terms). The rows of a tile are
+    all H heads x new tokens of a sequence, so a tile is skipped only when every head agrees.
+    Returns out [B, Lq_new, H, head_dim_v] (+ lse [B, H, Lq_new], + stats [B, 1]).
+    """
+    _require_tensor("kv_cache", kv_cache, 3)
+    _require_tensor("q", q, 4)
+    if softmax_scale is None:
+        raise ValueError("softmax_scale is required for MLA (e.g. 1/sqrt(192) times the YaRN factor)")
+    if not isinstance(head_dim_v, int) or not 0 < head_dim_v <= kv_cache.shape[-1]:
+        raise ValueError(f"head_dim_v must be an int in (0, {kv_cache.shape[-1]}], got {head_dim_v!r}")
+    k_cache = kv_cache.unsqueeze(2)
+    v_cache = kv_cache[..., :head_dim_v].unsqueeze(2)
+    _check_backend(backend)
+    if backend != "reference" and q.is_cuda:
+        raise NotImplementedError(
+            "blasst_cute.decode_mla has no CuTe DSL kernel yet (the sm90 MLA decode kernel is not built "
+            "in this version); pass backend='reference' to run the (slow) reference explicitly")
+    if backend == "cute":
+        raise NotImplementedError("backend='cute' needs CUDA tensors; q is on the CPU")
+    return decode(q, k_cache, v_cache, cache_seqlens=cache_seqlens, block_table=block_table,
+                  softmax_scale=softmax_scale, threshold_scale_factor=threshold_scale_factor,
+                  return_lse=return_lse, return_stats=return_stats, backend="reference")
+
+
+__all__ = ["prefill", "decode", "decode_mla", "BlasstStats"]

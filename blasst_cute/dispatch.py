@@ -75,8 +75,9 @@ def prefill_geometry(head_dim: int, head_dim_v: int, causal: bool, dtype: torch.
 
 
 def decode_geometry(rows_per_kv_head: int, page_size: Optional[int] = None) -> Geometry:
-    """Decode packs the G query heads x new tokens of one kv head into the rows of a tile."""
-    block_m = 64 if rows_per_kv_head <= 64 else 128
+    """Decode packs the G query heads x new tokens of one kv head into the rows of one tile, so a
+    key tile is skipped only when every packed row agrees (and V is read once per kv head)."""
+    block_m = 64 * max(1, -(-rows_per_kv_head // 64))
     return Geometry(block_m=block_m, block_n=128, pack_gqa=True)
 
 

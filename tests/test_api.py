@@ -206,3 +206,28 @@ def test_decode_rejects(what, kwargs, exc, msg):
 def test_contiguous_cache_batch_mismatch():
     with pytest.raises(ValueError, match="without block_table"):
         blasst_cute.decode(Q[:, -1:], K[:1], V[:1], cache_seqlens=LENS)
+
+
+def test_decode_mla_reference_matches_expanded_dense():
+    B, L, H, lq = 2, 300, 16, 2
+    gen = torch.Generator().manual_seed(12)
+    kv = torch.randn(B, L, 576, generator=gen, dtype=torch.float64)
+    q = torch.randn(B, lq, H, 576, generator=gen, dtype=torch.float64)
+    lens = torch.tensor([300, 129], dtype=torch.int32)
+    scale = 1 / math.sqrt(192)
+    kc, _, table = to_paged(kv.unsqueeze(2), kv[..., :1].unsqueeze(2), 64)
+    out, lse, st = blasst_cute.decode_mla(q, kc[:, :, 0], cache_seqlens=lens, block_table=table,
+                                         softmax_scale=scale, return_lse=True, return_stats=True)
+    assert out.shape == (B, lq, H, 512) and lse.shape == (B, H, lq) and st.visited.shape == (B, 1)
+    for b in range(B):
+        n = int(lens[b])
+        k = kv[b, :n]
+        s = torch.einsum("qhd,kd->hqk", q[b], k) * scale
+        mask = torch.arange(n)[None, :] <= torch.arange(lq)[:, None] + (n - lq)
+        p = torch.softmax(s.masked_fill(~mask, -math.inf), -1)
+        ref = torch.einsum("hqk,kd->qhd", p, k[:, :512])
+        torch.testing.assert_close(out[b], ref, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="softmax_scale is required"):
+        blasst_cute.decode_mla(q, kc[:, :, 0], cache_seqlens=lens, block_table=table, softmax_scale=None)
+    with pytest.raises(ValueError, match="kv_cache must have 3 dims"):
+        blasst_cute.decode_mla(q, kc, cache_seqlens=lens, block_table=table, softmax_scale=scale)
