@@ -1,0 +1,1 @@
+"""CuTe DSL device kernels for blasst_cute (see kernels/launch.py for the torch-facing glue)."""

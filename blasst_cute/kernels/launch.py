@@ -1,0 +1,210 @@
+"""Torch-facing glue for the CuTe DSL kernels: geometry, compilation (cached), launch.
+
+Inputs are assumed validated by ``blasst_cute.api`` (dtype, devices, shapes, contiguity of the last
+dim); this module only converts, compiles and launches.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Optional
+
+import torch
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32
+
+from blasst_cute.kernels.sm90.prefill import SUPPORTED_HEAD_DIMS, BlasstFwdSm90, default_tile_config
+
+_TORCH_TO_CUTLASS = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16}
+_NAME_TO_TORCH = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                  "fp16": torch.float16, "float16": torch.float16}
+
+_cache: dict = {}
+_cache_lock = threading.Lock()
+
+
+def _torch_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in _NAME_TO_TORCH:
+            raise NotImplementedError(f"blasst sm90 prefill: dtype {dtype!r}")
+        return _NAME_TO_TORCH[dtype]
+    if dtype not in _TORCH_TO_CUTLASS:
+        raise NotImplementedError(f"blasst sm90 prefill: dtype {dtype} (bf16/fp16 only)")
+    return dtype
+
+
+def prefill_geometry(head_dim: int, head_dim_v: int, causal: bool, dtype) -> dict:
+    """The tiling of the sm90 prefill kernel: what the reference needs to reproduce its decisions."""
+    if head_dim not in SUPPORTED_HEAD_DIMS or head_dim_v != head_dim:
+        raise NotImplementedError(
+            f"blasst sm90 prefill: head dims {head_dim}/{head_dim_v} (64, 128, 256 with Dv == D)"
+        )
+    _torch_dtype(dtype)
+    cfg = default_tile_config(head_dim, causal)
+    return dict(block_m=cfg["tile_m"], block_n=cfg["tile_n"], rows_per_decision=64,
+                order="reverse", pack_gqa=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compilation
+# ----------------------------------------------------------------------------------------------
+
+def _config_key(config: dict) -> tuple:
+    c = dict(config)
+    c["dtype"] = _torch_dtype(c.get("dtype", torch.bfloat16))
+    c.setdefault("head_dim_v", c["head_dim"])
+    for k in ("causal", "has_skip", "has_stats", "varlen", "factor_per_batch"):
+        c[k] = bool(c.get(k, False))
+    for k in ("tile_n", "num_stages"):
+        c.setdefault(k, None)
+    c.setdefault("intra_wg_overlap", True)
+    c.setdefault("pingpong", None)
+    c.setdefault("vote_smem", True)
+    c.setdefault("lpt", None)
+    c.setdefault("debug_no_vote", False)
+    return tuple(sorted(c.items(), key=lambda kv: kv[0]))
+
+
+def _make_kernel(key: tuple) -> BlasstFwdSm90:
+    c = dict(key)
+    return BlasstFwdSm90(
+        _TORCH_TO_CUTLASS[c["dtype"]], c["head_dim"], c["head_dim_v"], causal=c["causal"],
+        has_skip=c["has_skip"], has_stats=c["has_stats"], varlen=c["varlen"],
+        factor_per_batch=c["factor_per_batch"], tile_n=c["tile_n"], num_stages=c["num_stages"],
+        intra_wg_overlap=c["intra_wg_overlap"], pingpong=c["pingpong"],
+        vote_smem=c["vote_smem"], lpt=c["lpt"], debug_no_vote=c["debug_no_vote"],
+    )
+
+
+def _fake(dtype, shape, align_elems):
+    n = len(shape)
+    stride = tuple(cute.sym_int64(divisibility=align_elems) for _ in range(n - 1)) + (1,)
+    return cute.runtime.make_fake_tensor(dtype, shape, stride, assumed_align=16)
+
+
+def compile_prefill_sm90(config: dict, options: Optional[str] = None):
+    """Compile one configuration with fake tensors (no GPU needed; set CUTE_DSL_ARCH=sm_90a).
+
+    config keys: dtype, head_dim, [head_dim_v], causal, has_skip, has_stats, varlen,
+    factor_per_batch, and optionally tile_n / num_stages / intra_wg_overlap / pingpong.
+    Returns the compiled callable (not launchable without a GPU).
+    """
+    import cuda.bindings.driver as cuda
+
+    key = _config_key(config)
+    c = dict(key)
+    kern = _make_kernel(key)
+    dt = _TORCH_TO_CUTLASS[c["dtype"]]
+    d, dv = c["head_dim"], c["head_dim_v"]
+    a = 128 // dt.width
+    hq, hk = cute.sym_int(), cute.sym_int()
+    if c["varlen"]:
+        tq, tk, b1 = cute.sym_int(), cute.sym_int(), cute.sym_int()
+        q, o = _fake(dt, (tq, hq, d), a), _fake(dt, (tq, hq, dv), a)
+        k, v = _fake(dt, (tk, hk, d), a), _fake(dt, (tk, hk, dv), a)
+        lse = _fake(Float32, (hq, tq), 1)
+        cu_q = cute.runtime.make_fake_tensor(Int32, (b1,), (1,), assumed_align=4)
+        cu_k = cute.runtime.make_fake_tensor(Int32, (b1,), (1,), assumed_align=4)
+        b = cute.sym_int()
+    else:
+        b, sq, sk = cute.sym_int(), cute.sym_int(), cute.sym_int()
+        q, o = _fake(dt, (b, sq, hq, d), a), _fake(dt, (b, sq, hq, dv), a)
+        k, v = _fake(dt, (b, sk, hk, d), a), _fake(dt, (b, sk, hk, dv), a)
+        lse = _fake(Float32, (b, hq, sq), 1)
+        cu_q = cu_k = None
+    vis = skp = None
+    if c["has_stats"]:
+        vis, skp = _fake(Int32, (b, hq), 1), _fake(Int32, (b, hq), 1)
+    fac = None
+    if c["factor_per_batch"]:
+        fac = cute.runtime.make_fake_tensor(Float32, (b,), (1,), assumed_align=4)
+    args = (q, k, v, o, lse, Float32(1.0), Float32(0.0), fac, cu_q, cu_k, Int32(1), vis, skp,
+            cuda.CUstream(0))
+    if options:
+        return cute.compile(kern, *args, options=options)
+    return cute.compile(kern, *args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch
+# ----------------------------------------------------------------------------------------------
+
+def _to_cute(t: Optional[torch.Tensor], align: int = 16):
+    if t is None:
+        return None
+    return cute.runtime.from_dlpack(t.detach(), assumed_align=align).mark_layout_dynamic(
+        leading_dim=t.dim() - 1
+    )
+
+
+def run_prefill_sm90(q, k, v, out, lse, *, causal: bool, softmax_scale: float,
+                     threshold_scale_factor=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                     max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
+                     visited=None, skipped=None, tuning: Optional[dict] = None) -> None:
+    """Launch the sm90 prefill kernel on torch's current stream.
+
+    q/k/v/out: [B, L, H, D] or varlen [total, H, D] (last dim contiguous, 16-byte aligned rows).
+    lse: float32 [B, Hq, Lq] or [Hq, total_q]. visited/skipped: int32 [B, Hq] zeroed, or None.
+    threshold_scale_factor: None/0 (dense), a number, or a float32 tensor [B] (one per sequence).
+    """
+    import cuda.bindings.driver as cuda
+
+    varlen = cu_seqlens_q is not None
+    if varlen != (cu_seqlens_k is not None):
+        raise NotImplementedError("blasst sm90 prefill: cu_seqlens_q and cu_seqlens_k go together")
+    has_stats = visited is not None
+    if has_stats != (skipped is not None):
+        raise NotImplementedError("blasst sm90 prefill: visited and skipped go together")
+    factor_t = None
+    factor = 0.0
+    if isinstance(threshold_scale_factor, torch.Tensor):
+        factor_t = threshold_scale_factor.to(device=q.device, dtype=torch.float32).contiguous()
+        has_skip = True
+    elif threshold_scale_factor is None:
+        has_skip = has_stats  # stats without a factor: skip path with skipping disabled
+    else:
+        factor = float(threshold_scale_factor)
+        has_skip = factor > 0.0 or has_stats
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    if varlen:
+        batch = cu_seqlens_q.numel() - 1
+        if max_seqlen_q is None:
+            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if batch else 0
+    else:
+        batch = q.shape[0]
+        max_seqlen_q = q.shape[1]
+    if batch == 0 or q.numel() == 0 or max_seqlen_q == 0:
+        return
+    config = dict(dtype=q.dtype, head_dim=q.shape[-1], head_dim_v=v.shape[-1], causal=bool(causal),
+                  has_skip=has_skip, has_stats=has_stats, varlen=varlen,
+                  factor_per_batch=factor_t is not None)
+    if tuning:
+        config.update(tuning)  # experiments only: tile_n, num_stages, pingpong, vote_smem, lpt
+    key = _config_key(config)
+
+    args = [
+        _to_cute(q), _to_cute(k), _to_cute(v), _to_cute(out), _to_cute(lse, 4),
+        Float32(softmax_scale), Float32(factor), _to_cute(factor_t, 4),
+        _to_cute(cu_seqlens_q, 4), _to_cute(cu_seqlens_k, 4), Int32(max_seqlen_q),
+        _to_cute(visited, 4), _to_cute(skipped, 4),
+        cuda.CUstream(torch.cuda.current_stream(q.device).cuda_stream),
+    ]
+    fn = _cache.get(key)
+    if fn is None:
+        with _cache_lock:
+            fn = _cache.get(key)
+            if fn is None:
+                fn = cute.compile(_make_kernel(key), *args)
+                _cache[key] = fn
+    fn(*args)
+
+
+def clear_cache() -> None:
+    _cache.clear()
+
+
+__all__ = ["prefill_geometry", "compile_prefill_sm90", "run_prefill_sm90", "clear_cache"]

@@ -1,0 +1,709 @@
+# blasst_cute: Hopper (sm_90a) warp-specialized FlashAttention forward with BLASST skipping.
+#
+# Structure (per CTA = one q-tile of tile_m rows of one (batch, q-head)):
+#   warpgroup 0 : producer; its warp 0 issues TMA loads of Q (once) and K/V tiles into
+#                 `num_stages`-deep mbarrier pipelines (K of tile j is issued before V of tile j+1,
+#                 matching the consumers' software pipeline).
+#   warpgroups 1, 2 : consumers, 64 query rows each. Per key tile j (visited right to left):
+#                 S_j = Q K_j^T (wgmma, async) overlapped with O += P_{j+1} V_{j+1} (wgmma, P from
+#                 registers), then mask, tile row max, BLASST vote, online softmax (exp2 domain,
+#                 scale folded in), O rescale. A ping-pong token (named barriers) lets one warpgroup
+#                 issue its GEMMs while the other does softmax.
+# BLASST: each consumer warpgroup (rows_per_decision = 64) decides per tile; a skipped tile does no
+# exp / row-sum / rescale and no PV wgmma, but every pipeline wait/release and barrier is identical
+# on both paths. The first visited tile is never skipped.
+# Idioms follow FlashAttention-4's SM90 forward (flash_attn/cute/flash_fwd_sm90.py) and CUTLASS's
+# CuTe DSL Hopper FMHA example; the code here is written for blasst_cute.
+
+import math
+from typing import Optional
+
+import cuda.bindings.driver as cuda
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.pipeline as pipeline
+import cutlass.utils.hopper_helpers as sm90_helpers
+from cutlass import Boolean, Float32, Int32, const_expr
+from cutlass.cute.nvgpu import cpasync, warpgroup
+from cutlass.pipeline import pipeline_init_arrive, pipeline_init_wait
+from cutlass.tensor_utils import LayoutEnum
+
+from blasst_cute.kernels.common.layout import (
+    acc_as_operand_a,
+    acc_rows_cols,
+    assume_rows_aligned,
+    select_modes,
+    transpose_mn,
+)
+from blasst_cute.kernels.common.masking import apply_mask
+from blasst_cute.kernels.common.pipelines import NamedBarrierSm90, elem_ptr, wgmma
+from blasst_cute.kernels.common.softmax_skip import (
+    LOG2_E,
+    OnlineSoftmax,
+    convert_f32_to_16bit,
+    rescale_rows,
+    group_all,
+    threshold_log2,
+    warpgroup_vote_all,
+)
+from blasst_cute.kernels.common.tile_info import KeyTileRange, SeqInfo
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+
+
+def default_tile_config(head_dim: int, causal: bool) -> dict:
+    """Tile sizes per head dim (2 consumer warpgroups of 64 rows each)."""
+    if head_dim <= 64:
+        return dict(tile_m=128, tile_n=128, num_stages=2)
+    if head_dim <= 128:
+        return dict(tile_m=128, tile_n=128, num_stages=2)
+    return dict(tile_m=128, tile_n=80, num_stages=2)
+
+
+class BlasstFwdSm90:
+    """Static configuration of one compiled prefill kernel (see module comment).
+
+    Dynamic (not part of the compiled code): batch, lengths, head counts (so MHA/GQA/MQA share a
+    kernel), softmax scale and the BLASST threshold factor.
+    """
+
+    def __init__(
+        self,
+        dtype,
+        head_dim: int,
+        head_dim_v: Optional[int] = None,
+        causal: bool = False,
+        has_skip: bool = False,
+        has_stats: bool = False,
+        varlen: bool = False,
+        factor_per_batch: bool = False,
+        tile_m: Optional[int] = None,
+        tile_n: Optional[int] = None,
+        num_stages: Optional[int] = None,
+        intra_wg_overlap: bool = True,
+        pingpong: Optional[bool] = None,
+        vote_smem: bool = True,
+        lpt: Optional[bool] = None,
+        debug_no_vote: bool = False,
+    ):
+        head_dim_v = head_dim if head_dim_v is None else head_dim_v
+        if dtype not in (cutlass.BFloat16, cutlass.Float16):
+            raise NotImplementedError(f"blasst sm90 prefill: dtype {dtype} (bf16/fp16 only)")
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            raise NotImplementedError(f"blasst sm90 prefill: head_dim {head_dim} (64/128/256 only)")
+        if head_dim_v != head_dim:
+            raise NotImplementedError(
+                f"blasst sm90 prefill: head_dim_v {head_dim_v} != head_dim {head_dim}"
+            )
+        if has_stats and not has_skip:
+            raise NotImplementedError("blasst sm90 prefill: stats without skipping")
+        cfg = default_tile_config(head_dim, causal)
+        self.dtype = dtype
+        self.head_dim = head_dim
+        self.head_dim_v = head_dim_v
+        self.causal = causal
+        self.has_skip = has_skip
+        self.has_stats = has_stats
+        self.varlen = varlen
+        self.factor_per_batch = factor_per_batch
+        self.tile_m = tile_m or cfg["tile_m"]
+        self.tile_n = tile_n or cfg["tile_n"]
+        self.num_stages = num_stages or cfg["num_stages"]
+        if self.tile_m != 128:
+            raise NotImplementedError("blasst sm90 prefill: tile_m must be 128 (2 x 64-row warpgroups)")
+        self.intra_wg_overlap = intra_wg_overlap
+        # Decision channel: warp vote + smem word per warp + named barrier (default; measured
+        # faster on H100 than a single bar.red.and.pred).
+        self.vote_smem = vote_smem
+        # Profiling aid only (wrong results when a tile would be skipped): keep the skip-path code
+        # but replace the cross-warp vote by a uniform, never-true runtime flag.
+        self.debug_no_vote = debug_no_vote
+        # Causal: longest-first q-tiles, heads grouped so their K/V fit in L2 (FA4-style LPT).
+        self.lpt = (causal and not varlen) if lpt is None else (lpt and not varlen)
+        self.num_mma_wg = self.tile_m // 64
+        self.rows_per_decision = 64
+        self.pingpong = (head_dim <= 128 and intra_wg_overlap) if pingpong is None else pingpong
+        self.num_threads = 128 * (self.num_mma_wg + 1)
+        self.num_mma_threads = 128 * self.num_mma_wg
+        self.num_mma_regs, self.num_producer_regs = 240, 24
+
+    # ------------------------------------------------------------------ host-side derivations
+    def _smem_layout(self, rows: int, cols: int, stages: Optional[int] = None):
+        atom = warpgroup.make_smem_layout_atom(
+            sm90_helpers.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, self.dtype, cols), self.dtype
+        )
+        if stages is None:
+            return cute.tile_to_shape(atom, (rows, cols), order=(0, 1))
+        return cute.tile_to_shape(atom, (rows, cols, stages), order=(0, 1, 2))
+
+    def _tiled_mmas(self):
+        K = cute.nvgpu.OperandMajorMode.K
+        MN = cute.nvgpu.OperandMajorMode.MN
+        mma_qk = sm90_helpers.make_trivial_tiled_mma(
+            self.dtype, self.dtype, K, K, Float32,
+            atom_layout_mnk=(self.num_mma_wg, 1, 1), tiler_mn=(64, self.tile_n),
+        )
+        mma_pv = sm90_helpers.make_trivial_tiled_mma(
+            self.dtype, self.dtype, K, MN, Float32,
+            atom_layout_mnk=(self.num_mma_wg, 1, 1), tiler_mn=(64, self.head_dim_v),
+            a_source=warpgroup.OperandSource.RMEM,
+        )
+        return mma_qk, mma_pv
+
+    def _gmem_copy_O(self):
+        vec = 128 // self.dtype.width
+        threads_per_row = self.head_dim_v // vec
+        atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.dtype, num_bits_per_copy=128)
+        thr = cute.make_ordered_layout(
+            (self.num_mma_threads // threads_per_row, threads_per_row), order=(1, 0)
+        )
+        val = cute.make_layout((1, vec))
+        return cute.make_tiled_copy_tv(atom, thr, val)
+
+    # ------------------------------------------------------------------ host launch
+    @cute.jit
+    def __call__(
+        self,
+        mQ: cute.Tensor,  # (b, s_q, h, d) or varlen (total_q, h, d)
+        mK: cute.Tensor,  # (b, s_k, h_k, d) or varlen (total_k, h_k, d)
+        mV: cute.Tensor,
+        mO: cute.Tensor,
+        mLSE: cute.Tensor,  # float32 (b, h, s_q) or varlen (h, total_q)
+        softmax_scale: Float32,
+        threshold_scale_factor: Float32,
+        mFactor: Optional[cute.Tensor],  # float32 (b,) per-sequence factor, or None
+        mCuSeqlensQ: Optional[cute.Tensor],
+        mCuSeqlensK: Optional[cute.Tensor],
+        max_seqlen_q: Int32,
+        mVisited: Optional[cute.Tensor],  # int32 (b, h) or None
+        mSkipped: Optional[cute.Tensor],
+        stream: cuda.CUstream,
+    ):
+        for t in (mQ, mK, mV, mO):
+            if const_expr(t.element_type != self.dtype):
+                raise TypeError(f"expected {self.dtype}, got {t.element_type}")
+        if const_expr(mLSE.element_type != Float32):
+            raise TypeError("lse must be float32")
+        # Rows of Q/K/V/O are 16-byte aligned (checked by the caller): tell the compiler.
+        mQ, mK, mV, mO = [assume_rows_aligned(t) for t in (mQ, mK, mV, mO)]
+        # CuTe mode order: (seqlen, d, h[, b]); the head dim is contiguous.
+        if const_expr(self.varlen):
+            mQ, mK, mV, mO = [select_modes(t, [0, 2, 1]) for t in (mQ, mK, mV, mO)]
+            mLSE = select_modes(mLSE, [1, 0])
+        else:
+            mQ, mK, mV, mO = [select_modes(t, [1, 3, 2, 0]) for t in (mQ, mK, mV, mO)]
+            mLSE = select_modes(mLSE, [2, 1, 0])
+
+        tiled_mma_qk, tiled_mma_pv = self._tiled_mmas()
+        sQ_layout = self._smem_layout(self.tile_m, self.head_dim)
+        sK_layout = self._smem_layout(self.tile_n, self.head_dim, self.num_stages)
+        sV_layout = self._smem_layout(self.tile_n, self.head_dim_v, self.num_stages)
+        sO_layout = self._smem_layout(self.tile_m, self.head_dim_v)
+
+        load_op = cpasync.CopyBulkTensorTileG2SOp()
+        tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(
+            load_op, mQ, sQ_layout, (self.tile_m, self.head_dim)
+        )
+        tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(
+            load_op, mK, cute.select(sK_layout, mode=[0, 1]), (self.tile_n, self.head_dim), 1
+        )
+        tma_atom_V, tma_V = cpasync.make_tiled_tma_atom(
+            load_op, mV, cute.select(sV_layout, mode=[0, 1]), (self.tile_n, self.head_dim_v), 1
+        )
+        self.tx_bytes_Q = cute.size_in_bytes(self.dtype, sQ_layout)
+        self.tx_bytes_K = cute.size_in_bytes(self.dtype, cute.select(sK_layout, mode=[0, 1]))
+        self.tx_bytes_V = cute.size_in_bytes(self.dtype, cute.select(sV_layout, mode=[0, 1]))
+
+        @cute.struct
+        class SharedStorage:
+            mbar_Q: cute.struct.MemRange[cutlass.Int64, 2]
+            mbar_K: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
+            mbar_V: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
+            votes: cute.struct.MemRange[Int32, 2 * self.num_mma_wg * 4]
+            sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sQ_layout)], 1024]
+            sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
+            sV: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sV_layout)], 1024]
+
+        self.shared_storage = SharedStorage
+
+        if const_expr(self.varlen):
+            num_batch = mCuSeqlensQ.shape[0] - 1
+            num_m_blocks = (max_seqlen_q + self.tile_m - 1) // self.tile_m
+        else:
+            num_batch = mQ.shape[3]
+            num_m_blocks = (mQ.shape[0] + self.tile_m - 1) // self.tile_m
+        num_heads = mQ.shape[2]
+        qhead_per_kvhead = mQ.shape[2] // mK.shape[2]
+        scale_log2 = softmax_scale * LOG2_E
+        grid = [num_m_blocks, num_heads, num_batch]
+        l2_heads = Int32(1)
+        if const_expr(self.lpt):
+            # As many heads per section as have K/V fitting in ~50 MB of L2 (a power of two).
+            kv_bytes = mK.shape[0] * (self.head_dim + self.head_dim_v) * (self.dtype.width // 8)
+            fit = cutlass.max(Int32(50 * 1024 * 1024) // cutlass.max(kv_bytes, 1), 1)
+            while l2_heads * 2 <= fit:
+                l2_heads = l2_heads * 2
+            grid = [num_m_blocks * num_heads * num_batch, 1, 1]
+
+        self.kernel(
+            tma_Q, tma_K, tma_V, mO, mLSE,
+            tma_atom_Q, tma_atom_K, tma_atom_V,
+            scale_log2, threshold_scale_factor, mFactor,
+            mCuSeqlensQ, mCuSeqlensK, mVisited, mSkipped,
+            qhead_per_kvhead, num_m_blocks, num_heads, num_batch, l2_heads,
+            sQ_layout, sK_layout, sV_layout, sO_layout,
+            tiled_mma_qk, tiled_mma_pv, self._gmem_copy_O(),
+        ).launch(
+            grid=grid,
+            block=[self.num_threads, 1, 1],
+            stream=stream,
+            min_blocks_per_mp=1,
+        )
+
+    # ------------------------------------------------------------------ device entry
+    @cute.kernel
+    def kernel(
+        self,
+        mQ: cute.Tensor,
+        mK: cute.Tensor,
+        mV: cute.Tensor,
+        mO: cute.Tensor,
+        mLSE: cute.Tensor,
+        tma_atom_Q: cute.CopyAtom,
+        tma_atom_K: cute.CopyAtom,
+        tma_atom_V: cute.CopyAtom,
+        scale_log2: Float32,
+        threshold_scale_factor: Float32,
+        mFactor: Optional[cute.Tensor],
+        mCuSeqlensQ: Optional[cute.Tensor],
+        mCuSeqlensK: Optional[cute.Tensor],
+        mVisited: Optional[cute.Tensor],
+        mSkipped: Optional[cute.Tensor],
+        qhead_per_kvhead: Int32,
+        num_m_blocks: Int32,
+        num_heads: Int32,
+        num_batch: Int32,
+        l2_heads: Int32,
+        sQ_layout: cute.ComposedLayout,
+        sK_layout: cute.ComposedLayout,
+        sV_layout: cute.ComposedLayout,
+        sO_layout: cute.ComposedLayout,
+        tiled_mma_qk: cute.TiledMma,
+        tiled_mma_pv: cute.TiledMma,
+        gmem_copy_O: cute.TiledCopy,
+    ):
+        warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, head_idx, batch_idx = cute.arch.block_idx()
+        m_block = bidx
+        if const_expr(self.lpt):
+            # Sections of `l2_heads` (head, batch) pairs; inside one, q-tiles longest first with
+            # the heads of the section side by side (they share K/V through L2).
+            num_hb = num_heads * num_batch
+            sec_size = l2_heads * num_m_blocks
+            sec = bidx // sec_size
+            r = bidx - sec * sec_size
+            heads_here = cutlass.min(l2_heads, num_hb - sec * l2_heads)
+            m_idx = r // heads_here
+            hb = sec * l2_heads + (r - m_idx * heads_here)
+            m_block = num_m_blocks - 1 - m_idx
+            batch_idx = hb // num_heads
+            head_idx = hb - batch_idx * num_heads
+        elif const_expr(self.causal):
+            # Heaviest q-tiles (bottom of the matrix) first.
+            m_block = num_m_blocks - 1 - bidx
+
+        if warp_idx == 0:
+            for atom in (tma_atom_Q, tma_atom_K, tma_atom_V):
+                cpasync.prefetch_descriptor(atom)
+
+        smem = cutlass.utils.SmemAllocator()
+        storage = smem.allocate(self.shared_storage)
+
+        tma_warp = pipeline.CooperativeGroup(pipeline.Agent.Thread, 1)
+        # TMA pipelines release from one lane per consumer warp.
+        mma_warps = pipeline.CooperativeGroup(pipeline.Agent.Thread, self.num_mma_threads // 32)
+        pipeline_q = pipeline.PipelineTmaAsync.create(
+            barrier_storage=storage.mbar_Q.data_ptr(), num_stages=1,
+            producer_group=tma_warp, consumer_group=mma_warps,
+            tx_count=self.tx_bytes_Q, defer_sync=True,
+        )
+        pipeline_k = pipeline.PipelineTmaAsync.create(
+            barrier_storage=storage.mbar_K.data_ptr(), num_stages=self.num_stages,
+            producer_group=tma_warp, consumer_group=mma_warps,
+            tx_count=self.tx_bytes_K, defer_sync=True,
+        )
+        pipeline_v = pipeline.PipelineTmaAsync.create(
+            barrier_storage=storage.mbar_V.data_ptr(), num_stages=self.num_stages,
+            producer_group=tma_warp, consumer_group=mma_warps,
+            tx_count=self.tx_bytes_V, defer_sync=True,
+        )
+        pipeline_init_arrive(cluster_shape_mn=(1, 1), is_relaxed=True)
+
+        sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
+        sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
+        sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
+        sVt = transpose_mn(sV)  # (d_v, tile_n, stages): B operand of O += P V
+        sO = storage.sQ.get_tensor(sO_layout.outer, swizzle=sO_layout.inner)  # reuses Q's buffer
+        sVote = storage.votes.get_tensor(cute.make_layout((2, self.num_mma_wg, 4)))
+
+        seq = SeqInfo(batch_idx, mQ.shape[0], mK.shape[0], mCuSeqlensQ, mCuSeqlensK)
+        n_block_min, n_block_max, n_block_causal = KeyTileRange(
+            self.tile_m, self.tile_n, self.causal
+        ).get(seq, m_block)
+
+        pipeline_init_wait(cluster_shape_mn=(1, 1))
+
+        tile_valid = m_block * self.tile_m < seq.seqlen_q
+        if tile_valid:
+            if warp_idx < 4:
+                cute.arch.setmaxregister_decrease(self.num_producer_regs)
+                if warp_idx == 0:
+                    self.load(
+                        mQ, mK, mV, sQ, sK, sV, tma_atom_Q, tma_atom_K, tma_atom_V,
+                        pipeline_q, pipeline_k, pipeline_v, seq,
+                        m_block, head_idx // qhead_per_kvhead, head_idx, batch_idx,
+                        n_block_min, n_block_max,
+                    )
+            else:
+                cute.arch.setmaxregister_increase(self.num_mma_regs)
+                self.mma(
+                    mO, mLSE, sQ, sK, sVt, sO, sVote,
+                    tiled_mma_qk, tiled_mma_pv, gmem_copy_O,
+                    pipeline_q, pipeline_k, pipeline_v,
+                    tidx - 128, seq, m_block, head_idx, batch_idx,
+                    n_block_min, n_block_max, n_block_causal,
+                    scale_log2, threshold_scale_factor, mFactor, mVisited, mSkipped,
+                )
+
+    # ------------------------------------------------------------------ producer
+    @cute.jit
+    def load(
+        self,
+        mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor,
+        sQ: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor,
+        tma_atom_Q: cute.CopyAtom, tma_atom_K: cute.CopyAtom, tma_atom_V: cute.CopyAtom,
+        pipeline_q, pipeline_k, pipeline_v,
+        seq: SeqInfo,
+        m_block: Int32, head_kv: Int32, head_idx: Int32, batch_idx: Int32,
+        n_block_min: Int32, n_block_max: Int32,
+    ):
+        gQ = cute.local_tile(
+            seq.q_slice(mQ, head_idx, batch_idx), (self.tile_m, self.head_dim), (m_block, 0)
+        )
+        gK = cute.local_tile(
+            seq.k_slice(mK, head_kv, batch_idx), (self.tile_n, self.head_dim), (None, 0)
+        )
+        gV = cute.local_tile(
+            seq.k_slice(mV, head_kv, batch_idx), (self.tile_n, self.head_dim_v), (None, 0)
+        )
+        tQsQ, tQgQ = cpasync.tma_partition(
+            tma_atom_Q, 0, cute.make_layout(1),
+            cute.group_modes(sQ, 0, 2), cute.group_modes(gQ, 0, 2),
+        )
+        tKsK, tKgK = cpasync.tma_partition(
+            tma_atom_K, 0, cute.make_layout(1),
+            cute.group_modes(sK, 0, 2), cute.group_modes(gK, 0, 2),
+        )
+        tVsV, tVgV = cpasync.tma_partition(
+            tma_atom_V, 0, cute.make_layout(1),
+            cute.group_modes(sV, 0, 2), cute.group_modes(gV, 0, 2),
+        )
+        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
+        has_work = n_block_max > n_block_min
+
+        if has_work:
+            pipeline_k.producer_acquire(kv_state)
+            cute.copy(
+                tma_atom_K, tKgK[None, n_block_max - 1], tKsK[None, kv_state.index],
+                tma_bar_ptr=pipeline_k.producer_get_barrier(kv_state),
+            )
+        pipeline_q.producer_acquire(q_state)
+        cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=pipeline_q.producer_get_barrier(q_state))
+        if has_work:
+            # K of tile n is issued before V of tile n + 1 (the consumers' order).
+            for i in cutlass.range(n_block_max - 1 - n_block_min, unroll=1):
+                n_prev = n_block_max - 1 - i
+                state_prev = kv_state.clone()
+                kv_state.advance()
+                pipeline_k.producer_acquire(kv_state)
+                cute.copy(
+                    tma_atom_K, tKgK[None, n_prev - 1], tKsK[None, kv_state.index],
+                    tma_bar_ptr=pipeline_k.producer_get_barrier(kv_state),
+                )
+                pipeline_v.producer_acquire(state_prev)
+                cute.copy(
+                    tma_atom_V, tVgV[None, n_prev], tVsV[None, state_prev.index],
+                    tma_bar_ptr=pipeline_v.producer_get_barrier(state_prev),
+                )
+            pipeline_v.producer_acquire(kv_state)
+            cute.copy(
+                tma_atom_V, tVgV[None, n_block_min], tVsV[None, kv_state.index],
+                tma_bar_ptr=pipeline_v.producer_get_barrier(kv_state),
+            )
+
+    # ------------------------------------------------------------------ consumers
+    @cute.jit
+    def mma(
+        self,
+        mO: cute.Tensor, mLSE: cute.Tensor,
+        sQ: cute.Tensor, sK: cute.Tensor, sVt: cute.Tensor, sO: cute.Tensor, sVote: cute.Tensor,
+        tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma, gmem_copy_O: cute.TiledCopy,
+        pipeline_q, pipeline_k, pipeline_v,
+        tidx: Int32,
+        seq: SeqInfo,
+        m_block: Int32, head_idx: Int32, batch_idx: Int32,
+        n_block_min: Int32, n_block_max: Int32, n_block_causal: Int32,
+        scale_log2: Float32,
+        threshold_scale_factor: Float32,
+        mFactor: Optional[cute.Tensor],
+        mVisited: Optional[cute.Tensor],
+        mSkipped: Optional[cute.Tensor],
+    ):
+        wg_idx = cute.arch.make_warp_uniform(tidx // 128)
+        thr_mma_qk = tiled_mma_qk.get_slice(tidx)
+        wg_mma_qk = tiled_mma_qk.get_slice(wg_idx * 128)
+        wg_mma_pv = tiled_mma_pv.get_slice(wg_idx * 128)
+        tSrQ = wg_mma_qk.make_fragment_A(wg_mma_qk.partition_A(sQ))
+        tSrK = wg_mma_qk.make_fragment_B(wg_mma_qk.partition_B(sK))
+        tOrVt = wg_mma_pv.make_fragment_B(wg_mma_pv.partition_B(sVt))
+        tOrP = wg_mma_pv.make_fragment_A(wg_mma_pv.partition_shape_A((self.tile_m, self.tile_n)))
+        acc_O = cute.make_rmem_tensor(
+            tiled_mma_pv.partition_shape_C((self.tile_m, self.head_dim_v)), Float32
+        )
+        acc_S_shape = tiled_mma_qk.partition_shape_C((self.tile_m, self.tile_n))
+
+        cS = cute.make_identity_tensor((self.tile_m, self.tile_n))
+        tScS = thr_mma_qk.partition_C(cS)
+        t0ScS = tiled_mma_qk.get_slice(0).partition_C(cS)
+        num_rows = cute.size(acc_rows_cols(tScS), mode=[0])
+
+        softmax = OnlineSoftmax(scale_log2, num_rows)
+        softmax.reset()
+        acc_O.fill(0.0)
+
+        # BLASST threshold and the validity of this thread's rows (padding rows vote skip).
+        log2_lambda = Float32(0.0)
+        skip_enabled = Boolean(False)
+        row_valid = cute.make_rmem_tensor(num_rows, Boolean)
+        if const_expr(self.has_skip):
+            factor = threshold_scale_factor
+            if const_expr(mFactor is not None):
+                factor = mFactor[batch_idx]
+            log2_lambda, skip_enabled = threshold_log2(factor, seq.seqlen_k)
+            tScS_mn = acc_rows_cols(tScS)
+            for r in cutlass.range_constexpr(num_rows):
+                row_valid[r] = tScS_mn[r, 0][0] + m_block * self.tile_m < seq.seqlen_q
+
+        if const_expr(self.pingpong):
+            if wg_idx == 0:
+                # WG1 holds the first token.
+                cute.arch.barrier_arrive(
+                    barrier_id=int(NamedBarrierSm90.SchedulerWG1),
+                    number_of_threads=2 * 128,
+                )
+
+        ctx = dict(
+            tiled_mma_qk=tiled_mma_qk, tiled_mma_pv=tiled_mma_pv,
+            tSrQ=tSrQ, tSrK=tSrK, tOrVt=tOrVt, tOrP=tOrP, acc_O=acc_O,
+            acc_S_shape=acc_S_shape, tScS=tScS, t0ScS=t0ScS,
+            pipeline_k=pipeline_k, pipeline_v=pipeline_v,
+            softmax=softmax, seq=seq, m_block=m_block, wg_idx=wg_idx,
+            sVote=sVote, row_valid=row_valid, log2_lambda=log2_lambda,
+            skip_enabled=skip_enabled,
+        )
+
+        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.num_stages)
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
+        pipeline_q.consumer_wait(q_state)
+
+        num_skipped = Int32(0)
+        skip_prev = Boolean(False)
+        if n_block_max > n_block_min:
+            # First tile (never skipped), masked for the key length (and the diagonal).
+            self.first_block(ctx, kv_state, n_block_max - 1)
+            n_first_unmasked = n_block_max - 1
+            if const_expr(self.causal):
+                n_first_unmasked = cutlass.max(cutlass.min(n_block_causal, n_block_max - 1), n_block_min)
+                for i in cutlass.range(n_block_max - 1 - n_first_unmasked, unroll=1):
+                    kv_state, skip_prev, num_skipped = self.next_block(
+                        ctx, kv_state, n_block_max - 2 - i, skip_prev, num_skipped, True
+                    )
+            for i in cutlass.range(n_first_unmasked - n_block_min, unroll=1):
+                kv_state, skip_prev, num_skipped = self.next_block(
+                    ctx, kv_state, n_first_unmasked - 1 - i, skip_prev, num_skipped, False
+                )
+            pipeline_q.consumer_release(q_state)
+            # Last PV of the software pipeline.
+            pipeline_v.consumer_wait(kv_state)
+            if const_expr(self.has_skip):
+                if not skip_prev:
+                    wgmma(tiled_mma_pv, acc_O, tOrP, tOrVt[None, None, None, kv_state.index], False)
+                    warpgroup.wait_group(0)
+            else:
+                wgmma(tiled_mma_pv, acc_O, tOrP, tOrVt[None, None, None, kv_state.index], False)
+                warpgroup.wait_group(0)
+            pipeline_v.consumer_release(kv_state)
+            kv_state.advance()
+        else:
+            pipeline_q.consumer_release(q_state)
+
+        # ---- counters: one thread per decision group (warpgroup) with at least one valid row
+        if const_expr(self.has_stats):
+            group_first_row = m_block * self.tile_m + wg_idx * 64
+            if tidx % 128 == 0 and group_first_row < seq.seqlen_q and n_block_max > n_block_min:
+                cute.arch.atomic_add(
+                    elem_ptr(mVisited, (batch_idx, head_idx)), n_block_max - n_block_min
+                )
+                cute.arch.atomic_add(elem_ptr(mSkipped, (batch_idx, head_idx)), num_skipped)
+
+        # ---- epilogue
+        inv_l, lse = softmax.finalize()
+        rescale_rows(acc_O, inv_l)
+        self.epilogue(
+            acc_O, lse, mO, mLSE, sO, tiled_mma_pv, gmem_copy_O, tidx, seq, m_block, head_idx,
+            batch_idx,
+        )
+
+    @cute.jit
+    def first_block(self, ctx, kv_state, n_block: Int32):
+        pipeline_k = ctx["pipeline_k"]
+        acc_S = cute.make_rmem_tensor(ctx["acc_S_shape"], Float32)
+        pipeline_k.consumer_wait(kv_state)
+        wgmma(ctx["tiled_mma_qk"], acc_S, ctx["tSrQ"], ctx["tSrK"][None, None, None, kv_state.index], True)
+        warpgroup.wait_group(0)
+        pipeline_k.consumer_release(kv_state)
+        seq = ctx["seq"]
+        apply_mask(
+            acc_S, ctx["tScS"], ctx["t0ScS"], ctx["m_block"], n_block, seq.seqlen_q, seq.seqlen_k,
+            self.tile_m, self.tile_n, True, self.causal,
+        )
+        softmax = ctx["softmax"]
+        m_tile = softmax.tile_row_max(acc_S)
+        softmax.update(acc_S, m_tile, True)
+        convert_f32_to_16bit(acc_as_operand_a(acc_S), ctx["tOrP"])
+
+    @cute.jit
+    def next_block(
+        self, ctx, kv_state, n_block: Int32, skip_prev: Boolean, num_skipped: Int32,
+        mask_causal: cutlass.Constexpr[bool],
+    ):
+        """Tile n_block: S = QK^T overlapped with the PV of the previous kept tile."""
+        pipeline_k, pipeline_v = ctx["pipeline_k"], ctx["pipeline_v"]
+        softmax = ctx["softmax"]
+        acc_O, tOrP = ctx["acc_O"], ctx["tOrP"]
+        seq = ctx["seq"]
+        kv_state_v = kv_state.clone()
+        kv_state.advance()
+        acc_S = cute.make_rmem_tensor(ctx["acc_S_shape"], Float32)
+
+        pipeline_k.consumer_wait(kv_state)
+        self.scheduler_sync(ctx["wg_idx"])
+        wgmma(ctx["tiled_mma_qk"], acc_S, ctx["tSrQ"], ctx["tSrK"][None, None, None, kv_state.index], True)
+        pipeline_v.consumer_wait(kv_state_v)
+        tOrVt_cur = ctx["tOrVt"][None, None, None, kv_state_v.index]
+        if const_expr(self.has_skip):
+            if skip_prev:
+                warpgroup.commit_group()  # empty group keeps wait_group counts uniform
+            else:
+                wgmma(ctx["tiled_mma_pv"], acc_O, tOrP, tOrVt_cur, False)
+        else:
+            wgmma(ctx["tiled_mma_pv"], acc_O, tOrP, tOrVt_cur, False)
+        self.scheduler_arrive(ctx["wg_idx"])
+        warpgroup.wait_group(1)
+        pipeline_k.consumer_release(kv_state)
+
+        if const_expr(mask_causal):
+            apply_mask(
+                acc_S, ctx["tScS"], ctx["t0ScS"], ctx["m_block"], n_block, seq.seqlen_q,
+                seq.seqlen_k, self.tile_m, self.tile_n, False, True,
+            )
+        m_tile = softmax.tile_row_max(acc_S)
+        skip = Boolean(False)
+        if const_expr(self.has_skip):
+            vote = softmax.rows_vote_skip(m_tile, ctx["row_valid"], ctx["log2_lambda"])
+            vote = vote and ctx["skip_enabled"]
+            vote_bar = int(NamedBarrierSm90.SkipVoteWG1) + ctx["wg_idx"]
+            if const_expr(self.debug_no_vote):
+                skip = ctx["log2_lambda"] > Float32(1e30)
+            elif const_expr(self.vote_smem):
+                skip = warpgroup_vote_all(vote, ctx["sVote"], n_block % 2, ctx["wg_idx"], vote_bar)
+            else:
+                skip = group_all(vote, vote_bar)
+            if skip:
+                num_skipped += 1
+            row_scale = cute.make_rmem_tensor(softmax.num_rows, Float32)
+            if not skip:
+                row_scale.store(softmax.update(acc_S, m_tile, False).load())
+            warpgroup.wait_group(0)
+            pipeline_v.consumer_release(kv_state_v)
+            if not skip:
+                convert_f32_to_16bit(acc_as_operand_a(acc_S), tOrP)
+                rescale_rows(acc_O, row_scale)
+        else:
+            row_scale = softmax.update(acc_S, m_tile, False)
+            warpgroup.wait_group(0)
+            pipeline_v.consumer_release(kv_state_v)
+            convert_f32_to_16bit(acc_as_operand_a(acc_S), tOrP)
+            rescale_rows(acc_O, row_scale)
+        return kv_state, skip, num_skipped
+
+    # ------------------------------------------------------------------ ping-pong token
+    def scheduler_sync(self, wg_idx: Int32):
+        if const_expr(self.pingpong):
+            cute.arch.barrier(
+                barrier_id=int(NamedBarrierSm90.SchedulerWG1) + wg_idx,
+                number_of_threads=2 * 128,
+            )
+
+    def scheduler_arrive(self, wg_idx: Int32):
+        if const_expr(self.pingpong):
+            cute.arch.barrier_arrive(
+                barrier_id=int(NamedBarrierSm90.SchedulerWG1) + (1 - wg_idx),
+                number_of_threads=2 * 128,
+            )
+
+    # ------------------------------------------------------------------ epilogue
+    @cute.jit
+    def epilogue(
+        self,
+        acc_O: cute.Tensor, lse: cute.Tensor, mO: cute.Tensor, mLSE: cute.Tensor, sO: cute.Tensor,
+        tiled_mma_pv: cute.TiledMma, gmem_copy_O: cute.TiledCopy,
+        tidx: Int32, seq: SeqInfo, m_block: Int32, head_idx: Int32, batch_idx: Int32,
+    ):
+        rO = cute.make_rmem_tensor(acc_O.layout, self.dtype)
+        convert_f32_to_16bit(acc_O, rO)
+        # sO aliases sQ: every warpgroup must be done with its QK GEMMs.
+        cute.arch.barrier(barrier_id=int(NamedBarrierSm90.Epilogue), number_of_threads=self.num_mma_threads)
+        st_atom = cute.make_copy_atom(
+            cute.nvgpu.warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4), self.dtype
+        )
+        thr_st = cute.make_tiled_copy_C(st_atom, tiled_mma_pv).get_slice(tidx)
+        cute.copy(st_atom, thr_st.retile(rO), thr_st.partition_D(sO))
+
+        rows_left = seq.seqlen_q - m_block * self.tile_m
+        # LSE: the thread holding column 0 of each accumulator row writes it.
+        cO = cute.make_identity_tensor((self.tile_m, self.head_dim_v))
+        tOcO_mn = acc_rows_cols(tiled_mma_pv.get_slice(tidx).partition_C(cO))
+        gLSE = seq.lse_slice(mLSE, head_idx, batch_idx)
+        if tOcO_mn[0, 0][1] == 0:
+            for r in cutlass.range_constexpr(cute.size(lse)):
+                row = tOcO_mn[r, 0][0]
+                if row < rows_left:
+                    gLSE[m_block * self.tile_m + row] = lse[r]
+
+        cute.arch.barrier(barrier_id=int(NamedBarrierSm90.Epilogue), number_of_threads=self.num_mma_threads)
+        gO = cute.local_tile(
+            seq.q_slice(mO, head_idx, batch_idx), (self.tile_m, self.head_dim_v), (m_block, 0)
+        )
+        thr_copy = gmem_copy_O.get_slice(tidx)
+        tOsO = thr_copy.partition_S(sO)
+        tOgO = thr_copy.partition_D(gO)
+        tOcO = thr_copy.partition_S(cO)
+        tOrO = cute.make_rmem_tensor_like(tOsO, self.dtype)
+        cute.autovec_copy(tOsO, tOrO)
+        for m in cutlass.range_constexpr(cute.size(tOrO.shape[1])):
+            if tOcO[0, m, 0][0] < rows_left:
+                cute.copy(gmem_copy_O, tOrO[None, m, None], tOgO[None, m, None])

@@ -1,0 +1,425 @@
+"""One-call GPU check + benchmark of the sm90 prefill kernel (run on an H100/H200).
+
+    python tests/kernels/gpu_prefill_smoke.py [--quick] [--no-bench] [--sweep N] [--out DIR]
+
+Prints one line per check, then a short timing table (TFLOP/s) against torch SDPA and, when
+importable, FlashAttention-4 (flash_attn.cute.flash_attn_func).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+from blasst_cute import reference  # noqa: E402
+from blasst_cute.kernels import launch  # noqa: E402
+
+LOG = []
+
+
+def log(msg=""):
+    print(msg, flush=True)
+    LOG.append(msg)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers shared with tests/kernels/test_prefill_sm90.py
+# ---------------------------------------------------------------------------------------------
+
+def sdpa_ref64(q, k, v, causal, scale):
+    """float64 attention with bottom-right causal mask; rows with no visible key -> 0, lse -inf."""
+    B, Lq, Hq, D = q.shape
+    Lk, Hk = k.shape[1], k.shape[2]
+    G = Hq // Hk
+    qd = q.double().permute(0, 2, 1, 3)
+    kd = k.double().permute(0, 2, 1, 3).repeat_interleave(G, dim=1)
+    vd = v.double().permute(0, 2, 1, 3).repeat_interleave(G, dim=1)
+    s = (qd @ kd.transpose(-1, -2)) * scale
+    if causal:
+        i = torch.arange(Lq, device=q.device)[:, None]
+        j = torch.arange(Lk, device=q.device)[None, :]
+        s = s.masked_fill(j > i + (Lk - Lq), -math.inf)
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    l = p.sum(-1, keepdim=True)
+    o = (p @ vd) / torch.where(l > 0, l, torch.ones_like(l))
+    lse = torch.where(l > 0, m + torch.log(l), torch.full_like(l, -math.inf)).squeeze(-1)
+    return o.permute(0, 2, 1, 3), lse  # [B, Lq, Hq, Dv], [B, Hq, Lq]
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def lse_err(a, b):
+    fin = torch.isfinite(b)
+    if not bool((torch.isfinite(a) == fin).all()):
+        return float("inf")
+    if not bool(fin.any()):
+        return 0.0
+    return float((a[fin].double() - b[fin].double()).abs().max())
+
+
+def run_kernel(q, k, v, *, causal, scale, factor=None, stats=False, cu_q=None, cu_k=None,
+               max_q=None):
+    """Launch with poisoned outputs; returns out, lse, (visited, skipped)."""
+    varlen = cu_q is not None
+    hq = q.shape[-2]
+    if varlen:
+        batch = cu_q.numel() - 1
+        lse = torch.full((hq, q.shape[0]), float("nan"), device=q.device)
+    else:
+        batch = q.shape[0]
+        lse = torch.full((batch, hq, q.shape[1]), float("nan"), device=q.device)
+    out = torch.full((*q.shape[:-1], v.shape[-1]), float("nan"), dtype=q.dtype, device=q.device)
+    vis = skp = None
+    if stats:
+        vis = torch.zeros(batch, hq, dtype=torch.int32, device=q.device)
+        skp = torch.zeros_like(vis)
+    launch.run_prefill_sm90(q, k, v, out, lse, causal=causal, softmax_scale=scale,
+                            threshold_scale_factor=factor, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                            max_seqlen_q=max_q, visited=vis, skipped=skp)
+    return out, lse, vis, skp
+
+
+def geometry(q, v, causal):
+    return launch.prefill_geometry(q.shape[-1], v.shape[-1], causal, q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# checks
+# ---------------------------------------------------------------------------------------------
+
+def check_dense(B, Lq, Lk, Hq, Hk, D, causal, dtype, seed=0, tol=1.2e-2):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, Lq, Hq, D, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(B, Lk, Hk, D, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(B, Lk, Hk, D, device="cuda", dtype=dtype, generator=g)
+    scale = D ** -0.5
+    out, lse, _, _ = run_kernel(q, k, v, causal=causal, scale=scale)
+    torch.cuda.synchronize()
+    ro, rl = sdpa_ref64(q, k, v, causal, scale)
+    nan = int(torch.isnan(out).sum()) + int(torch.isnan(lse).sum())
+    e, el = rel_err(out, ro), lse_err(lse, rl)
+    ok = nan == 0 and e < tol and el < 5e-2
+    log(f"{'PASS' if ok else 'FAIL'} dense B={B} Lq={Lq} Lk={Lk} H={Hq}/{Hk} D={D} causal={causal} "
+        f"{str(dtype)[6:]}: rel_err={e:.2e} lse_maxerr={el:.2e} unwritten={nan}")
+    return ok
+
+
+def check_skip(B, Lq, Lk, Hq, Hk, D, causal, dtype, factor, seed=0, synthetic=True,
+               flip_tol=0.005, verbose=True):
+    from blasst_cute.workloads import random_qkv, synthetic_qkv
+    mk = synthetic_qkv if synthetic else random_qkv
+    q, k, v = mk(B, Lq, Lk, Hq, Hk, D, dtype=dtype, device="cuda", seed=seed)
+    scale = D ** -0.5
+    out, lse, vis, skp = run_kernel(q, k, v, causal=causal, scale=scale, factor=factor, stats=True)
+    torch.cuda.synchronize()
+    ro, rl, st = reference.blasst_attention(q, k, v, causal=causal, softmax_scale=scale,
+                                            threshold_scale_factor=factor,
+                                            **geometry(q, v, causal))
+    nan = int(torch.isnan(out).sum()) + int(torch.isnan(lse).sum())
+    tot = int(st.visited.sum())
+    vis_ok = bool((vis.long() == st.visited).all())
+    dskip = int((skp.long() - st.skipped).abs().sum())
+    e, el = rel_err(out, ro), lse_err(lse, rl)
+    sp = float(skp.sum()) / max(1, int(vis.sum()))
+    ok = nan == 0 and vis_ok and dskip <= max(1, flip_tol * tot) and e < 2e-2
+    if verbose or not ok:
+        log(f"{'PASS' if ok else 'FAIL'} skip B={B} Lq={Lq} Lk={Lk} H={Hq}/{Hk} D={D} "
+            f"causal={causal} {str(dtype)[6:]} factor={factor}: sparsity={sp:.3f} "
+            f"ref_sparsity={st.sparsity:.3f} visited_equal={vis_ok} |dskip|={dskip}/{tot} "
+            f"rel_err_vs_ref={e:.2e} lse_err={el:.2e} unwritten={nan}")
+    return ok
+
+
+def check_varlen(seqs_q, seqs_k, Hq, Hk, D, causal, dtype, factor=None, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    tq, tk = sum(seqs_q), sum(seqs_k)
+    q = torch.randn(tq, Hq, D, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(tk, Hk, D, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(tk, Hk, D, device="cuda", dtype=dtype, generator=g)
+    cu_q = torch.tensor([0] + list(torch.tensor(seqs_q).cumsum(0)), dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0] + list(torch.tensor(seqs_k).cumsum(0)), dtype=torch.int32, device="cuda")
+    scale = D ** -0.5
+    out, lse, vis, skp = run_kernel(q, k, v, causal=causal, scale=scale, factor=factor,
+                                    stats=factor is not None, cu_q=cu_q, cu_k=cu_k,
+                                    max_q=max(seqs_q))
+    torch.cuda.synchronize()
+    ro, rl, st = reference.blasst_attention_varlen(
+        q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=causal, softmax_scale=scale,
+        threshold_scale_factor=factor, **geometry(q, v, causal))
+    nan = int(torch.isnan(out).sum()) + int(torch.isnan(lse).sum())
+    e, el = rel_err(out, ro), lse_err(lse, rl)
+    ok = nan == 0 and e < 1.5e-2 and el < 5e-2
+    extra = ""
+    if factor is not None:
+        dskip = int((skp.long() - st.skipped).abs().sum())
+        vis_ok = bool((vis.long() == st.visited).all())
+        ok = ok and vis_ok and dskip <= max(1, 0.005 * int(st.visited.sum()))
+        extra = f" visited_equal={vis_ok} |dskip|={dskip}/{int(st.visited.sum())}"
+    log(f"{'PASS' if ok else 'FAIL'} varlen q={seqs_q} k={seqs_k} H={Hq}/{Hk} D={D} "
+        f"causal={causal} factor={factor}: rel_err={e:.2e} lse_err={el:.2e} unwritten={nan}{extra}")
+    return ok
+
+
+def random_sweep(n, seed=1234):
+    rng = random.Random(seed)
+    fails = 0
+    for i in range(n):
+        D = rng.choice([64, 128, 256])
+        causal = rng.random() < 0.5
+        dtype = rng.choice([torch.bfloat16, torch.float16])
+        Hk = rng.choice([1, 2, 4])
+        Hq = Hk * rng.choice([1, 2, 4])
+        B = rng.choice([1, 2, 3])
+        Lq = rng.randint(1, 700)
+        Lk = rng.randint(1, 900) if rng.random() < 0.7 else Lq
+        factor = rng.choice([None, 0.5, 2.0, 10.0, 100.0])
+        try:
+            if factor is None:
+                ok = check_dense(B, Lq, Lk, Hq, Hk, D, causal, dtype, seed=i)
+            else:
+                ok = check_skip(B, Lq, Lk, Hq, Hk, D, causal, dtype, factor, seed=i,
+                                synthetic=rng.random() < 0.5, verbose=False)
+        except Exception as exc:  # noqa: BLE001
+            ok = False
+            log(f"ERROR sweep case {i}: {type(exc).__name__}: {exc}")
+        fails += not ok
+    log(f"{'PASS' if fails == 0 else 'FAIL'} random sweep: {n - fails}/{n} cases passed")
+    return fails == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark
+# ---------------------------------------------------------------------------------------------
+
+def bench_ms(fn, warmup=5, rep=20):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(rep):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def attn_flops(B, Lq, Lk, Hq, D, causal):
+    if causal:
+        # average attended keys for bottom-right causal
+        pairs = sum(min(Lk, max(0, i + Lk - Lq + 1)) for i in range(0, Lq, max(1, Lq // 512)))
+        pairs = pairs * Lq / len(range(0, Lq, max(1, Lq // 512)))
+    else:
+        pairs = Lq * Lk
+    return 4.0 * B * Hq * pairs * D
+
+
+def benchmark(rows):
+    try:
+        from flash_attn.cute import flash_attn_func as fa4
+    except Exception as exc:  # noqa: BLE001
+        fa4 = None
+        log(f"FA4 not importable: {type(exc).__name__}: {exc}")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    log("")
+    log(f"{'config':44s} {'kernel':>9s} {'SDPA':>7s} {'FA4':>7s} {'ratio/FA4':>9s}  (TFLOP/s)")
+    for (B, L, Hq, Hk, D, causal) in rows:
+        q = torch.randn(B, L, Hq, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(B, L, Hk, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(B, L, Hk, D, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty_like(q)
+        lse = torch.empty(B, Hq, L, device="cuda")
+        sc = D ** -0.5
+        fl = attn_flops(B, L, L, Hq, D, causal)
+        f_ours = lambda: launch.run_prefill_sm90(q, k, v, out, lse, causal=causal, softmax_scale=sc)
+        t_ours = bench_ms(f_ours)
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        try:
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+                f_sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(
+                    qt, kt, vt, is_causal=causal, enable_gqa=True)
+                t_sdpa = bench_ms(f_sdpa)
+        except Exception:  # noqa: BLE001
+            t_sdpa = float("nan")
+        t_fa4 = float("nan")
+        if fa4 is not None:
+            try:
+                t_fa4 = bench_ms(lambda: fa4(q, k, v, causal=causal))
+            except Exception as exc:  # noqa: BLE001
+                log(f"FA4 failed: {type(exc).__name__}: {exc}")
+        tf = lambda t: fl / t / 1e9
+        log(f"B={B:<3d} L={L:<6d} H={Hq}/{Hk} D={D:<3d} causal={int(causal)}        "
+            f"{tf(t_ours):9.1f} {tf(t_sdpa):7.1f} {tf(t_fa4):7.1f} {t_fa4 / t_ours:9.3f}")
+
+
+def benchmark_skip(B, L, Hq, Hk, D, causal, factors):
+    from blasst_cute.workloads import synthetic_qkv
+    q, k, v = synthetic_qkv(B, L, L, Hq, Hk, D, dtype=torch.bfloat16, device="cuda", seed=0)
+    out = torch.empty_like(q)
+    lse = torch.empty(B, Hq, L, device="cuda")
+    sc = D ** -0.5
+    fl = attn_flops(B, L, L, Hq, D, causal)
+    t_dense = bench_ms(lambda: launch.run_prefill_sm90(q, k, v, out, lse, causal=causal,
+                                                       softmax_scale=sc))
+    log(f"skip bench B={B} L={L} H={Hq}/{Hk} D={D} causal={causal}: dense {fl / t_dense / 1e9:.1f} TFLOP/s "
+        f"({t_dense:.3f} ms)")
+    for f in factors:
+        vis = torch.zeros(B, Hq, dtype=torch.int32, device="cuda")
+        skp = torch.zeros_like(vis)
+        launch.run_prefill_sm90(q, k, v, out, lse, causal=causal, softmax_scale=sc,
+                                threshold_scale_factor=f, visited=vis, skipped=skp)
+        sp = float(skp.sum()) / max(1, int(vis.sum()))
+        t = bench_ms(lambda: launch.run_prefill_sm90(q, k, v, out, lse, causal=causal,
+                                                     softmax_scale=sc, threshold_scale_factor=f))
+        log(f"  factor={f:<8g} sparsity={sp:.3f} time={t:.3f} ms speedup_vs_dense={t_dense / t:.3f} "
+            f"ideal={1 / (1 - sp / 2):.3f}")
+
+
+def bench_variants(B, L, Hq, Hk, D, causal, factor_sparse=1000.0):
+    """Tuning knobs on synthetic data (same inputs for every variant)."""
+    from blasst_cute.workloads import synthetic_qkv
+    q, k, v = synthetic_qkv(B, L, L, Hq, Hk, D, dtype=torch.bfloat16, device="cuda", seed=0)
+    qr, kr, vr = (torch.randn_like(x) for x in (q, k, v))
+    out = torch.empty_like(q)
+    lse = torch.empty(B, Hq, L, device="cuda")
+    sc = D ** -0.5
+    fl = attn_flops(B, L, L, Hq, D, causal)
+    log(f"variants B={B} L={L} H={Hq}/{Hk} D={D} causal={causal} (TFLOP/s-equivalent, ms)")
+    variants = [("dense", None, {}), ("dense random-data", None, {"_random": True}),
+                ("dense lpt=off", None, {"lpt": False}),
+                ("skip~0% smem-vote", 1e-4, {}), ("skip~0% bar.red", 1e-4, {"vote_smem": False}),
+                ("skip~0% no-vote (debug)", 1e-4, {"debug_no_vote": True}),
+                ("skip~0% no-pingpong", 1e-4, {"pingpong": False}),
+                ("dense no-pingpong", None, {"pingpong": False}),
+                (f"skip f={factor_sparse:g}", factor_sparse, {}),
+                (f"skip f={factor_sparse:g} bar.red", factor_sparse, {"vote_smem": False}),
+                (f"skip f={factor_sparse:g} no-pingpong", factor_sparse, {"pingpong": False})]
+    for name, f, tune in variants:
+        tune = dict(tune)
+        rnd = tune.pop("_random", False)
+        if "lpt" in tune and not causal:
+            continue
+        a = (qr, kr, vr) if rnd else (q, k, v)
+        try:
+            t = bench_ms(lambda: launch.run_prefill_sm90(*a, out, lse, causal=causal, softmax_scale=sc,
+                                                         threshold_scale_factor=f, tuning=tune))
+            log(f"  {name:32s} {fl / t / 1e9:7.1f} {t:7.3f}")
+        except Exception as exc:  # noqa: BLE001
+            log(f"  {name:32s} ERROR {type(exc).__name__}: {exc}")
+
+
+def bench_tiles():
+    """Dense tile-shape knobs for head dims 64 and 256 (random data)."""
+    sets = {64: [(128, 2), (128, 3), (176, 2), (192, 2)], 256: [(80, 2), (64, 2)]}
+    for D, opts in sets.items():
+        B, L, Hq, Hk = 8, 4096, 32, 8
+        q = torch.randn(B, L, Hq, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(B, L, Hk, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(B, L, Hk, D, device="cuda", dtype=torch.bfloat16)
+        out, lse = torch.empty_like(q), torch.empty(B, Hq, L, device="cuda")
+        for causal in (False, True):
+            fl = attn_flops(B, L, L, Hq, D, causal)
+            for tn, st in opts:
+                tune = dict(tile_n=tn, num_stages=st)
+                try:
+                    t = bench_ms(lambda: launch.run_prefill_sm90(q, k, v, out, lse, causal=causal,
+                                                                 softmax_scale=D ** -0.5, tuning=tune))
+                    log(f"tiles D={D} causal={int(causal)} tile_n={tn} stages={st}: {fl / t / 1e9:.1f} TFLOP/s")
+                except Exception as exc:  # noqa: BLE001
+                    log(f"tiles D={D} tile_n={tn} stages={st}: ERROR {type(exc).__name__}: {exc}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--sweep", type=int, default=0)
+    ap.add_argument("--variants", action="store_true")
+    ap.add_argument("--only-bench", action="store_true")
+    ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--tiles", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    log(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}")
+    t0 = time.time()
+    results = []
+
+    def guard(fn, *a, **kw):
+        try:
+            results.append(fn(*a, **kw))
+        except Exception as exc:  # noqa: BLE001
+            results.append(False)
+            log(f"ERROR {fn.__name__}{a}: {type(exc).__name__}: {exc}")
+            log(traceback.format_exc(limit=3))
+
+    bf, fp = torch.bfloat16, torch.float16
+    if args.variants:
+        guard(bench_variants, 2, 16384, 32, 8, 128, True)
+        guard(bench_variants, 2, 16384, 32, 8, 128, False)
+    if args.tiles:
+        guard(bench_tiles)
+    if args.only_bench or args.skip_correctness:
+        args.quick = args.quick or args.only_bench
+        results.append(True)
+    else:
+        correctness(args, guard)
+    log(f"correctness: {sum(map(bool, results))}/{len(results)} passed ({time.time() - t0:.0f} s)")
+    if not args.no_bench:
+        rows = [(8, 4096, 32, 8, 128, False), (8, 4096, 32, 8, 128, True),
+                (2, 16384, 32, 8, 128, False), (2, 16384, 32, 8, 128, True)]
+        if not args.quick:
+            rows += [(1, 32768, 32, 8, 128, False), (1, 32768, 32, 8, 128, True),
+                     (8, 4096, 32, 8, 64, False), (8, 4096, 32, 8, 64, True),
+                     (8, 4096, 32, 8, 256, False), (8, 4096, 32, 8, 256, True)]
+        guard(benchmark, rows)
+        if not args.only_bench:
+            guard(benchmark_skip, 2, 16384, 32, 8, 128, True, [1e-4, 1.0, 10.0, 100.0, 1000.0, 5000.0])
+            if not args.quick:
+                guard(benchmark_skip, 2, 16384, 32, 8, 128, False, [1e-4, 10.0, 100.0, 1000.0, 5000.0])
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_prefill_smoke.log"), "w") as f:
+        f.write("\n".join(LOG) + "\n")
+
+
+def correctness(args, guard):
+    bf, fp = torch.bfloat16, torch.float16
+    guard(check_dense, 1, 256, 256, 2, 2, 128, False, bf)
+    guard(check_dense, 2, 300, 517, 4, 2, 128, False, bf)
+    guard(check_dense, 2, 300, 517, 4, 2, 128, True, bf)
+    guard(check_dense, 1, 700, 250, 4, 1, 128, True, bf)
+    guard(check_skip, 1, 1024, 1024, 4, 2, 128, True, bf, 50.0)
+    if not args.quick:
+        for D in (64, 128, 256):
+            for causal in (False, True):
+                for dt in (bf, fp):
+                    guard(check_dense, 2, 333, 1000, 8, 2, D, causal, dt)
+                guard(check_skip, 2, 1000, 1500, 4, 1, D, causal, bf, 30.0)
+                guard(check_skip, 1, 777, 777, 4, 4, D, causal, fp, 300.0, synthetic=False)
+        guard(check_dense, 3, 1, 1, 2, 1, 64, False, bf)
+        guard(check_dense, 1, 129, 65, 2, 1, 128, True, bf)
+        guard(check_varlen, [100, 1, 300, 257], [200, 5, 300, 700], 4, 2, 128, True, bf)
+        guard(check_varlen, [100, 1, 300, 257], [200, 5, 300, 700], 4, 2, 64, False, bf, 20.0)
+        guard(check_varlen, [513, 64], [1000, 64], 2, 2, 256, True, fp, 50.0)
+    if args.sweep:
+        guard(random_sweep, args.sweep)
+
+
+if __name__ == "__main__":
+    main()
