@@ -1,0 +1,54 @@
+"""One BLASST call to profile under Nsight Compute (see perf/ncu_report.sh).
+
+    python perf/ncu_target.py prefill --seqlen 16384 --factor 1000 --causal
+    python perf/ncu_target.py decode --seqlen 32768 --batch 64 --factor 100
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import blasst_cute  # noqa: E402
+from blasst_cute.workloads import synthetic_qkv, to_paged  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("phase", choices=("prefill", "decode"))
+    p.add_argument("--seqlen", type=int, default=16384)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads-q", type=int, default=32)
+    p.add_argument("--heads-kv", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--factor", type=float, default=0.0)
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--page-size", type=int, default=64)
+    a = p.parse_args()
+    f = a.factor or None
+    if a.phase == "prefill":
+        q, k, v = synthetic_qkv(a.batch, a.seqlen, a.seqlen, a.heads_q, a.heads_kv, a.head_dim, device="cuda")
+        run = lambda: blasst_cute.prefill(q, k, v, causal=a.causal, threshold_scale_factor=f)  # noqa: E731
+        _, st = blasst_cute.prefill(q, k, v, causal=a.causal, threshold_scale_factor=f, return_stats=True)
+    else:
+        q, k, v = synthetic_qkv(a.batch, 1, a.seqlen, a.heads_q, a.heads_kv, a.head_dim, device="cuda")
+        kc, vc, bt = to_paged(k, v, a.page_size)
+        lens = torch.full((a.batch,), a.seqlen, dtype=torch.int32, device="cuda")
+        run = lambda: blasst_cute.decode(q, kc, vc, cache_seqlens=lens, block_table=bt,  # noqa: E731
+                                         threshold_scale_factor=f)
+        _, st = blasst_cute.decode(q, kc, vc, cache_seqlens=lens, block_table=bt, threshold_scale_factor=f,
+                                   return_stats=True)
+    print(f"sparsity {st.sparsity:.4f}", flush=True)
+    for _ in range(3):  # warm-up; ncu profiles the last launches (see --launch-skip there)
+        run()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    run()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
+if __name__ == "__main__":
+    main()
