@@ -74,11 +74,35 @@ def prefill_geometry(head_dim: int, head_dim_v: int, causal: bool, dtype: torch.
     return Geometry(block_m=128, block_n=128)
 
 
-def decode_geometry(rows_per_kv_head: int, page_size: Optional[int] = None) -> Geometry:
-    """Decode packs the G query heads x new tokens of one kv head into the rows of one tile, so a
-    key tile is skipped only when every packed row agrees (and V is read once per kv head)."""
-    block_m = 64 * max(1, -(-rows_per_kv_head // 64))
-    return Geometry(block_m=block_m, block_n=128, pack_gqa=True)
+def _decode_launch_module():
+    try:
+        from .kernels import launch_decode  # noqa: WPS433 (imports the CuTe DSL)
+    except Exception as exc:  # pragma: no cover - depends on the installation
+        return None, f"the CuTe DSL decode kernels could not be imported ({type(exc).__name__}: {exc})"
+    return launch_decode, None
+
+
+def decode_geometry(q_shape, k_cache_shape, block_table_shape=None, num_sms: Optional[int] = None) -> Geometry:
+    """The tile geometry the Hopper decode kernel uses for these shapes.
+
+    The rows of a tile pack the G query heads x new tokens of one kv head; the split count is
+    planned from the cache capacity and the SM count (132, an H100/H200, when no GPU is given),
+    never from cache_seqlens, so the same shapes always take the same decisions.
+    """
+    B, lq, hq, _ = q_shape
+    hk = k_cache_shape[2]
+    if block_table_shape is not None:
+        page_size, cap = k_cache_shape[1], block_table_shape[1] * k_cache_shape[1]
+    else:
+        page_size, cap = None, k_cache_shape[1]
+    launch, _ = _decode_launch_module()
+    if launch is not None:
+        try:
+            return Geometry(**launch.decode_geometry_sm90(hq // hk, lq, page_size, B, hk, cap,
+                                                          num_sms or 132))
+        except NotImplementedError:  # a page size no kernel takes: the reference still runs
+            return Geometry(**launch.decode_geometry_sm90(hq // hk, lq, None, B, hk, cap, num_sms or 132))
+    return Geometry(block_m=64, block_n=128, pack_gqa=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,11 +180,34 @@ def _prefill_kernel(call: PrefillCall):
 # Decode
 # ----------------------------------------------------------------------------------------------
 
+def _decode_unsupported(call: DecodeCall) -> Optional[str]:
+    """Why the sm90 decode kernel cannot run this call (None when it can)."""
+    q, kc, vc = call.q, call.k_cache, call.v_cache
+    if q.dtype not in KERNEL_DTYPES:
+        return f"dtype {q.dtype} (the kernels take float16 or bfloat16)"
+    major, minor = torch.cuda.get_device_capability(q.device)
+    if major != 9:
+        return f"compute capability {major}.{minor} (the decode kernel targets sm_90a: H100/H200)"
+    if q.shape[-1] not in (64, 128) or vc.shape[-1] != q.shape[-1]:
+        return f"head dims q/k={q.shape[-1]}, v={vc.shape[-1]} (supported: 64, 128 with Dv == D)"
+    launch, why = _decode_launch_module()
+    if launch is None:
+        return why
+    if call.block_table is not None and kc.shape[1] not in launch.SUPPORTED_PAGE_SIZES:
+        return f"page size {kc.shape[1]} (supported: {sorted(launch.SUPPORTED_PAGE_SIZES)})"
+    if kc.stride() != vc.stride():
+        return f"k_cache and v_cache with different strides ({kc.stride()} vs {vc.stride()})"
+    if kc.stride(2) != kc.shape[3] or (kc.stride(1) != kc.shape[2] * kc.shape[3]):
+        return f"a KV cache whose token rows are not packed (strides {kc.stride()})"
+    return None
+
+
 def run_decode(call: DecodeCall, backend: str):
     on_gpu = call.q.is_cuda
     if backend == "reference" or (backend == "auto" and not on_gpu):
-        g = call.q.shape[2] // call.k_cache.shape[2]
-        geom = decode_geometry(g * call.q.shape[1])
+        num_sms = torch.cuda.get_device_properties(call.q.device).multi_processor_count if on_gpu else None
+        geom = decode_geometry(call.q.shape, call.k_cache.shape,
+                               None if call.block_table is None else call.block_table.shape, num_sms)
         out, lse, stats = reference.blasst_attention_paged(
             call.q, call.k_cache, call.v_cache, cache_seqlens=call.cache_seqlens,
             block_table=call.block_table, causal=True, softmax_scale=call.softmax_scale,
@@ -168,9 +215,32 @@ def run_decode(call: DecodeCall, backend: str):
         return out, lse, (stats if call.want_stats else None)
     if not on_gpu:
         raise NotImplementedError("backend='cute' needs CUDA tensors; q is on the CPU")
-    raise NotImplementedError(
-        "blasst_cute.decode has no CuTe DSL kernel yet (the sm90 split-KV decode kernel is not built "
-        "in this version); pass backend='reference' to run the (slow) reference explicitly")
+    why = _decode_unsupported(call)
+    if why is not None:
+        raise NotImplementedError(f"blasst_cute.decode has no CuTe DSL kernel for {why}; "
+                                  "pass backend='reference' to run the (slow) reference explicitly")
+    launch, _ = _decode_launch_module()
+    q = call.q.contiguous()
+    B, lq, hq, _ = q.shape
+    hk = call.k_cache.shape[2]
+    out = torch.empty(B, lq, hq, call.v_cache.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, hq, lq, dtype=torch.float32, device=q.device)
+    visited = skipped = v_loaded = None
+    if call.want_stats:
+        visited = torch.zeros(B, hk, dtype=torch.int32, device=q.device)
+        skipped, v_loaded = torch.zeros_like(visited), torch.zeros_like(visited)
+    table = call.block_table
+    if table is not None and table.stride(-1) != 1:
+        table = table.contiguous()
+    launch.run_decode_sm90(
+        q, call.k_cache, call.v_cache, out, lse, cache_seqlens=call.cache_seqlens.contiguous(),
+        block_table=table,
+        softmax_scale=call.softmax_scale, threshold_scale_factor=call.threshold_scale_factor,
+        visited=visited, skipped=skipped, v_loaded=v_loaded)
+    stats = None
+    if call.want_stats:
+        stats = BlasstStats(visited.long(), skipped.long(), v_loaded.long())
+    return out, lse, stats
 
 
 def default_softmax_scale(head_dim: int) -> float:

@@ -71,7 +71,7 @@ def test_decode_paged_cpu():
     k_cache, v_cache, table = to_paged(k, v, 16)
     out, lse, st = blasst_cute.decode(q, k_cache, v_cache, cache_seqlens=lens, block_table=table,
                                       threshold_scale_factor=2.0, return_lse=True, return_stats=True)
-    geom = decode_geometry(4 * 3)
+    geom = decode_geometry(q.shape, k_cache.shape, table.shape)
     ref, ref_lse, ref_st = blasst_attention_paged(q, k, v, cache_seqlens=lens,
                                                   threshold_scale_factor=2.0, **geom.kwargs())
     torch.testing.assert_close(out, ref)

@@ -1,0 +1,718 @@
+# blasst_cute: Hopper (sm_90a) paged split-KV decode with BLASST tile skipping that never loads V
+# for a skipped key tile.
+#
+# One CTA per (q-tile of 64 packed rows, split, kv head, batch). Rows of a q-tile are the
+# G = Hq / Hk query heads x Lq_new new tokens of one kv head, packed r = pos * G + g, so K and V
+# are read once per kv head. 160 threads:
+#   warps 0-3 (one warpgroup, "consumer"): S = Q K^T (wgmma), mask, tile row max, BLASST vote
+#       (warp vote fused with a named barrier: bar.red.and), online softmax (exp2 domain),
+#       O += P V (wgmma, P from an smem ring).
+#   warp 4 ("producer"): TMA loads of K tiles, page by page through the block table, into an
+#       NK-stage ring (full/empty mbarriers), running up to NK tiles ahead of the consumer.
+# V-load skipping: the consumer itself issues the TMA of V tile j (one elected lane of warp 0),
+# right after the warpgroup decided to keep j; a skipped tile is never loaded. V tiles and their
+# P tiles live in an NV-stage ring that advances only on kept tiles. The PV product of a kept tile
+# is deferred by LP = NV - 1 kept tiles, so the V load has the time of >= 1 more K tile to land;
+# the per-row O rescale factor of each pending tile is parked in smem until its PV runs.
+# Both sides of every ring are in the same warpgroup (V/P) or advance once per visited tile (K),
+# so the skip path and the keep path perform the same barrier sequence: no deadlock, no stale stage.
+#
+# The page ids of K tile j are staged in smem next to K (written by the producer before it arms
+# the full barrier) so that the V load of tile j reuses them without touching the block table.
+#
+# Output: with one split, O (q dtype) and lse directly; otherwise fp32 O / l and lse per split,
+# merged by blasst_cute.kernels.sm90.combine.
+#
+# The skip rule and the online softmax are blasst_cute.kernels.common.softmax_skip; layout helpers
+# from blasst_cute.kernels.common.layout. Idioms follow FlashAttention-4's SM90 forward and
+# CUTLASS's CuTe DSL Hopper examples; the code here is written for blasst_cute.
+
+import enum
+from typing import Optional
+
+import cuda.bindings.driver as cuda
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.memory
+import cutlass.utils.hopper_helpers as sm90_helpers
+from cutlass import Boolean, Float32, Int32, const_expr
+from cutlass.cute.nvgpu import cpasync, warpgroup
+from cutlass.tensor_utils import LayoutEnum
+
+from blasst_cute.kernels.common.layout import (
+    acc_rows_cols,
+    assume_rows_aligned,
+    select_modes,
+    transpose_mn,
+)
+from blasst_cute.kernels.common.pipelines import elem_ptr, wgmma
+from blasst_cute.kernels.common.softmax_skip import (
+    LOG2_E,
+    OnlineSoftmax,
+    convert_f32_to_16bit,
+    group_all,
+    rescale_rows,
+    threshold_log2,
+)
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_PAGE_SIZES = (16, 32, 64, 128, 256)
+TILE_M = 64  # packed rows per CTA (one consumer warpgroup)
+SMEM_BUDGET = 220 * 1024
+
+
+class DecodeBarrier(enum.IntEnum):
+    """Named-barrier ids of the decode kernel (0 is __syncthreads)."""
+
+    Consumer = 1  # plain 128-thread sync of the consumer warpgroup
+    Vote = 2  # bar.red.and of the BLASST vote
+
+
+def decode_stages(head_dim: int, tile_n: int, dtype_bytes: int = 2):
+    """(NK, NV): K-ring and V/P-ring depths that fit the smem budget."""
+    q = TILE_M * head_dim * dtype_bytes
+    kv = tile_n * head_dim * dtype_bytes
+    p = TILE_M * tile_n * dtype_bytes
+    best = None
+    for nv in (3, 2):
+        for nk in (8, 7, 6, 5, 4, 3, 2):
+            if q + nk * kv + nv * (kv + p) + 4096 <= SMEM_BUDGET:
+                if best is None or nk + nv > best[0] + best[1]:
+                    best = (nk, nv)
+                break
+    return best
+
+
+class BlasstDecodeSm90:
+    """Static configuration of one compiled decode kernel (see the module comment).
+
+    Dynamic: batch, Lq_new, head counts (G = Hq / Hk), cache lengths, number of pages, number of
+    splits, softmax scale, threshold factor.
+    """
+
+    def __init__(
+        self,
+        dtype,
+        head_dim: int,
+        page_size: Optional[int] = None,
+        tile_n: int = 128,
+        causal: bool = True,
+        has_skip: bool = False,
+        factor_per_batch: bool = False,
+        has_stats: bool = False,
+        direct_out: bool = False,
+        order: str = "forward",
+        num_k_stages: Optional[int] = None,
+        num_v_stages: Optional[int] = None,
+    ):
+        if dtype not in (cutlass.BFloat16, cutlass.Float16):
+            raise NotImplementedError(f"blasst sm90 decode: dtype {dtype} (bf16/fp16 only)")
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            raise NotImplementedError(f"blasst sm90 decode: head_dim {head_dim} (64/128)")
+        if page_size is not None and page_size not in SUPPORTED_PAGE_SIZES:
+            raise NotImplementedError(f"blasst sm90 decode: page_size {page_size}")
+        if tile_n not in (64, 128):
+            raise NotImplementedError(f"blasst sm90 decode: tile_n {tile_n} (64/128)")
+        if order not in ("forward", "reverse"):
+            raise ValueError(order)
+        if has_stats and not has_skip:
+            raise NotImplementedError("blasst sm90 decode: stats need the skip variant")
+        self.dtype = dtype
+        self.head_dim = head_dim
+        self.paged = page_size is not None
+        self.page_size = page_size
+        self.tile_n = tile_n
+        self.causal = causal
+        self.has_skip = has_skip
+        self.factor_per_batch = factor_per_batch
+        self.has_stats = has_stats
+        self.direct_out = direct_out
+        self.reverse = order == "reverse"
+        # Rows per TMA copy: a whole page, or a slice of one when pages are larger than a tile.
+        self.rows_per_copy = min(page_size, tile_n) if self.paged else tile_n
+        self.copies_per_tile = tile_n // self.rows_per_copy
+        nk, nv = decode_stages(head_dim, tile_n, dtype.width // 8)
+        self.num_k_stages = num_k_stages or nk
+        self.num_v_stages = num_v_stages or nv
+        self.pv_lag = self.num_v_stages - 1  # kept tiles a PV product waits behind
+        assert self.pv_lag >= 1
+        self.num_threads = 160
+        self.producer_warp = 4
+
+    # ------------------------------------------------------------------ host-side derivations
+    def _smem_layout(self, rows: int, cols: int, stages: Optional[int] = None):
+        atom = warpgroup.make_smem_layout_atom(
+            sm90_helpers.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, self.dtype, cols), self.dtype
+        )
+        if stages is None:
+            return cute.tile_to_shape(atom, (rows, cols), order=(0, 1))
+        return cute.tile_to_shape(atom, (rows, cols, stages), order=(0, 1, 2))
+
+    def _tiled_mmas(self):
+        K = cute.nvgpu.OperandMajorMode.K
+        MN = cute.nvgpu.OperandMajorMode.MN
+        mma_qk = sm90_helpers.make_trivial_tiled_mma(
+            self.dtype, self.dtype, K, K, Float32,
+            atom_layout_mnk=(1, 1, 1), tiler_mn=(TILE_M, self.tile_n),
+        )
+        mma_pv = sm90_helpers.make_trivial_tiled_mma(
+            self.dtype, self.dtype, K, MN, Float32,
+            atom_layout_mnk=(1, 1, 1), tiler_mn=(TILE_M, self.head_dim),
+        )
+        return mma_qk, mma_pv
+
+    # ------------------------------------------------------------------ host launch
+    @cute.jit
+    def launch_ptrs(
+        self,
+        q_ptr: cute.Pointer,  # (b, lq, hq, d) contiguous
+        k_ptr: cute.Pointer,  # paged (pages, page_size, hk, d) / contiguous (b, cap, hk, d)
+        v_ptr: cute.Pointer,
+        o_ptr: cute.Pointer,  # direct: (b, lq, hq, d) q dtype; else fp32 (splits, b, lq, hq, d)
+        lse_ptr: cute.Pointer,  # direct: fp32 (b, hq, lq); else (splits, b, hq, lq)
+        seqlens_ptr: cute.Pointer,  # int32 (b,)
+        bt_ptr: Optional[cute.Pointer],  # int32 (b, max_pages), row stride bt_stride
+        factor_ptr: Optional[cute.Pointer],  # float32 (b,)
+        visited_ptr: Optional[cute.Pointer],  # int32 (b, hk) contiguous
+        skipped_ptr: Optional[cute.Pointer],
+        v_loaded_ptr: Optional[cute.Pointer],
+        batch: Int32, seqlen_q: Int32, num_heads: Int32, num_heads_kv: Int32,
+        kv_rows: Int32,  # num_pages (paged) or batch (contiguous)
+        kv_len: Int32,  # page_size (paged) or capacity (contiguous)
+        kv_stride_0: cutlass.Int64, kv_stride_1: Int32, kv_stride_2: Int32,
+        max_pages: Int32, bt_stride: Int32,
+        softmax_scale: Float32,
+        threshold_scale_factor: Float32,
+        num_splits: Int32,
+        stream: cuda.CUstream,
+    ):
+        """Pointer entry point (low host overhead): builds the tensors, then ``__call__``."""
+        d = self.head_dim
+        mQ = cute.make_tensor(q_ptr, cute.make_layout(
+            (batch, seqlen_q, num_heads, d), stride=(seqlen_q * num_heads * d, num_heads * d, d, 1)))
+        kv_layout = cute.make_layout(
+            (kv_rows, kv_len, num_heads_kv, d),
+            stride=(cute.assume(kv_stride_0, divby=8), cute.assume(kv_stride_1, divby=8),
+                    cute.assume(kv_stride_2, divby=8), 1))
+        mK = cute.make_tensor(k_ptr, kv_layout)
+        mV = cute.make_tensor(v_ptr, kv_layout)
+        if const_expr(self.direct_out):
+            mO = cute.make_tensor(o_ptr, cute.make_layout(
+                (batch, seqlen_q, num_heads, d),
+                stride=(seqlen_q * num_heads * d, num_heads * d, d, 1)))
+            mLSE = cute.make_tensor(lse_ptr, cute.make_layout(
+                (batch, num_heads, seqlen_q), stride=(num_heads * seqlen_q, seqlen_q, 1)))
+        else:
+            row = batch * seqlen_q * num_heads * d
+            mO = cute.make_tensor(o_ptr, cute.make_layout(
+                (num_splits, batch, seqlen_q, num_heads, d),
+                stride=(row, seqlen_q * num_heads * d, num_heads * d, d, 1)))
+            mLSE = cute.make_tensor(lse_ptr, cute.make_layout(
+                (num_splits, batch, num_heads, seqlen_q),
+                stride=(batch * num_heads * seqlen_q, num_heads * seqlen_q, seqlen_q, 1)))
+        mSeqlens = cute.make_tensor(seqlens_ptr, cute.make_layout((batch,)))
+        mBlockTable = None
+        if const_expr(bt_ptr is not None):
+            mBlockTable = cute.make_tensor(
+                bt_ptr, cute.make_layout((batch, max_pages), stride=(bt_stride, 1)))
+        mFactor = None
+        if const_expr(factor_ptr is not None):
+            mFactor = cute.make_tensor(factor_ptr, cute.make_layout((batch,)))
+        cnt_layout = cute.make_layout((batch, num_heads_kv), stride=(num_heads_kv, 1))
+        mVisited = mSkipped = mVLoaded = None
+        if const_expr(visited_ptr is not None):
+            mVisited = cute.make_tensor(visited_ptr, cnt_layout)
+            mSkipped = cute.make_tensor(skipped_ptr, cnt_layout)
+            mVLoaded = cute.make_tensor(v_loaded_ptr, cnt_layout)
+        self.__call__(mQ, mK, mV, mO, mLSE, mSeqlens, mBlockTable, softmax_scale,
+                      threshold_scale_factor, mFactor, mVisited, mSkipped, mVLoaded, num_splits,
+                      stream)
+
+    @cute.jit
+    def __call__(
+        self,
+        mQ: cute.Tensor,  # (b, lq, hq, d)
+        mK: cute.Tensor,  # paged (pages, page_size, hk, d) or contiguous (b, cap, hk, d)
+        mV: cute.Tensor,
+        mO: cute.Tensor,  # direct: (b, lq, hq, d) q dtype; else fp32 (splits, b, lq, hq, d)
+        mLSE: cute.Tensor,  # direct: (b, hq, lq) fp32; else (splits, b, hq, lq)
+        mSeqlens: cute.Tensor,  # int32 (b,)
+        mBlockTable: Optional[cute.Tensor],  # int32 (b, max_pages) or None
+        softmax_scale: Float32,
+        threshold_scale_factor: Float32,
+        mFactor: Optional[cute.Tensor],  # float32 (b,) or None
+        mVisited: Optional[cute.Tensor],  # int32 (b, hk) or None
+        mSkipped: Optional[cute.Tensor],
+        mVLoaded: Optional[cute.Tensor],
+        num_splits: Int32,
+        stream: cuda.CUstream,
+    ):
+        for t in (mQ, mK, mV):
+            if const_expr(t.element_type != self.dtype):
+                raise TypeError(f"expected {self.dtype}, got {t.element_type}")
+        # K/V in CuTe order (rows, d, hk, page-or-batch); the head dim is contiguous.
+        mKc = select_modes(assume_rows_aligned(mK), [1, 3, 2, 0])
+        mVc = select_modes(assume_rows_aligned(mV), [1, 3, 2, 0])
+
+        tiled_mma_qk, tiled_mma_pv = self._tiled_mmas()
+        NK, NV = self.num_k_stages, self.num_v_stages
+        sQ_layout = self._smem_layout(TILE_M, self.head_dim)
+        sK_layout = self._smem_layout(self.tile_n, self.head_dim, NK)
+        sV_layout = self._smem_layout(self.tile_n, self.head_dim, NV)
+        sP_layout = self._smem_layout(TILE_M, self.tile_n, NV)
+
+        # One TMA copy = `rows_per_copy` rows (one page or a slice of one) of a stage.
+        rpc = self.rows_per_copy
+        copy_tiler = (cute.make_layout(rpc), cute.make_layout(self.head_dim))
+        sK_copy = cute.composition(cute.select(sK_layout, mode=[0, 1]), copy_tiler)
+        sV_copy = cute.composition(cute.select(sV_layout, mode=[0, 1]), copy_tiler)
+        load_op = cpasync.CopyBulkTensorTileG2SOp()
+        tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(
+            load_op, mKc, sK_copy, (rpc, self.head_dim), 1
+        )
+        tma_atom_V, tma_V = cpasync.make_tiled_tma_atom(
+            load_op, mVc, sV_copy, (rpc, self.head_dim), 1
+        )
+        self.tx_bytes_K = cute.size_in_bytes(self.dtype, cute.select(sK_layout, mode=[0, 1]))
+        self.tx_bytes_V = cute.size_in_bytes(self.dtype, cute.select(sV_layout, mode=[0, 1]))
+
+        @cute.struct
+        class SharedStorage:
+            mbar_k_full: cute.struct.MemRange[cutlass.Int64, NK]
+            mbar_k_empty: cute.struct.MemRange[cutlass.Int64, NK]
+            mbar_v_full: cute.struct.MemRange[cutlass.Int64, NV]
+            pages: cute.struct.MemRange[Int32, NK * self.copies_per_tile]
+            row_scale: cute.struct.MemRange[Float32, NV * 128 * 2]
+            sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sQ_layout)], 1024]
+            sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
+            sV: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sV_layout)], 1024]
+            sP: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sP_layout)], 1024]
+
+        self.shared_storage = SharedStorage
+
+        num_batch = mQ.shape[0]
+        seqlen_q = mQ.shape[1]
+        num_head_kv = mK.shape[2]
+        qhead_per_kvhead = mQ.shape[2] // num_head_kv
+        num_m_blocks = (seqlen_q * qhead_per_kvhead + TILE_M - 1) // TILE_M
+        scale_log2 = softmax_scale * LOG2_E
+        self.kernel(
+            mQ, tma_K, tma_V, mO, mLSE, mSeqlens, mBlockTable,
+            tma_atom_K, tma_atom_V,
+            scale_log2, threshold_scale_factor, mFactor, mVisited, mSkipped, mVLoaded,
+            qhead_per_kvhead, num_splits,
+            sQ_layout, sK_layout, sV_layout, sP_layout, tiled_mma_qk, tiled_mma_pv,
+        ).launch(
+            grid=[num_m_blocks * num_splits, num_head_kv, num_batch],
+            block=[self.num_threads, 1, 1],
+            stream=stream,
+            min_blocks_per_mp=1,
+        )
+
+    # ------------------------------------------------------------------ device entry
+    @cute.kernel
+    def kernel(
+        self,
+        mQ: cute.Tensor,
+        mK: cute.Tensor,
+        mV: cute.Tensor,
+        mO: cute.Tensor,
+        mLSE: cute.Tensor,
+        mSeqlens: cute.Tensor,
+        mBlockTable: Optional[cute.Tensor],
+        tma_atom_K: cute.CopyAtom,
+        tma_atom_V: cute.CopyAtom,
+        scale_log2: Float32,
+        threshold_scale_factor: Float32,
+        mFactor: Optional[cute.Tensor],
+        mVisited: Optional[cute.Tensor],
+        mSkipped: Optional[cute.Tensor],
+        mVLoaded: Optional[cute.Tensor],
+        qhead_per_kvhead: Int32,
+        num_splits: Int32,
+        sQ_layout: cute.ComposedLayout,
+        sK_layout: cute.ComposedLayout,
+        sV_layout: cute.ComposedLayout,
+        sP_layout: cute.ComposedLayout,
+        tiled_mma_qk: cute.TiledMma,
+        tiled_mma_pv: cute.TiledMma,
+    ):
+        NK, NV = self.num_k_stages, self.num_v_stages
+        warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, head_kv, batch_idx = cute.arch.block_idx()
+        m_block = bidx // num_splits
+        split_idx = bidx - m_block * num_splits
+
+        if warp_idx == self.producer_warp:
+            cpasync.prefetch_descriptor(tma_atom_K)
+            cpasync.prefetch_descriptor(tma_atom_V)
+
+        smem = cutlass.memory.SmemAllocator()
+        storage = smem.allocate(self.shared_storage)
+        mbar_k_full = storage.mbar_k_full.data_ptr()
+        mbar_k_empty = storage.mbar_k_empty.data_ptr()
+        mbar_v_full = storage.mbar_v_full.data_ptr()
+        if warp_idx == 0:
+            with cute.arch.elect_one():
+                for s in cutlass.range_constexpr(NK):
+                    cute.arch.mbarrier_init(mbar_k_full + s, 1)
+                    cute.arch.mbarrier_init(mbar_k_empty + s, 4)  # one arrival per consumer warp
+                for s in cutlass.range_constexpr(NV):
+                    cute.arch.mbarrier_init(mbar_v_full + s, 1)
+            cute.arch.mbarrier_init_fence()
+
+        sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
+        sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
+        sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
+        sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
+        sPages = storage.pages.get_tensor(cute.make_layout((self.copies_per_tile, NK)))
+        sScale = storage.row_scale.get_tensor(cute.make_layout((2, 128, NV)))
+
+        # ---- key tiles of this CTA: the split's slice of the tiles the q-tile sees
+        seqlen_k = mSeqlens[batch_idx]
+        seqlen_q = mQ.shape[1]
+        num_rows = seqlen_q * qhead_per_kvhead
+        n_visit = (seqlen_k + self.tile_n - 1) // self.tile_n
+        if const_expr(self.causal):
+            # Last key seen by the q-tile's last valid row (bottom-right aligned).
+            pos_max = cutlass.min((m_block * TILE_M + TILE_M - 1) // qhead_per_kvhead, seqlen_q - 1)
+            last_key = pos_max + seqlen_k - seqlen_q
+            n_visit = cutlass.max(last_key + self.tile_n, 0) // self.tile_n
+        split_len = cutlass.max((n_visit + num_splits - 1) // num_splits, 1)
+        tile_lo = split_idx * split_len
+        tile_hi = cutlass.min(tile_lo + split_len, n_visit)
+        n_local = cutlass.max(tile_hi - tile_lo, 0)
+
+        cute.arch.sync_threads()  # mbarrier init visible
+
+        if warp_idx == self.producer_warp:
+            self.load(
+                mK, sK, tma_atom_K, mBlockTable, sPages, mbar_k_full, mbar_k_empty,
+                head_kv, batch_idx, seqlen_k, tile_lo, tile_hi, n_local,
+            )
+        elif warp_idx < 4:
+            self.mma(
+                mQ, mV, mO, mLSE, sQ, sK, sV, sP, sPages, sScale, tma_atom_V,
+                mbar_k_full, mbar_k_empty, mbar_v_full,
+                tiled_mma_qk, tiled_mma_pv,
+                tidx, m_block, split_idx, head_kv, batch_idx, qhead_per_kvhead, num_rows,
+                seqlen_q, seqlen_k, tile_lo, tile_hi, n_local,
+                scale_log2, threshold_scale_factor, mFactor, mVisited, mSkipped, mVLoaded,
+            )
+
+    # ------------------------------------------------------------------ tile order / pages
+    @cute.jit
+    def tile_of(self, i: Int32, tile_lo: Int32, tile_hi: Int32) -> Int32:
+        t = tile_lo + i
+        if const_expr(self.reverse):
+            t = tile_hi - 1 - i
+        return t
+
+    @cute.jit
+    def copy_coords(self, tile: Int32, c: int, seqlen_k: Int32):
+        """(page slot in the block table, row block inside the page) of copy c of a key tile."""
+        if const_expr(self.paged):
+            key0 = tile * self.tile_n + c * self.rows_per_copy
+            last_page = cutlass.max((seqlen_k + self.page_size - 1) // self.page_size - 1, 0)
+            # Copies past the sequence's last page re-read that page (finite data, masked out).
+            slot = cutlass.min(key0 // self.page_size, last_page)
+            rb = (key0 % self.page_size) // self.rows_per_copy
+            return slot, rb
+        return Int32(0), tile
+
+    @cute.jit
+    def batch_page_ids(self, mBlockTable: cute.Tensor, batch_idx: Int32, seqlen_k: Int32,
+                       lane: Int32, i0: Int32, tile_lo: Int32, tile_hi: Int32, n_local: Int32):
+        """This lane's page id of the batch starting at local step i0 (clamped to valid pages)."""
+        cpt = self.copies_per_tile
+        step = cutlass.max(cutlass.min(i0 + lane // cpt, n_local - 1), 0)
+        tile = self.tile_of(step, tile_lo, tile_hi)
+        key0 = tile * self.tile_n + (lane % cpt) * self.rows_per_copy
+        last_page = cutlass.max((seqlen_k + self.page_size - 1) // self.page_size - 1, 0)
+        slot = cutlass.max(cutlass.min(key0 // self.page_size, last_page), 0)
+        return mBlockTable[batch_idx, slot]
+
+    @cute.jit
+    def tma_views(self, tma_atom: cute.CopyAtom, mX: cute.Tensor, sX: cute.Tensor, head_kv: Int32):
+        """Per-copy TMA partitions: gmem (vals, row_block, 1, page) and a list of smem (vals, stage)."""
+        rpc = self.rows_per_copy
+        gX = cute.flat_divide(mX[None, None, head_kv, None], (rpc, self.head_dim))
+        sXd = cute.flat_divide(sX, (rpc, self.head_dim))  # (rpc, d, copies, 1, stages)
+        parts_s = []
+        tXgX = None
+        for c in cutlass.range_constexpr(self.copies_per_tile):
+            tXsX_c, tXgX = cpasync.tma_partition(
+                tma_atom, 0, cute.make_layout(1),
+                cute.group_modes(sXd[None, None, c, 0, None], 0, 2),
+                cute.group_modes(gX, 0, 2),
+            )
+            parts_s.append(tXsX_c)
+        return tXgX, parts_s
+
+    # ------------------------------------------------------------------ producer (K only)
+    @cute.jit
+    def load(
+        self,
+        mK: cute.Tensor, sK: cute.Tensor, tma_atom_K: cute.CopyAtom,
+        mBlockTable: Optional[cute.Tensor], sPages: cute.Tensor,
+        mbar_k_full, mbar_k_empty,
+        head_kv: Int32, batch_idx: Int32, seqlen_k: Int32,
+        tile_lo: Int32, tile_hi: Int32, n_local: Int32,
+    ):
+        NK = self.num_k_stages
+        cpt = self.copies_per_tile
+        lane = cute.arch.lane_idx()
+        tKgK, tKsK = self.tma_views(tma_atom_K, mK, sK, head_kv)
+        # Page ids are fetched 32 at a time (one per lane: tile i0 + lane // cpt, copy lane % cpt),
+        # one batch ahead, and handed out with warp shuffles, so the block-table load latency is
+        # never on the TMA issue path.
+        tiles_per_batch = 32 // cpt
+        ids_cur = Int32(0)
+        ids_nxt = Int32(0)
+        if const_expr(self.paged):
+            ids_nxt = self.batch_page_ids(mBlockTable, batch_idx, seqlen_k, lane, Int32(0),
+                                          tile_lo, tile_hi, n_local)
+        for i in cutlass.range(n_local, unroll=1):
+            tile = self.tile_of(i, tile_lo, tile_hi)
+            stage = i % NK
+            phase = (i // NK) % 2
+            page = Int32(0)
+            if const_expr(self.paged):
+                j = i % tiles_per_batch
+                if j == 0:
+                    ids_cur = ids_nxt
+                    ids_nxt = self.batch_page_ids(
+                        mBlockTable, batch_idx, seqlen_k, lane, i + tiles_per_batch,
+                        tile_lo, tile_hi, n_local)
+                page = cute.arch.shuffle_sync(ids_cur, j * cpt + cutlass.min(lane, cpt - 1))
+            cute.arch.mbarrier_wait(mbar_k_empty + stage, phase ^ 1)
+            if const_expr(self.paged):
+                if lane < cpt:
+                    sPages[lane, stage] = page
+                cute.arch.sync_warp()
+            with cute.arch.elect_one():
+                cute.arch.mbarrier_arrive_and_expect_tx(mbar_k_full + stage, self.tx_bytes_K)
+            for c in cutlass.range_constexpr(cpt):
+                _, rb = self.copy_coords(tile, c, seqlen_k)
+                pg = batch_idx
+                if const_expr(self.paged):
+                    pg = sPages[c, stage]
+                cute.copy(
+                    tma_atom_K, tKgK[None, rb, 0, pg], tKsK[c][None, stage],
+                    tma_bar_ptr=mbar_k_full + stage,
+                )
+
+    # ------------------------------------------------------------------ consumer warpgroup
+    @cute.jit
+    def mma(
+        self,
+        mQ: cute.Tensor, mV: cute.Tensor, mO: cute.Tensor, mLSE: cute.Tensor,
+        sQ: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor, sP: cute.Tensor,
+        sPages: cute.Tensor, sScale: cute.Tensor, tma_atom_V: cute.CopyAtom,
+        mbar_k_full, mbar_k_empty, mbar_v_full,
+        tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma,
+        tidx: Int32, m_block: Int32, split_idx: Int32, head_kv: Int32, batch_idx: Int32,
+        qhead_per_kvhead: Int32, num_rows: Int32, seqlen_q: Int32, seqlen_k: Int32,
+        tile_lo: Int32, tile_hi: Int32, n_local: Int32,
+        scale_log2: Float32, threshold_scale_factor: Float32, mFactor: Optional[cute.Tensor],
+        mVisited: Optional[cute.Tensor], mSkipped: Optional[cute.Tensor],
+        mVLoaded: Optional[cute.Tensor],
+    ):
+        NK, NV = self.num_k_stages, self.num_v_stages
+        cpt = self.copies_per_tile
+        warp_in_wg = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        G = qhead_per_kvhead
+
+        # ---- Q: 64 packed rows -> smem (rows past G * Lq_new are zero)
+        vec = 8
+        chunks = self.head_dim // vec
+        for it in cutlass.range_constexpr(TILE_M * chunks // 128):
+            idx = it * 128 + tidx
+            r = idx // chunks
+            ch = idx - r * chunks
+            grow = m_block * TILE_M + r
+            frag = cute.make_rmem_tensor((vec,), self.dtype)
+            frag.fill(0.0)
+            if grow < num_rows:
+                pos = grow // G
+                g = grow - pos * G
+                src = cute.local_tile(mQ[batch_idx, pos, head_kv * G + g, None], (vec,), (ch,))
+                cute.autovec_copy(src, frag)
+            cute.autovec_copy(frag, cute.local_tile(sQ[r, None], (vec,), (ch,)))
+        cute.arch.fence_proxy("async.shared", space="cta")
+        cute.arch.barrier(barrier_id=int(DecodeBarrier.Consumer), number_of_threads=128)
+
+        # ---- MMA fragments
+        thr_mma_qk = tiled_mma_qk.get_slice(tidx)
+        thr_mma_pv = tiled_mma_pv.get_slice(tidx)
+        tSrQ = thr_mma_qk.make_fragment_A(thr_mma_qk.partition_A(sQ))
+        tSrK = thr_mma_qk.make_fragment_B(thr_mma_qk.partition_B(sK))
+        tOrP = thr_mma_pv.make_fragment_A(thr_mma_pv.partition_A(sP))
+        tOrVt = thr_mma_pv.make_fragment_B(thr_mma_pv.partition_B(transpose_mn(sV)))
+        acc_S_shape = thr_mma_qk.partition_shape_C((TILE_M, self.tile_n))
+        acc_O = cute.make_rmem_tensor(thr_mma_pv.partition_shape_C((TILE_M, self.head_dim)), Float32)
+        acc_O.fill(0.0)
+        cS = cute.make_identity_tensor((TILE_M, self.tile_n))
+        tScS = thr_mma_qk.partition_C(cS)
+        tScS_mn = acc_rows_cols(tScS)
+        n_rows_thr = cute.size(tScS_mn, mode=[0])
+        st_atom = cute.make_copy_atom(
+            cute.nvgpu.warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4), self.dtype
+        )
+        thr_st = cute.make_tiled_copy_C(st_atom, tiled_mma_qk).get_slice(tidx)
+        tPsP = thr_st.partition_D(sP)
+
+        # V TMA views (used by warp 0 only)
+        tVgV, tVsV = self.tma_views(tma_atom_V, mV, sV, head_kv)
+
+        # Per-row key limits (exclusive, tile-relative offsets are applied per tile) and validity.
+        row_valid = cute.make_rmem_tensor(n_rows_thr, Boolean)
+        row_limit = cute.make_rmem_tensor(n_rows_thr, Int32)
+        for r in cutlass.range_constexpr(n_rows_thr):
+            grow = m_block * TILE_M + tScS_mn[r, 0][0]
+            row_valid[r] = grow < num_rows
+            lim = seqlen_k
+            if const_expr(self.causal):
+                lim = cutlass.min(lim, grow // G + seqlen_k - seqlen_q + 1)
+            row_limit[r] = lim
+        mask_from = seqlen_k
+        if const_expr(self.causal):
+            mask_from = cutlass.min(seqlen_k, seqlen_k - seqlen_q + 1)
+
+        softmax = OnlineSoftmax(scale_log2, n_rows_thr)
+        softmax.reset()
+        log2_lambda = Float32(0.0)
+        skip_enabled = Boolean(False)
+        if const_expr(self.has_skip):
+            factor = threshold_scale_factor
+            if const_expr(self.factor_per_batch):
+                factor = mFactor[batch_idx]
+            log2_lambda, skip_enabled = threshold_log2(factor, seqlen_k)
+
+        pages = cute.make_rmem_tensor(cpt, Int32)
+        num_kept = Int32(0)
+        num_done = Int32(0)
+        for i in cutlass.range(n_local, unroll=1):
+            tile = self.tile_of(i, tile_lo, tile_hi)
+            stage = i % NK
+            # ---- S = Q K^T
+            acc_S = cute.make_rmem_tensor(acc_S_shape, Float32)
+            cute.arch.mbarrier_wait(mbar_k_full + stage, (i // NK) % 2)
+            wgmma(tiled_mma_qk, acc_S, tSrQ, tSrK[None, None, None, stage], True)
+            if const_expr(self.paged):
+                if warp_in_wg == 0:
+                    for c in cutlass.range_constexpr(cpt):
+                        pages[c] = sPages[c, stage]
+            warpgroup.wait_group(0)
+            with cute.arch.elect_one():
+                cute.arch.mbarrier_arrive(mbar_k_empty + stage)
+            # ---- mask (key length, causality among the new tokens)
+            if tile * self.tile_n + self.tile_n > mask_from:
+                s_mn = acc_rows_cols(acc_S)
+                c_mn = acc_rows_cols(tScS)
+                for r in cutlass.range_constexpr(n_rows_thr):
+                    lim = row_limit[r] - tile * self.tile_n
+                    for c in cutlass.range_constexpr(cute.size(s_mn, mode=[1])):
+                        if c_mn[r, c][1] >= lim:
+                            s_mn[r, c] = -Float32.inf
+            m_tile = softmax.tile_row_max(acc_S)
+            # ---- keep / skip (the first tile of a split is always kept)
+            keep = Boolean(True)
+            if const_expr(self.has_skip):
+                vote = softmax.rows_vote_skip(m_tile, row_valid, log2_lambda)
+                vote = vote and skip_enabled and i > 0
+                keep = not group_all(vote, int(DecodeBarrier.Vote), 128)
+            else:
+                cute.arch.barrier(barrier_id=int(DecodeBarrier.Consumer), number_of_threads=128)
+            if keep:
+                slot = num_kept % NV
+                # V tile load, issued only now that the tile is kept.
+                if warp_in_wg == 0:
+                    with cute.arch.elect_one():
+                        cute.arch.mbarrier_arrive_and_expect_tx(mbar_v_full + slot, self.tx_bytes_V)
+                    for c in cutlass.range_constexpr(cpt):
+                        _, rb = self.copy_coords(tile, c, seqlen_k)
+                        pg = batch_idx
+                        if const_expr(self.paged):
+                            pg = pages[c]
+                        cute.copy(
+                            tma_atom_V, tVgV[None, rb, 0, pg], tVsV[c][None, slot],
+                            tma_bar_ptr=mbar_v_full + slot,
+                        )
+                row_scale = cute.make_rmem_tensor(n_rows_thr, Float32)
+                if i == 0:
+                    softmax.update(acc_S, m_tile, True)
+                    row_scale.fill(1.0)
+                else:
+                    row_scale.store(softmax.update(acc_S, m_tile, False).load())
+                for r in cutlass.range_constexpr(n_rows_thr):
+                    sScale[r, tidx, slot] = row_scale[r]
+                rP = cute.make_rmem_tensor(acc_S.layout, self.dtype)
+                convert_f32_to_16bit(acc_S, rP)
+                cute.copy(st_atom, thr_st.retile(rP), tPsP[None, None, None, slot])
+                cute.arch.fence_proxy("async.shared", space="cta")
+                num_kept += 1
+            if num_kept - num_done > self.pv_lag:
+                self.pv_step(acc_O, tOrP, tOrVt, sScale, mbar_v_full, tiled_mma_pv, tidx,
+                             num_done, n_rows_thr)
+                num_done += 1
+
+        # ---- drain the deferred PV products
+        cute.arch.barrier(barrier_id=int(DecodeBarrier.Consumer), number_of_threads=128)
+        for _ in cutlass.range(num_kept - num_done, unroll=1):
+            self.pv_step(acc_O, tOrP, tOrVt, sScale, mbar_v_full, tiled_mma_pv, tidx, num_done,
+                         n_rows_thr)
+            num_done += 1
+
+        # ---- counters: one thread per CTA
+        if const_expr(self.has_stats):
+            if tidx == 0 and n_local > 0:
+                cute.arch.atomic_add(elem_ptr(mVisited, (batch_idx, head_kv)), n_local)
+                cute.arch.atomic_add(elem_ptr(mSkipped, (batch_idx, head_kv)), n_local - num_kept)
+                cute.arch.atomic_add(elem_ptr(mVLoaded, (batch_idx, head_kv)), num_kept)
+
+        # ---- epilogue: normalized O and lse for the valid rows
+        inv_l, lse = softmax.finalize()
+        rescale_rows(acc_O, inv_l)
+        cO = cute.make_identity_tensor((TILE_M, self.head_dim))
+        tOcO_mn = acc_rows_cols(thr_mma_pv.partition_C(cO))
+        acc_O_mn = acc_rows_cols(acc_O)
+        for r in cutlass.range_constexpr(n_rows_thr):
+            grow = m_block * TILE_M + tOcO_mn[r, 0][0]
+            if grow < num_rows:
+                pos = grow // G
+                head = head_kv * G + (grow - pos * G)
+                if const_expr(self.direct_out):
+                    gO = mO[batch_idx, pos, head, None]
+                else:
+                    gO = mO[split_idx, batch_idx, pos, head, None]
+                for c in cutlass.range_constexpr(cute.size(acc_O_mn, mode=[1])):
+                    val = acc_O_mn[r, c]
+                    if const_expr(self.direct_out):
+                        gO[tOcO_mn[r, c][1]] = val.to(self.dtype)
+                    else:
+                        gO[tOcO_mn[r, c][1]] = val
+                if tOcO_mn[r, 0][1] == 0:
+                    if const_expr(self.direct_out):
+                        mLSE[batch_idx, head, pos] = lse[r]
+                    else:
+                        mLSE[split_idx, batch_idx, head, pos] = lse[r]
+
+    @cute.jit
+    def pv_step(
+        self, acc_O: cute.Tensor, tOrP: cute.Tensor, tOrVt: cute.Tensor, sScale: cute.Tensor,
+        mbar_v_full, tiled_mma_pv: cute.TiledMma, tidx: Int32, k: Int32,
+        n_rows_thr: cutlass.Constexpr[int],
+    ):
+        """O = O * scale_k + P_k V_k for the k-th kept tile (its V and P in ring slot k % NV)."""
+        NV = self.num_v_stages
+        slot = k % NV
+        row_scale = cute.make_rmem_tensor(n_rows_thr, Float32)
+        for r in cutlass.range_constexpr(n_rows_thr):
+            row_scale[r] = sScale[r, tidx, slot]
+        rescale_rows(acc_O, row_scale)
+        cute.arch.mbarrier_wait(mbar_v_full + slot, (k // NV) % 2)
+        wgmma(tiled_mma_pv, acc_O, tOrP[None, None, None, slot], tOrVt[None, None, None, slot], False)
+        warpgroup.wait_group(0)

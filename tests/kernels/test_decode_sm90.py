@@ -1,0 +1,105 @@
+"""sm90 decode kernel: CPU compile of every configuration (CUTE_DSL_ARCH=sm_90a) and GPU checks.
+
+The GPU checks share their helpers with tests/kernels/gpu_decode_smoke.py (one-call device run).
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+
+cutlass = pytest.importorskip("cutlass")
+
+from blasst_cute.kernels import launch_decode  # noqa: E402
+from blasst_cute.reference import blasst_attention_paged  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def _cfg_id(c):
+    ps = c["page_size"] if c["page_size"] is not None else "contig"
+    skip = "dense" if not c["has_skip"] else ("skip-fpb-stats" if c["has_stats"] else "skip")
+    return f"{ps}-{skip}-{'direct' if c['direct_out'] else 'split'}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU compile check (GPU runs the gpu tests)")
+@pytest.mark.parametrize("config", launch_decode.supported_configs(), ids=_cfg_id)
+def test_compile_decode_cpu(config):
+    fn = launch_decode.compile_decode_sm90(config)
+    assert fn is not None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU compile check")
+@pytest.mark.parametrize("extra", [dict(head_dim=64, page_size=64, has_skip=True),
+                                   dict(head_dim=128, page_size=128, tile_n=64, has_skip=True),
+                                   dict(head_dim=128, page_size=None, has_skip=True,
+                                        order="reverse", causal=False)],
+                         ids=["d64", "tile64", "reverse-noncausal"])
+def test_compile_decode_variants_cpu(extra):
+    cfg = dict(dtype=torch.bfloat16)
+    cfg.update(extra)
+    assert launch_decode.compile_decode_sm90(cfg) is not None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU compile check")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compile_combine_cpu(dtype):
+    assert launch_decode.compile_combine_sm90(dtype, 128) is not None
+
+
+def test_geometry_matches_reference_contract():
+    geo = launch_decode.decode_geometry_sm90(4, 1, 64, 1, 8, 131072, 132)
+    assert geo["block_m"] == 64 and geo["pack_gqa"] and geo["rows_per_decision"] == 64
+    assert geo["num_splits"] == 16
+    assert launch_decode.decode_geometry_sm90(4, 1, 64, 64, 8, 32768, 132)["num_splits"] == 1
+    assert launch_decode.decode_geometry_sm90(4, 1, 64, 8, 8, 32768, 132)["num_splits"] == 2
+    # few tiles: at least MIN_TILES_PER_SPLIT tiles per split
+    assert launch_decode.decode_geometry_sm90(4, 1, 64, 1, 8, 1024, 132)["num_splits"] == 2
+    # the reference accepts the geometry as is
+    q = torch.randn(1, 1, 8, 64)
+    k = torch.randn(1, 300, 2, 64)
+    g = launch_decode.decode_geometry_sm90(4, 1, None, 1, 2, 300, 132)
+    blasst_attention_paged(q, k, k, cache_seqlens=torch.tensor([300]), threshold_scale_factor=1.0,
+                           **{kk: g[kk] for kk in ("block_m", "block_n", "pack_gqa", "order",
+                                                   "num_splits", "rows_per_decision",
+                                                   "split_tiles")})
+
+
+# ------------------------------------------------------------------------------------- GPU
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("page_size", [None, 16, 64, 256])
+def test_dense_vs_sdpa64(page_size):
+    from gpu_decode_smoke import check_case
+    ok, msg = check_case(4, 1, 32, 8, [1, 128, 1000, 4096], page_size, num_splits=None)
+    assert ok, msg
+
+
+@gpu
+@pytest.mark.parametrize("lq,G,ps,splits", [(1, 4, 64, None), (2, 4, 64, 4), (4, 4, 256, 3),
+                                            (1, 8, 16, None), (8, 16, 32, 2)])
+def test_skip_vs_reference(lq, G, ps, splits):
+    from gpu_decode_smoke import check_case
+    hk = 2
+    ok, msg = check_case(3, lq, G * hk, hk, [4096, 2048, 64], ps, factor=100.0, synth=True,
+                         num_splits=splits)
+    assert ok, msg
+
+
+@gpu
+def test_empty_and_tiny_sequences():
+    from gpu_decode_smoke import check_case
+    ok, msg = check_case(3, 1, 8, 8, [0, 1, 0], 64, num_splits=3)
+    assert ok, msg
+
+
+@gpu
+def test_cuda_graph_replay_new_factor():
+    from gpu_decode_smoke import graph_check
+    ok, msg = graph_check()
+    assert ok, msg
