@@ -4,9 +4,9 @@
 tensors run the pure-torch reference. See README.md for the semantics of the threshold.
 """
 
-from .api import decode, decode_mla, prefill
+from .api import decode, decode_mla, prefill, set_content_checks
 from .stats import BlasstStats
 
 __version__ = "0.1.0"
 
-__all__ = ["prefill", "decode", "decode_mla", "BlasstStats", "__version__"]
+__all__ = ["prefill", "decode", "decode_mla", "set_content_checks", "BlasstStats", "__version__"]

@@ -20,6 +20,24 @@ from .stats import BlasstStats
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "reference", "cute")
 
+# Checks of the *contents* of device tensors (cu_seqlens order, cache_seqlens range, block_table
+# entries) need a device-to-host copy, i.e. a sync. They run by default; a serving engine that
+# validates upstream can turn them off for lower host overhead, and they are always skipped while
+# a CUDA graph is being captured (a sync there would break the capture).
+_CHECK_CONTENTS = True
+
+
+def set_content_checks(enabled: bool) -> None:
+    """Turn the synchronising checks of index-tensor contents on (default) or off."""
+    global _CHECK_CONTENTS
+    _CHECK_CONTENTS = bool(enabled)
+
+
+def _contents_checkable(t: torch.Tensor) -> bool:
+    if not t.is_cuda:
+        return True
+    return _CHECK_CONTENTS and not torch.cuda.is_current_stream_capturing()
+
 Factor = Union[None, float, int, torch.Tensor]
 
 
@@ -103,6 +121,8 @@ def _check_cu_seqlens(name, cu, device, total, batch=None):
         raise ValueError(f"{name} must hold at least 2 entries (batch + 1), got {cu.numel()}")
     if batch is not None and cu.numel() != batch + 1:
         raise ValueError(f"{name} must have {batch + 1} entries like cu_seqlens_q, got {cu.numel()}")
+    if not _contents_checkable(cu):
+        return None
     host = cu.cpu()
     if int(host[0]) != 0:
         raise ValueError(f"{name}[0] must be 0, got {int(host[0])}")
@@ -183,13 +203,20 @@ def prefill(q, k, v, *, causal: bool = False, softmax_scale: Optional[float] = N
         cq = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0])
         ck = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0],
                                batch=cu_seqlens_q.numel() - 1)
-        batch = cq.numel() - 1
+        batch = cu_seqlens_q.numel() - 1
         for name, given, cu in (("max_seqlen_q", max_seqlen_q, cq), ("max_seqlen_k", max_seqlen_k, ck)):
+            if given is not None and (isinstance(given, bool) or not isinstance(given, int) or given < 0):
+                raise ValueError(f"{name} must be a non-negative int, got {given!r}")
+            if cu is None:
+                continue
             longest = int((cu[1:] - cu[:-1]).max())
-            if given is not None and (not isinstance(given, int) or given < longest):
+            if given is not None and given < longest:
                 raise ValueError(f"{name} must be an int >= the longest sequence ({longest}), got {given!r}")
+        if cq is None and max_seqlen_q is None:
+            raise ValueError("max_seqlen_q is required when cu_seqlens content checks are off "
+                             "(e.g. under CUDA-graph capture)")
         max_seqlen_q = max_seqlen_q if max_seqlen_q is not None else int((cq[1:] - cq[:-1]).max())
-        max_seqlen_k = max_seqlen_k if max_seqlen_k is not None else int((ck[1:] - ck[:-1]).max())
+        max_seqlen_k = max_seqlen_k if max_seqlen_k is not None or ck is None else int((ck[1:] - ck[:-1]).max())
     else:
         if max_seqlen_q is not None or max_seqlen_k is not None:
             raise ValueError("max_seqlen_q/max_seqlen_k are only meaningful with cu_seqlens_q/cu_seqlens_k")
@@ -248,11 +275,11 @@ def decode(q, k_cache, v_cache, *, cache_seqlens: torch.Tensor,
                 f"without block_table, k_cache must be [B, capacity, Hk, D] with B={batch}, "
                 f"got {tuple(k_cache.shape)}")
         capacity = k_cache.shape[1]
-    lens = cache_seqlens.cpu()
-    if batch and (int(lens.min()) < 0 or int(lens.max()) > capacity):
+    lens = cache_seqlens.cpu() if _contents_checkable(cache_seqlens) else None
+    if lens is not None and batch and (int(lens.min()) < 0 or int(lens.max()) > capacity):
         raise ValueError(f"cache_seqlens must lie in [0, {capacity}] (the cache capacity), "
                          f"got range [{int(lens.min())}, {int(lens.max())}]")
-    if block_table is not None and batch:
+    if block_table is not None and batch and lens is not None:
         pages_needed = (lens + k_cache.shape[1] - 1) // k_cache.shape[1]
         bt = block_table.cpu()
         used = torch.arange(bt.shape[1])[None, :] < pages_needed[:, None]

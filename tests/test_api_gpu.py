@@ -1,0 +1,84 @@
+"""API behaviour that needs CUDA tensors: kernels through the public functions, graph capture."""
+
+import pytest
+import torch
+
+import blasst_cute
+from blasst_cute.dispatch import decode_geometry, prefill_geometry
+from blasst_cute.reference import blasst_attention, blasst_attention_paged
+from blasst_cute.workloads import synthetic_qkv, to_paged
+
+pytestmark = pytest.mark.gpu
+
+
+def _flips(a, b):
+    return (a.cpu() - b.cpu()).abs().sum().item()
+
+
+def test_prefill_api_matches_reference_decisions():
+    q, k, v = synthetic_qkv(2, 1000, 1500, 8, 2, 128, device="cuda", seed=21)
+    out, lse, st = blasst_cute.prefill(q, k, v, causal=True, threshold_scale_factor=500.0,
+                                       return_lse=True, return_stats=True)
+    geom = prefill_geometry(128, 128, True, q.dtype)
+    ref, ref_lse, ref_st = blasst_attention(q.float(), k.float(), v.float(), causal=True,
+                                            threshold_scale_factor=500.0, **geom.kwargs())
+    assert st.visited.tolist() == ref_st.visited.tolist()
+    assert _flips(st.skipped, ref_st.skipped) <= 0.005 * ref_st.visited.sum().item()
+    assert ref_st.skipped.sum() > 0
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
+
+
+def test_decode_api_matches_reference_and_counts_v_loads():
+    B, L = 4, 5000
+    q, k, v = synthetic_qkv(B, 2, L, 32, 8, 128, device="cuda", seed=22)
+    k_cache, v_cache, table = to_paged(k, v, 64, seed=3)
+    lens = torch.tensor([5000, 1, 4096, 777], dtype=torch.int32, device="cuda")
+    out, lse, st = blasst_cute.decode(q, k_cache, v_cache, cache_seqlens=lens, block_table=table,
+                                      threshold_scale_factor=50.0, return_lse=True, return_stats=True)
+    geom = decode_geometry(q.shape, k_cache.shape, table.shape,
+                           torch.cuda.get_device_properties(0).multi_processor_count)
+    ref, _, ref_st = blasst_attention_paged(q.float(), k.float(), v.float(), cache_seqlens=lens,
+                                            threshold_scale_factor=50.0, **geom.kwargs())
+    assert st.visited.tolist() == ref_st.visited.tolist()
+    assert _flips(st.skipped, ref_st.skipped) <= 0.005 * ref_st.visited.sum().item()
+    assert (st.v_loaded == st.visited - st.skipped).all()
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
+
+
+def test_decode_under_cuda_graph_with_new_factor():
+    B, L = 2, 3000
+    q, k, v = synthetic_qkv(B, 1, L, 16, 4, 128, device="cuda", seed=23)
+    k_cache, v_cache, table = to_paged(k, v, 64, seed=4)
+    lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    factor = torch.tensor([0.0, 0.0], device="cuda")
+    run = lambda: blasst_cute.decode(q, k_cache, v_cache, cache_seqlens=lens, block_table=table,  # noqa
+                                     threshold_scale_factor=factor)
+    eager_dense = run()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()  # warm-up (compiles) outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = run()
+    g.replay()
+    torch.testing.assert_close(out, eager_dense, rtol=0, atol=0)
+    factor.fill_(200.0)
+    g.replay()
+    eager_sparse = run()
+    torch.testing.assert_close(out, eager_sparse, rtol=0, atol=0)
+    assert not torch.equal(eager_sparse, eager_dense)
+
+
+def test_content_checks_switch():
+    q, k, v = synthetic_qkv(1, 1, 100, 4, 4, 64, device="cuda", seed=24)
+    bad = torch.tensor([101], dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="cache capacity"):
+        blasst_cute.decode(q, k, v, cache_seqlens=bad)
+    blasst_cute.set_content_checks(False)
+    try:
+        ok = torch.tensor([100], dtype=torch.int32, device="cuda")
+        blasst_cute.decode(q, k, v, cache_seqlens=ok)
+    finally:
+        blasst_cute.set_content_checks(True)
