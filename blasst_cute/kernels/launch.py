@@ -36,15 +36,21 @@ def _torch_dtype(dtype) -> torch.dtype:
     return dtype
 
 
-def prefill_geometry(head_dim: int, head_dim_v: int, causal: bool, dtype) -> dict:
-    """The tiling of the sm90 prefill kernel: what the reference needs to reproduce its decisions."""
+def prefill_geometry(head_dim: int, head_dim_v: int, causal: bool, dtype,
+                     decision_rows: int = 16) -> dict:
+    """The tiling of the sm90 prefill kernel: what the reference needs to reproduce its decisions.
+
+    Each warp (16 rows of a 64-row consumer warpgroup) makes its own skip decision
+    (``rows_per_decision=16``); ``decision_rows=64`` describes the per-warpgroup variant
+    (``tuning={"decision_rows": 64}``).
+    """
     if head_dim not in SUPPORTED_HEAD_DIMS or head_dim_v != head_dim:
         raise NotImplementedError(
             f"blasst sm90 prefill: head dims {head_dim}/{head_dim_v} (64, 128, 256 with Dv == D)"
         )
     _torch_dtype(dtype)
     cfg = default_tile_config(head_dim, causal)
-    return dict(block_m=cfg["tile_m"], block_n=cfg["tile_n"], rows_per_decision=64,
+    return dict(block_m=cfg["tile_m"], block_n=cfg["tile_n"], rows_per_decision=decision_rows,
                 order="reverse", pack_gqa=False)
 
 
@@ -65,6 +71,9 @@ def _config_key(config: dict) -> tuple:
     c.setdefault("vote_smem", True)
     c.setdefault("lpt", None)
     c.setdefault("debug_no_vote", False)
+    c.setdefault("decision_rows", 16)
+    c.setdefault("debug_no_v_load", False)
+    c.setdefault("pv_skip", True)
     return tuple(sorted(c.items(), key=lambda kv: kv[0]))
 
 
@@ -76,6 +85,8 @@ def _make_kernel(key: tuple) -> BlasstFwdSm90:
         factor_per_batch=c["factor_per_batch"], tile_n=c["tile_n"], num_stages=c["num_stages"],
         intra_wg_overlap=c["intra_wg_overlap"], pingpong=c["pingpong"],
         vote_smem=c["vote_smem"], lpt=c["lpt"], debug_no_vote=c["debug_no_vote"],
+        decision_rows=c["decision_rows"], debug_no_v_load=c["debug_no_v_load"],
+        pv_skip=c["pv_skip"],
     )
 
 
@@ -183,7 +194,7 @@ def run_prefill_sm90(q, k, v, out, lse, *, causal: bool, softmax_scale: float,
                   has_skip=has_skip, has_stats=has_stats, varlen=varlen,
                   factor_per_batch=factor_t is not None)
     if tuning:
-        config.update(tuning)  # experiments only: tile_n, num_stages, pingpong, vote_smem, lpt
+        config.update(tuning)  # experiments only: tile_n, num_stages, pingpong, vote_smem, lpt, decision_rows
     key = _config_key(config)
 
     args = [

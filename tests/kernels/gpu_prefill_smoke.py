@@ -72,7 +72,7 @@ def lse_err(a, b):
 
 
 def run_kernel(q, k, v, *, causal, scale, factor=None, stats=False, cu_q=None, cu_k=None,
-               max_q=None):
+               max_q=None, tuning=None):
     """Launch with poisoned outputs; returns out, lse, (visited, skipped)."""
     varlen = cu_q is not None
     hq = q.shape[-2]
@@ -89,12 +89,13 @@ def run_kernel(q, k, v, *, causal, scale, factor=None, stats=False, cu_q=None, c
         skp = torch.zeros_like(vis)
     launch.run_prefill_sm90(q, k, v, out, lse, causal=causal, softmax_scale=scale,
                             threshold_scale_factor=factor, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                            max_seqlen_q=max_q, visited=vis, skipped=skp)
+                            max_seqlen_q=max_q, visited=vis, skipped=skp, tuning=tuning)
     return out, lse, vis, skp
 
 
-def geometry(q, v, causal):
-    return launch.prefill_geometry(q.shape[-1], v.shape[-1], causal, q.dtype)
+def geometry(q, v, causal, tuning=None):
+    rows = (tuning or {}).get("decision_rows", 16)
+    return launch.prefill_geometry(q.shape[-1], v.shape[-1], causal, q.dtype, decision_rows=rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,16 +120,17 @@ def check_dense(B, Lq, Lk, Hq, Hk, D, causal, dtype, seed=0, tol=1.2e-2):
 
 
 def check_skip(B, Lq, Lk, Hq, Hk, D, causal, dtype, factor, seed=0, synthetic=True,
-               flip_tol=0.005, verbose=True):
+               flip_tol=0.005, verbose=True, tuning=None):
     from blasst_cute.workloads import random_qkv, synthetic_qkv
     mk = synthetic_qkv if synthetic else random_qkv
     q, k, v = mk(B, Lq, Lk, Hq, Hk, D, dtype=dtype, device="cuda", seed=seed)
     scale = D ** -0.5
-    out, lse, vis, skp = run_kernel(q, k, v, causal=causal, scale=scale, factor=factor, stats=True)
+    out, lse, vis, skp = run_kernel(q, k, v, causal=causal, scale=scale, factor=factor, stats=True,
+                                    tuning=tuning)
     torch.cuda.synchronize()
     ro, rl, st = reference.blasst_attention(q, k, v, causal=causal, softmax_scale=scale,
                                             threshold_scale_factor=factor,
-                                            **geometry(q, v, causal))
+                                            **geometry(q, v, causal, tuning))
     nan = int(torch.isnan(out).sum()) + int(torch.isnan(lse).sum())
     tot = int(st.visited.sum())
     vis_ok = bool((vis.long() == st.visited).all())
@@ -138,7 +140,7 @@ def check_skip(B, Lq, Lk, Hq, Hk, D, causal, dtype, factor, seed=0, synthetic=Tr
     ok = nan == 0 and vis_ok and dskip <= max(1, flip_tol * tot) and e < 2e-2
     if verbose or not ok:
         log(f"{'PASS' if ok else 'FAIL'} skip B={B} Lq={Lq} Lk={Lk} H={Hq}/{Hk} D={D} "
-            f"causal={causal} {str(dtype)[6:]} factor={factor}: sparsity={sp:.3f} "
+            f"causal={causal} {str(dtype)[6:]} factor={factor}{' ' + str(tuning) if tuning else ''}: sparsity={sp:.3f} "
             f"ref_sparsity={st.sparsity:.3f} visited_equal={vis_ok} |dskip|={dskip}/{tot} "
             f"rel_err_vs_ref={e:.2e} lse_err={el:.2e} unwritten={nan}")
     return ok
@@ -292,6 +294,78 @@ def benchmark_skip(B, L, Hq, Hk, D, causal, factors):
             f"ideal={1 / (1 - sp / 2):.3f}")
 
 
+def bench_skip_table(B, L, Hq, Hk, D, causal, factors, variants=None):
+    """Dense vs skip variants on the synthetic workload: sparsity (decision groups skipped /
+    visited), time, speedup over dense and the ideal 1 / (1 - s / 2), in one table."""
+    from blasst_cute.workloads import synthetic_qkv
+    variants = variants or {"warp16": {}}
+    q, k, v = synthetic_qkv(B, L, L, Hq, Hk, D, dtype=torch.bfloat16, device="cuda", seed=0)
+    out = torch.empty_like(q)
+    lse = torch.empty(B, Hq, L, device="cuda")
+    sc = D ** -0.5
+    fl = attn_flops(B, L, L, Hq, D, causal)
+    run = lambda f, tune, **kw: launch.run_prefill_sm90(q, k, v, out, lse, causal=causal,
+                                                         softmax_scale=sc, threshold_scale_factor=f,
+                                                         tuning=tune, **kw)
+    t_dense = bench_ms(lambda: run(None, None))
+    log(f"skip table B={B} L={L} H={Hq}/{Hk} D={D} causal={int(causal)}: dense "
+        f"{fl / t_dense / 1e9:.1f} TFLOP/s ({t_dense:.3f} ms)")
+    log(f"  {'variant':10s} {'factor':>8s} {'sparsity':>8s} {'ms':>8s} {'vs dense':>8s} {'ideal':>6s}")
+    for name, tune in variants.items():
+        for f in factors:
+            vis = torch.zeros(B, Hq, dtype=torch.int32, device="cuda")
+            skp = torch.zeros_like(vis)
+            run(f, tune, visited=vis, skipped=skp)
+            sp = float(skp.sum()) / max(1, int(vis.sum()))
+            t = bench_ms(lambda: run(f, tune))
+            log(f"  {name:10s} {f:8g} {sp:8.3f} {t:8.3f} {t_dense / t:8.3f} {1 / (1 - sp / 2):6.3f}")
+
+
+def bench_skip_pairs(B, L, Hq, Hk, D, causal, cases, warm_s=3.0, rep=30):
+    """Skip variants vs dense, measured in pairs on a GPU in steady state (power / clocks).
+
+    Every configuration is compiled and run once first (no compile gaps while timing), the GPU is
+    heated with ``warm_s`` seconds of dense runs, then each case is timed between two dense
+    timings: speedup = mean(dense before, dense after) / case. ``cases``: (name, factor, tuning).
+    """
+    from blasst_cute.workloads import synthetic_qkv
+    q, k, v = synthetic_qkv(B, L, L, Hq, Hk, D, dtype=torch.bfloat16, device="cuda", seed=0)
+    out = torch.empty_like(q)
+    lse = torch.empty(B, Hq, L, device="cuda")
+    sc = D ** -0.5
+    fl = attn_flops(B, L, L, Hq, D, causal)
+    run = lambda f, tune, **kw: launch.run_prefill_sm90(q, k, v, out, lse, causal=causal,
+                                                         softmax_scale=sc, threshold_scale_factor=f,
+                                                         tuning=tune or None, **kw)
+    dense = lambda: run(None, None)
+    sparsity = {}
+    for name, f, tune in cases:  # compile everything, read the sparsity
+        vis = torch.zeros(B, Hq, dtype=torch.int32, device="cuda")
+        skp = torch.zeros_like(vis)
+        run(f, tune, visited=vis, skipped=skp)
+        run(f, tune)
+        sparsity[name] = float(skp.sum()) / max(1, int(vis.sum()))
+    dense()
+    torch.cuda.synchronize()
+    t0 = time.time()
+    while time.time() - t0 < warm_s:
+        dense()
+        torch.cuda.synchronize()
+    t_d0 = bench_ms(dense, rep=rep)
+    log(f"skip pairs B={B} L={L} H={Hq}/{Hk} D={D} causal={int(causal)}: dense (steady) "
+        f"{fl / t_d0 / 1e9:.1f} TFLOP/s ({t_d0:.3f} ms)")
+    log(f"  {'case':22s} {'sparsity':>8s} {'ms':>8s} {'dense ms':>8s} {'speedup':>7s} {'ideal':>6s}")
+    dense_ts = [t_d0]
+    for name, f, tune in cases:
+        t = bench_ms(lambda: run(f, tune), rep=rep)
+        t_d = bench_ms(dense, rep=rep)
+        td = 0.5 * (dense_ts[-1] + t_d)
+        dense_ts.append(t_d)
+        sp = sparsity[name]
+        log(f"  {name:22s} {sp:8.3f} {t:8.3f} {td:8.3f} {td / t:7.3f} {1 / (1 - sp / 2):6.3f}")
+    log(f"  dense spread over the run: {min(dense_ts):.3f} .. {max(dense_ts):.3f} ms")
+
+
 def bench_variants(B, L, Hq, Hk, D, causal, factor_sparse=1000.0):
     """Tuning knobs on synthetic data (same inputs for every variant)."""
     from blasst_cute.workloads import synthetic_qkv
@@ -355,6 +429,11 @@ def main():
     ap.add_argument("--only-bench", action="store_true")
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--tiles", action="store_true")
+    ap.add_argument("--skip-pairs", action="store_true",
+                    help="skip variants vs dense timed in pairs in steady state (L=16k, hdim 128)")
+    ap.add_argument("--pairs-set", default="full", choices=["full", "diag"])
+    ap.add_argument("--skip-table", action="store_true",
+                    help="only the dense vs skip-variant table (L=16k, hdim 128, 32/8 heads)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     log(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}")
@@ -370,6 +449,46 @@ def main():
             log(traceback.format_exc(limit=3))
 
     bf, fp = torch.bfloat16, torch.float16
+    if args.skip_pairs:
+        w, g = {}, {"decision_rows": 64}
+        if args.pairs_set == "diag":
+            nv = {"debug_no_vote": True}
+            cases = [("warp16 f=1e-4 #1", 1e-4, w), ("warp16 f=1e-4 #2", 1e-4, w),
+                     ("warp16 f=1e-4 #3", 1e-4, w),
+                     ("nevote f=1e-4", 1e-4, nv),
+                     ("nevote alwaysPV f=1e-4", 1e-4, dict(nv, pv_skip=False)),
+                     ("alwaysPV f=1e-4", 1e-4, {"pv_skip": False}),
+                     ("alwaysPV f=1000", 1000.0, {"pv_skip": False}),
+                     ("warp16 f=1000", 1000.0, w),
+                     ("warp16 f=5000", 5000.0, w),
+                     ("warp16 f=1e-4 #4", 1e-4, w)]
+        else:
+            cases = [("warp16 f=1e-4", 1e-4, w), ("warp16 f=2e4(off)", 2e4, w),
+                   ("warp16 nevote f=1e-4", 1e-4, {"debug_no_vote": True}),
+                   ("wg64 f=1e-4", 1e-4, g),
+                   ("warp16 f=10", 10.0, w), ("warp16 f=100", 100.0, w),
+                   ("warp16 f=1000", 1000.0, w), ("warp16 f=5000", 5000.0, w),
+                   ("wg64 f=1000", 1000.0, g), ("wg64 f=5000", 5000.0, g),
+                   ("warp16 st3 f=5000", 5000.0, {"num_stages": 3}),
+                   ("noV(debug) f=1e-4", 1e-4, {"debug_no_v_load": True}),
+                   ("noV(debug) f=5000", 5000.0, {"debug_no_v_load": True}),
+                   ("warp16 f=1e-4 again", 1e-4, w)]
+        for causal in ((True,) if args.pairs_set == "diag" else (True, False)):
+            guard(bench_skip_pairs, 2, 16384, 32, 8, 128, causal, cases)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "skip_pairs.log"), "w") as f:
+            f.write("\n".join(LOG) + "\n")
+        return
+    if args.skip_table:
+        fs = [1e-4, 10.0, 100.0, 1000.0, 5000.0, 20000.0]
+        var = {"warp16": {}, "wg64": {"decision_rows": 64}, "warp16_st3": {"num_stages": 3},
+               "noV_debug": {"debug_no_v_load": True}}
+        for causal in (True, False):
+            guard(bench_skip_table, 2, 16384, 32, 8, 128, causal, fs, var)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "skip_table.log"), "w") as f:
+            f.write("\n".join(LOG) + "\n")
+        return
     if args.variants:
         guard(bench_variants, 2, 16384, 32, 8, 128, True)
         guard(bench_variants, 2, 16384, 32, 8, 128, False)

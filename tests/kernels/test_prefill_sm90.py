@@ -59,11 +59,25 @@ def test_compile_sm90a(dtype, head_dim, causal, variant, varlen):
     assert fn is not None
 
 
+@pytest.mark.parametrize("tuning", [dict(decision_rows=64), dict(decision_rows=64, vote_smem=False),
+                                    dict(pv_skip=False), dict(num_stages=3)], ids=str)
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_compile_skip_variants(tuning, head_dim):
+    """Selectable skip variants (per-warpgroup decision, PV always issued, 3 stages) compile."""
+    if os.environ.get("CUTE_DSL_ARCH", "sm_90a") != "sm_90a" and not _on_hopper():
+        pytest.skip("CUTE_DSL_ARCH is not sm_90a")
+    if head_dim == 256 and tuning.get("num_stages") == 3:
+        pytest.skip("hdim 256 x 3 stages does not fit shared memory")
+    cfg = dict(dtype=torch.bfloat16, head_dim=head_dim, causal=True, has_skip=True, has_stats=True,
+               **tuning)
+    assert launch.compile_prefill_sm90(cfg) is not None
+
+
 def test_geometry():
     for d in HEAD_DIMS:
         for causal in (False, True):
             g = launch.prefill_geometry(d, d, causal, torch.bfloat16)
-            assert g["rows_per_decision"] == 64 and g["block_m"] == 128
+            assert g["rows_per_decision"] == 16 and g["block_m"] == 128
             assert g["order"] == "reverse" and g["pack_gqa"] is False
             assert set(g) == {"block_m", "block_n", "rows_per_decision", "order", "pack_gqa"}
 
@@ -109,6 +123,16 @@ def test_skip_matches_reference(head_dim, causal, factor, synthetic):
                             synthetic=synthetic)
     assert smoke.check_skip(1, 777, 777, 4, 4, head_dim, causal, torch.float16, factor,
                             synthetic=synthetic)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.gpu
+def test_skip_warpgroup_decision_variant(causal):
+    """The per-warpgroup decision (decision_rows=64, the older scheme) stays selectable."""
+    if not _on_hopper():
+        pytest.skip("needs sm_90")
+    assert smoke.check_skip(2, 1000, 1500, 4, 1, 128, causal, torch.bfloat16, 30.0,
+                            tuning={"decision_rows": 64})
 
 
 @pytest.mark.gpu

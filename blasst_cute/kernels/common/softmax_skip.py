@@ -259,3 +259,33 @@ def warpgroup_vote_all(
     for w in cutlass.range_constexpr(1, num_warps):
         agree = agree & sVote[parity, group_idx, w]
     return agree != 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-warp decisions (rows_per_decision = 16 on an SM90 m64 accumulator: a warp owns 16 rows).
+# ---------------------------------------------------------------------------------------------
+
+@cute.jit
+def warp_vote_all(pred: Boolean) -> Boolean:
+    """AND of a predicate over the 32 lanes of a warp (no shared memory, no barrier)."""
+    return cute.arch.vote_all_sync(pred)
+
+
+@cute.jit
+def publish_warp_flag(flag: Boolean, sFlags: cute.Tensor, slot: Int32, group_idx: Int32):
+    """Lane 0 of each warp writes its warp-uniform flag as one byte of ``sFlags``.
+
+    ``sFlags`` is an Int8 smem tensor (warp_in_group [4], group, slot): the 4 bytes of one
+    (group, slot) form one 32-bit word that ``group_all_published`` reads. The writes become
+    visible to the group's warps at the next barrier they all pass (e.g. the ping-pong bar.sync).
+    """
+    warp_in_group = cute.arch.make_warp_uniform(cute.arch.warp_idx()) % 4
+    if cute.arch.lane_idx() == 0:
+        sFlags[warp_in_group, group_idx, slot] = cutlass.Int8(1) if flag else cutlass.Int8(0)
+
+
+@cute.jit
+def group_all_published(sFlags: cute.Tensor, slot: Int32, group_idx: Int32) -> Boolean:
+    """True iff the 4 warps of ``group_idx`` published a true flag in ``slot`` (one 32-bit load)."""
+    words = cute.recast_tensor(sFlags, Int32)  # (1, group, slot)
+    return words[0, group_idx, slot] == Int32(0x01010101)

@@ -9,9 +9,14 @@
 #                 registers), then mask, tile row max, BLASST vote, online softmax (exp2 domain,
 #                 scale folded in), O rescale. A ping-pong token (named barriers) lets one warpgroup
 #                 issue its GEMMs while the other does softmax.
-# BLASST: each consumer warpgroup (rows_per_decision = 64) decides per tile; a skipped tile does no
-# exp / row-sum / rescale and no PV wgmma, but every pipeline wait/release and barrier is identical
-# on both paths. The first visited tile is never skipped.
+# BLASST (rows_per_decision = 16): each warp owns 16 rows of its warpgroup's m64 accumulator and
+# decides alone (vote.all, no cross-warp sync) per tile; a skipping warp does no exp / row-sum /
+# max update / O rescale and zeroes its P rows. The warpgroup skips the PV wgmma of a tile when all
+# 4 warps skipped it: each warp publishes a byte flag (smem, slot = tile parity) that the group
+# reads one iteration later behind the ping-pong bar.sync it passes anyway (a warpgroup barrier
+# when there is no ping-pong, and once for the last PV). Every pipeline wait/release and barrier is
+# identical on both paths; V is still loaded. The first visited tile is never skipped.
+# decision_rows=64 keeps the older per-warpgroup decision (vote + smem + barrier each tile).
 # Idioms follow FlashAttention-4's SM90 forward (flash_attn/cute/flash_fwd_sm90.py) and CUTLASS's
 # CuTe DSL Hopper FMHA example; the code here is written for blasst_cute.
 
@@ -42,9 +47,12 @@ from blasst_cute.kernels.common.softmax_skip import (
     LOG2_E,
     OnlineSoftmax,
     convert_f32_to_16bit,
-    rescale_rows,
     group_all,
+    group_all_published,
+    publish_warp_flag,
+    rescale_rows,
     threshold_log2,
+    warp_vote_all,
     warpgroup_vote_all,
 )
 from blasst_cute.kernels.common.tile_info import KeyTileRange, SeqInfo
@@ -86,6 +94,9 @@ class BlasstFwdSm90:
         vote_smem: bool = True,
         lpt: Optional[bool] = None,
         debug_no_vote: bool = False,
+        decision_rows: int = 16,
+        debug_no_v_load: bool = False,
+        pv_skip: bool = True,
     ):
         head_dim_v = head_dim if head_dim_v is None else head_dim_v
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
@@ -113,16 +124,29 @@ class BlasstFwdSm90:
         if self.tile_m != 128:
             raise NotImplementedError("blasst sm90 prefill: tile_m must be 128 (2 x 64-row warpgroups)")
         self.intra_wg_overlap = intra_wg_overlap
-        # Decision channel: warp vote + smem word per warp + named barrier (default; measured
-        # faster on H100 than a single bar.red.and.pred).
+        # Rows per BLASST decision: 16 (default) = one warp of an m64 accumulator decides alone
+        # (warp vote, no cross-warp sync) for its softmax; the warpgroup's PV wgmma is skipped when
+        # its 4 warps all skipped, read from smem flags behind the next ping-pong barrier.
+        # 64 = the older per-warpgroup decision (warp vote + smem + named barrier every tile).
+        if decision_rows not in (16, 64):
+            raise NotImplementedError("blasst sm90 prefill: decision_rows must be 16 or 64")
+        self.decision_rows = decision_rows
+        # 64-row decision channel: warp vote + smem word per warp + named barrier (default), or a
+        # single bar.red.and.pred.
         self.vote_smem = vote_smem
         # Profiling aid only (wrong results when a tile would be skipped): keep the skip-path code
         # but replace the cross-warp vote by a uniform, never-true runtime flag.
         self.debug_no_vote = debug_no_vote
+        # Profiling aid only (wrong results): V tiles are never loaded (their barriers complete
+        # with 0 bytes), to measure how much of the time is the V traffic.
+        self.debug_no_v_load = debug_no_v_load
+        # Skip the PV wgmma of tiles all 4 warps of a warpgroup skipped (False: always issue it;
+        # skipping warps' zero P rows add nothing). For measurements.
+        self.pv_skip = pv_skip and has_skip
         # Causal: longest-first q-tiles, heads grouped so their K/V fit in L2 (FA4-style LPT).
         self.lpt = (causal and not varlen) if lpt is None else (lpt and not varlen)
         self.num_mma_wg = self.tile_m // 64
-        self.rows_per_decision = 64
+        self.rows_per_decision = decision_rows
         self.pingpong = (head_dim <= 128 and intra_wg_overlap) if pingpong is None else pingpong
         self.num_threads = 128 * (self.num_mma_wg + 1)
         self.num_mma_threads = 128 * self.num_mma_wg
@@ -214,6 +238,8 @@ class BlasstFwdSm90:
         self.tx_bytes_Q = cute.size_in_bytes(self.dtype, sQ_layout)
         self.tx_bytes_K = cute.size_in_bytes(self.dtype, cute.select(sK_layout, mode=[0, 1]))
         self.tx_bytes_V = cute.size_in_bytes(self.dtype, cute.select(sV_layout, mode=[0, 1]))
+        if const_expr(self.debug_no_v_load):
+            self.tx_bytes_V = 0
 
         @cute.struct
         class SharedStorage:
@@ -221,6 +247,7 @@ class BlasstFwdSm90:
             mbar_K: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
             mbar_V: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
             votes: cute.struct.MemRange[Int32, 2 * self.num_mma_wg * 4]
+            flags: cute.struct.Align[cute.struct.MemRange[cutlass.Int8, 2 * self.num_mma_wg * 4], 16]
             sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sQ_layout)], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
             sV: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sV_layout)], 1024]
@@ -347,6 +374,8 @@ class BlasstFwdSm90:
         sVt = transpose_mn(sV)  # (d_v, tile_n, stages): B operand of O += P V
         sO = storage.sQ.get_tensor(sO_layout.outer, swizzle=sO_layout.inner)  # reuses Q's buffer
         sVote = storage.votes.get_tensor(cute.make_layout((2, self.num_mma_wg, 4)))
+        # Per-warp skip flags, one byte each: (warp_in_group, group, slot = tile parity).
+        sFlags = storage.flags.get_tensor(cute.make_layout((4, self.num_mma_wg, 2)))
 
         seq = SeqInfo(batch_idx, mQ.shape[0], mK.shape[0], mCuSeqlensQ, mCuSeqlensK)
         n_block_min, n_block_max, n_block_causal = KeyTileRange(
@@ -369,7 +398,7 @@ class BlasstFwdSm90:
             else:
                 cute.arch.setmaxregister_increase(self.num_mma_regs)
                 self.mma(
-                    mO, mLSE, sQ, sK, sVt, sO, sVote,
+                    mO, mLSE, sQ, sK, sVt, sO, sVote, sFlags,
                     tiled_mma_qk, tiled_mma_pv, gmem_copy_O,
                     pipeline_q, pipeline_k, pipeline_v,
                     tidx - 128, seq, m_block, head_idx, batch_idx,
@@ -434,15 +463,17 @@ class BlasstFwdSm90:
                     tma_bar_ptr=pipeline_k.producer_get_barrier(kv_state),
                 )
                 pipeline_v.producer_acquire(state_prev)
-                cute.copy(
-                    tma_atom_V, tVgV[None, n_prev], tVsV[None, state_prev.index],
-                    tma_bar_ptr=pipeline_v.producer_get_barrier(state_prev),
-                )
+                if const_expr(not self.debug_no_v_load):
+                    cute.copy(
+                        tma_atom_V, tVgV[None, n_prev], tVsV[None, state_prev.index],
+                        tma_bar_ptr=pipeline_v.producer_get_barrier(state_prev),
+                    )
             pipeline_v.producer_acquire(kv_state)
-            cute.copy(
-                tma_atom_V, tVgV[None, n_block_min], tVsV[None, kv_state.index],
-                tma_bar_ptr=pipeline_v.producer_get_barrier(kv_state),
-            )
+            if const_expr(not self.debug_no_v_load):
+                cute.copy(
+                    tma_atom_V, tVgV[None, n_block_min], tVsV[None, kv_state.index],
+                    tma_bar_ptr=pipeline_v.producer_get_barrier(kv_state),
+                )
 
     # ------------------------------------------------------------------ consumers
     @cute.jit
@@ -450,6 +481,7 @@ class BlasstFwdSm90:
         self,
         mO: cute.Tensor, mLSE: cute.Tensor,
         sQ: cute.Tensor, sK: cute.Tensor, sVt: cute.Tensor, sO: cute.Tensor, sVote: cute.Tensor,
+        sFlags: cute.Tensor,
         tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma, gmem_copy_O: cute.TiledCopy,
         pipeline_q, pipeline_k, pipeline_v,
         tidx: Int32,
@@ -511,7 +543,7 @@ class BlasstFwdSm90:
             acc_S_shape=acc_S_shape, tScS=tScS, t0ScS=t0ScS,
             pipeline_k=pipeline_k, pipeline_v=pipeline_v,
             softmax=softmax, seq=seq, m_block=m_block, wg_idx=wg_idx,
-            sVote=sVote, row_valid=row_valid, log2_lambda=log2_lambda,
+            sVote=sVote, sFlags=sFlags, row_valid=row_valid, log2_lambda=log2_lambda,
             skip_enabled=skip_enabled,
         )
 
@@ -520,7 +552,6 @@ class BlasstFwdSm90:
         pipeline_q.consumer_wait(q_state)
 
         num_skipped = Int32(0)
-        skip_prev = Boolean(False)
         if n_block_max > n_block_min:
             # First tile (never skipped), masked for the key length (and the diagonal).
             self.first_block(ctx, kv_state, n_block_max - 1)
@@ -528,21 +559,23 @@ class BlasstFwdSm90:
             if const_expr(self.causal):
                 n_first_unmasked = cutlass.max(cutlass.min(n_block_causal, n_block_max - 1), n_block_min)
                 for i in cutlass.range(n_block_max - 1 - n_first_unmasked, unroll=1):
-                    kv_state, skip_prev, num_skipped = self.next_block(
-                        ctx, kv_state, n_block_max - 2 - i, skip_prev, num_skipped, True
+                    kv_state, num_skipped = self.next_block(
+                        ctx, kv_state, n_block_max - 2 - i, num_skipped, True
                     )
             for i in cutlass.range(n_first_unmasked - n_block_min, unroll=1):
-                kv_state, skip_prev, num_skipped = self.next_block(
-                    ctx, kv_state, n_first_unmasked - 1 - i, skip_prev, num_skipped, False
+                kv_state, num_skipped = self.next_block(
+                    ctx, kv_state, n_first_unmasked - 1 - i, num_skipped, False
                 )
             pipeline_q.consumer_release(q_state)
-            # Last PV of the software pipeline.
+            # Last PV of the software pipeline (tile n_block_min).
+            pv_skip = Boolean(False)
+            if const_expr(self.pv_skip):
+                cute.arch.barrier(
+                    barrier_id=int(NamedBarrierSm90.SkipVoteWG1) + wg_idx, number_of_threads=128
+                )
+                pv_skip = group_all_published(sFlags, n_block_min % 2, wg_idx)
             pipeline_v.consumer_wait(kv_state)
-            if const_expr(self.has_skip):
-                if not skip_prev:
-                    wgmma(tiled_mma_pv, acc_O, tOrP, tOrVt[None, None, None, kv_state.index], False)
-                    warpgroup.wait_group(0)
-            else:
+            if not pv_skip:
                 wgmma(tiled_mma_pv, acc_O, tOrP, tOrVt[None, None, None, kv_state.index], False)
                 warpgroup.wait_group(0)
             pipeline_v.consumer_release(kv_state)
@@ -550,10 +583,16 @@ class BlasstFwdSm90:
         else:
             pipeline_q.consumer_release(q_state)
 
-        # ---- counters: one thread per decision group (warpgroup) with at least one valid row
+        # ---- counters: lane 0 of each decision group (a warp, or warp 0 of a warpgroup) whose
+        # group has at least one valid row.
         if const_expr(self.has_stats):
-            group_first_row = m_block * self.tile_m + wg_idx * 64
-            if tidx % 128 == 0 and group_first_row < seq.seqlen_q and n_block_max > n_block_min:
+            warp_in_wg = cute.arch.make_warp_uniform(cute.arch.warp_idx()) % 4
+            group_first_row = m_block * self.tile_m + wg_idx * 64 + warp_in_wg * 16
+            counts = cute.arch.lane_idx() == 0
+            if const_expr(self.decision_rows == 64):
+                counts = tidx % 128 == 0
+                group_first_row = m_block * self.tile_m + wg_idx * 64
+            if counts and group_first_row < seq.seqlen_q and n_block_max > n_block_min:
                 cute.arch.atomic_add(
                     elem_ptr(mVisited, (batch_idx, head_idx)), n_block_max - n_block_min
                 )
@@ -580,6 +619,9 @@ class BlasstFwdSm90:
             acc_S, ctx["tScS"], ctx["t0ScS"], ctx["m_block"], n_block, seq.seqlen_q, seq.seqlen_k,
             self.tile_m, self.tile_n, True, self.causal,
         )
+        if const_expr(self.pv_skip):
+            # The first tile is never skipped: its PV is always issued.
+            publish_warp_flag(Boolean(False), ctx["sFlags"], n_block % 2, ctx["wg_idx"])
         softmax = ctx["softmax"]
         m_tile = softmax.tile_row_max(acc_S)
         softmax.update(acc_S, m_tile, True)
@@ -587,31 +629,48 @@ class BlasstFwdSm90:
 
     @cute.jit
     def next_block(
-        self, ctx, kv_state, n_block: Int32, skip_prev: Boolean, num_skipped: Int32,
+        self, ctx, kv_state, n_block: Int32, num_skipped: Int32,
         mask_causal: cutlass.Constexpr[bool],
     ):
-        """Tile n_block: S = QK^T overlapped with the PV of the previous kept tile."""
+        """Tile n_block: S = QK^T overlapped with the PV of the previous tile (n_block + 1).
+
+        BLASST: each warp (16 rows) decides alone whether to skip the softmax of this tile; a
+        skipping warp leaves m, l, O untouched and zeroes its P rows. The PV wgmma of a tile is
+        skipped when all 4 warps of the warpgroup skipped it: their flags (smem byte per warp, slot
+        = tile parity) are read one iteration later, behind the ping-pong bar.sync every warp of
+        the warpgroup passes (or a warpgroup barrier without ping-pong). Every pipeline wait /
+        release and barrier is the same on both paths.
+        """
         pipeline_k, pipeline_v = ctx["pipeline_k"], ctx["pipeline_v"]
         softmax = ctx["softmax"]
         acc_O, tOrP = ctx["acc_O"], ctx["tOrP"]
         seq = ctx["seq"]
+        wg_idx = ctx["wg_idx"]
         kv_state_v = kv_state.clone()
         kv_state.advance()
         acc_S = cute.make_rmem_tensor(ctx["acc_S_shape"], Float32)
 
         pipeline_k.consumer_wait(kv_state)
-        self.scheduler_sync(ctx["wg_idx"])
+        if const_expr(self.pingpong):
+            self.scheduler_sync(wg_idx)
+        elif const_expr(self.pv_skip):
+            cute.arch.barrier(
+                barrier_id=int(NamedBarrierSm90.SkipVoteWG1) + wg_idx, number_of_threads=128
+            )
+        pv_skip = Boolean(False)
+        if const_expr(self.pv_skip):
+            pv_skip = group_all_published(ctx["sFlags"], (n_block + 1) % 2, wg_idx)
         wgmma(ctx["tiled_mma_qk"], acc_S, ctx["tSrQ"], ctx["tSrK"][None, None, None, kv_state.index], True)
         pipeline_v.consumer_wait(kv_state_v)
         tOrVt_cur = ctx["tOrVt"][None, None, None, kv_state_v.index]
-        if const_expr(self.has_skip):
-            if skip_prev:
+        if const_expr(self.pv_skip):
+            if pv_skip:
                 warpgroup.commit_group()  # empty group keeps wait_group counts uniform
             else:
                 wgmma(ctx["tiled_mma_pv"], acc_O, tOrP, tOrVt_cur, False)
         else:
             wgmma(ctx["tiled_mma_pv"], acc_O, tOrP, tOrVt_cur, False)
-        self.scheduler_arrive(ctx["wg_idx"])
+        self.scheduler_arrive(wg_idx)
         warpgroup.wait_group(1)
         pipeline_k.consumer_release(kv_state)
 
@@ -621,17 +680,23 @@ class BlasstFwdSm90:
                 seq.seqlen_k, self.tile_m, self.tile_n, False, True,
             )
         m_tile = softmax.tile_row_max(acc_S)
-        skip = Boolean(False)
         if const_expr(self.has_skip):
             vote = softmax.rows_vote_skip(m_tile, ctx["row_valid"], ctx["log2_lambda"])
             vote = vote and ctx["skip_enabled"]
-            vote_bar = int(NamedBarrierSm90.SkipVoteWG1) + ctx["wg_idx"]
+            skip = Boolean(False)
             if const_expr(self.debug_no_vote):
                 skip = ctx["log2_lambda"] > Float32(1e30)
+            elif const_expr(self.decision_rows == 16):
+                skip = warp_vote_all(vote)
             elif const_expr(self.vote_smem):
-                skip = warpgroup_vote_all(vote, ctx["sVote"], n_block % 2, ctx["wg_idx"], vote_bar)
+                skip = warpgroup_vote_all(
+                    vote, ctx["sVote"], n_block % 2, wg_idx,
+                    int(NamedBarrierSm90.SkipVoteWG1) + wg_idx,
+                )
             else:
-                skip = group_all(vote, vote_bar)
+                skip = group_all(vote, int(NamedBarrierSm90.SkipVoteWG1) + wg_idx)
+            if const_expr(self.pv_skip):
+                publish_warp_flag(skip, ctx["sFlags"], n_block % 2, wg_idx)
             if skip:
                 num_skipped += 1
             row_scale = cute.make_rmem_tensor(softmax.num_rows, Float32)
@@ -639,7 +704,10 @@ class BlasstFwdSm90:
                 row_scale.store(softmax.update(acc_S, m_tile, False).load())
             warpgroup.wait_group(0)
             pipeline_v.consumer_release(kv_state_v)
-            if not skip:
+            if skip:
+                # Zero P rows add nothing if the warpgroup's PV of this tile still runs.
+                tOrP.fill(0.0)
+            else:
                 convert_f32_to_16bit(acc_as_operand_a(acc_S), tOrP)
                 rescale_rows(acc_O, row_scale)
         else:
@@ -648,7 +716,7 @@ class BlasstFwdSm90:
             pipeline_v.consumer_release(kv_state_v)
             convert_f32_to_16bit(acc_as_operand_a(acc_S), tOrP)
             rescale_rows(acc_O, row_scale)
-        return kv_state, skip, num_skipped
+        return kv_state, num_skipped
 
     # ------------------------------------------------------------------ ping-pong token
     def scheduler_sync(self, wg_idx: Int32):
