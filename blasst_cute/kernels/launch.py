@@ -7,7 +7,6 @@ dim); this module only converts, compiles and launches.
 from __future__ import annotations
 
 import os
-import threading
 from typing import Optional
 
 import torch
@@ -16,14 +15,13 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 
+from blasst_cute.kernels import compile_cache
 from blasst_cute.kernels.sm90.prefill import SUPPORTED_HEAD_DIMS, BlasstFwdSm90, default_tile_config
 
 _TORCH_TO_CUTLASS = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16}
 _NAME_TO_TORCH = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                   "fp16": torch.float16, "float16": torch.float16}
 
-_cache: dict = {}
-_cache_lock = threading.Lock()
 
 
 def _torch_dtype(dtype) -> torch.dtype:
@@ -204,18 +202,12 @@ def run_prefill_sm90(q, k, v, out, lse, *, causal: bool, softmax_scale: float,
         _to_cute(visited, 4), _to_cute(skipped, 4),
         cuda.CUstream(torch.cuda.current_stream(q.device).cuda_stream),
     ]
-    fn = _cache.get(key)
-    if fn is None:
-        with _cache_lock:
-            fn = _cache.get(key)
-            if fn is None:
-                fn = cute.compile(_make_kernel(key), *args)
-                _cache[key] = fn
+    fn = compile_cache.get_or_compile(("sm90-prefill",) + key, lambda: cute.compile(_make_kernel(key), *args))
     fn(*args)
 
 
 def clear_cache() -> None:
-    _cache.clear()
+    compile_cache.clear_memory()
 
 
 __all__ = ["prefill_geometry", "compile_prefill_sm90", "run_prefill_sm90", "clear_cache"]
