@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import sys
+import time
 import traceback
 
 import torch
@@ -120,6 +121,19 @@ def dense_peers(phase, wanted=PEERS):
 # Sweeps
 # ----------------------------------------------------------------------------------------------
 
+def host_us_per_call(fn, n=200):
+    """Host time per call: a small problem, so the CPU side (validation, dispatch, launch) dominates."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
 def prefill_flops(b, hq, lq, lk, d, dv, causal):
     if causal:  # exact count of visible (query, key) pairs, bottom-right aligned
         pairs = sum(max(0, min(lk, i + 1 + lk - lq)) for i in range(lq))
@@ -178,6 +192,17 @@ def run_prefill(args):
 
 def run_decode(args):
     rows = []
+    q, k, v = synthetic_qkv(1, 1, 1024, args.heads_q, args.heads_kv, args.head_dim, dtype=torch.bfloat16,
+                            device="cuda")
+    kc, vc, bt = to_paged(k, v, args.page_size)
+    lens = torch.full((1,), 1024, dtype=torch.int32, device="cuda")
+    try:
+        host = host_us_per_call(lambda: blasst_cute.decode(q, kc, vc, cache_seqlens=lens, block_table=bt,
+                                                           threshold_scale_factor=100.0))
+        print(f"host time per decode call (B=1, L=1024, content checks "
+              f"{'on' if args.content_checks else 'off'}): {host:.1f} us", flush=True)
+    except Exception as exc:
+        print(f"host time per decode call: n/a ({type(exc).__name__}: {exc})")
     for L in args.seqlens:
         for B in args.batches:
             shape = dict(phase="decode", batch=B, seqlen=L, heads_q=args.heads_q, heads_kv=args.heads_kv,
@@ -355,6 +380,8 @@ def main(argv=None):
         s.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS, help="dense peers to time")
         s.add_argument("--no-blasst", action="store_true", help="time the dense peers only")
         s.add_argument("--no-plot", action="store_true", help="JSON and markdown only (plot later with `report`)")
+        s.add_argument("--content-checks", action="store_true",
+                       help="keep the synchronising checks of index-tensor contents (off by default here)")
         if name == "prefill":
             s.add_argument("--tokens", type=int, default=32768, help="batch x seqlen per shape")
             s.add_argument("--causal", choices=("true", "false", "both"), default="both")
@@ -374,6 +401,9 @@ def main(argv=None):
         return 0
     if not torch.cuda.is_available():
         p.error("the benchmark needs a CUDA GPU")
+    # A serving engine validates indices upstream; the synchronising content checks would add a
+    # device-to-host round trip to every call (see blasst_cute.set_content_checks).
+    blasst_cute.set_content_checks(args.content_checks)
     meta = stamp()
     rows = run_prefill(args) if args.phase == "prefill" else run_decode(args)
     tag = args.tag or f"{args.phase}-{_dt.date.today().isoformat()}"
