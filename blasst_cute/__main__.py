@@ -117,12 +117,25 @@ def demo(args) -> int:
     return 0
 
 
+# Subcommands: ``python -m blasst_cute NAME ...`` (no subcommand runs the demo).
+SUBCOMMANDS = {
+    "calibrate": ("blasst_cute.calibrate", "fit threshold_scale_factor = a*exp(b*target) per phase on a model"),
+    "eval": ("blasst_cute.eval", "accuracy harness: perplexity and RULER-style NIAH, dense vs BLASST"),
+}
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
+        return importlib.import_module(SUBCOMMANDS[argv[0]][0]).main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m blasst_cute",
         description="BLASST (dynamic block-sparse attention by softmax thresholding) demo. "
                     "Runs prefill and decode on a synthetic long-context workload and reports tile "
-                    "sparsity, error against dense attention and (on a GPU) time against dense.")
+                    "sparsity, error against dense attention and (on a GPU) time against dense.",
+        epilog="subcommands: " + "; ".join(f"'{n}': {d}" for n, (_, d) in SUBCOMMANDS.items())
+               + " (python -m blasst_cute NAME --help).")
     parser.add_argument("--seqlen", type=int, default=None,
                         help="context length (default: 16384 on a GPU, 4096 on the CPU)")
     parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
