@@ -22,7 +22,6 @@ def _launch(x: cute.Tensor):
 
 def test_disk_cache_roundtrip(tmp_path, monkeypatch):
     monkeypatch.setenv("BLASST_CUTE_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("CUTE_DSL_ARCH", "sm_90a")
     x = make_fake_tensor(cutlass.Float32, (32,), stride=(1,))
     calls = []
 
