@@ -235,22 +235,25 @@ def prefill(q, k, v, *, causal: bool = False, softmax_scale: Optional[float] = N
     return _pack_result(out, lse, stats, return_lse, return_stats)
 
 
-def decode(q, k_cache, v_cache, *, cache_seqlens: torch.Tensor,
-           block_table: Optional[torch.Tensor] = None, softmax_scale: Optional[float] = None,
-           threshold_scale_factor: Factor = None, return_lse: bool = False,
-           return_stats: bool = False, backend: str = "auto"):
-    """BLASST attention for decode against a (paged) KV cache.
+_decode_validated: dict = {}
+_TENSOR = torch.Tensor
 
-    q [B, Lq_new, Hq, D] holds the new tokens (Lq_new >= 1: speculative tokens are causal among
-    themselves); the cache already holds their keys, ``cache_seqlens[b]`` keys in all.
-    Paged (vLLM/FlashInfer convention): k_cache/v_cache [num_pages, page_size, Hk, D(v)],
-    ``block_table`` [B, max_pages] int32. Contiguous: k_cache/v_cache [B, capacity, Hk, D(v)].
-    λ = threshold_scale_factor / cache_seqlens[b]. Returns like :func:`prefill` (lse [B, Hq, Lq_new]).
-    """
-    _check_backend(backend)
-    _check_bool("return_lse", return_lse)
-    _check_bool("return_stats", return_stats)
-    _check_scale(softmax_scale)
+
+def _decode_signature(q, k_cache, v_cache, cache_seqlens, block_table):
+    """Everything the metadata checks of :func:`decode` read, or None (a non-tensor argument)."""
+    if not (type(q) is _TENSOR and type(k_cache) is _TENSOR and type(v_cache) is _TENSOR
+            and type(cache_seqlens) is _TENSOR
+            and (block_table is None or type(block_table) is _TENSOR)):
+        return None
+    return (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype,
+            k_cache.device, v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.device,
+            cache_seqlens.shape, cache_seqlens.dtype, cache_seqlens.device,
+            None if block_table is None else
+            (block_table.shape, block_table.dtype, block_table.device))
+
+
+def _check_decode_metadata(q, k_cache, v_cache, cache_seqlens, block_table) -> int:
+    """The checks of :func:`decode` that need no tensor contents; returns the cache capacity."""
     _check_qkv(q, k_cache, v_cache, 4, "_cache")
     if q.shape[1] < 1:
         raise ValueError(f"q must hold at least one new token per sequence (dim 1), got {q.shape[1]}")
@@ -268,13 +271,41 @@ def decode(q, k_cache, v_cache, *, cache_seqlens: torch.Tensor,
         _check_device("block_table", block_table, q.device)
         if block_table.shape[0] != batch:
             raise ValueError(f"block_table must have {batch} rows (one per sequence), got {block_table.shape[0]}")
-        capacity = block_table.shape[1] * k_cache.shape[1]
-    else:
-        if k_cache.shape[0] != batch:
-            raise ValueError(
-                f"without block_table, k_cache must be [B, capacity, Hk, D] with B={batch}, "
-                f"got {tuple(k_cache.shape)}")
-        capacity = k_cache.shape[1]
+        return block_table.shape[1] * k_cache.shape[1]
+    if k_cache.shape[0] != batch:
+        raise ValueError(
+            f"without block_table, k_cache must be [B, capacity, Hk, D] with B={batch}, "
+            f"got {tuple(k_cache.shape)}")
+    return k_cache.shape[1]
+
+
+def decode(q, k_cache, v_cache, *, cache_seqlens: torch.Tensor,
+           block_table: Optional[torch.Tensor] = None, softmax_scale: Optional[float] = None,
+           threshold_scale_factor: Factor = None, return_lse: bool = False,
+           return_stats: bool = False, backend: str = "auto"):
+    """BLASST attention for decode against a (paged) KV cache.
+
+    q [B, Lq_new, Hq, D] holds the new tokens (Lq_new >= 1: speculative tokens are causal among
+    themselves); the cache already holds their keys, ``cache_seqlens[b]`` keys in all.
+    Paged (vLLM/FlashInfer convention): k_cache/v_cache [num_pages, page_size, Hk, D(v)],
+    ``block_table`` [B, max_pages] int32. Contiguous: k_cache/v_cache [B, capacity, Hk, D(v)].
+    λ = threshold_scale_factor / cache_seqlens[b]. Returns like :func:`prefill` (lse [B, Hq, Lq_new]).
+    """
+    _check_backend(backend)
+    _check_bool("return_lse", return_lse)
+    _check_bool("return_stats", return_stats)
+    _check_scale(softmax_scale)
+    # The metadata checks below depend only on (shape, stride, dtype, device) of the tensors:
+    # a signature that passed them once is remembered (host overhead of repeated decode steps).
+    sig = _decode_signature(q, k_cache, v_cache, cache_seqlens, block_table)
+    capacity = _decode_validated.get(sig) if sig is not None else None
+    if capacity is None:
+        capacity = _check_decode_metadata(q, k_cache, v_cache, cache_seqlens, block_table)
+        if sig is not None:
+            if len(_decode_validated) > 4096:
+                _decode_validated.clear()
+            _decode_validated[sig] = capacity
+    batch = q.shape[0]
     lens = cache_seqlens.cpu() if _contents_checkable(cache_seqlens) else None
     if lens is not None and batch and (int(lens.min()) < 0 or int(lens.max()) > capacity):
         raise ValueError(f"cache_seqlens must lie in [0, {capacity}] (the cache capacity), "

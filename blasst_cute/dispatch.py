@@ -117,11 +117,13 @@ def _prefill_unsupported(call: PrefillCall) -> Optional[str]:
     major, minor = torch.cuda.get_device_capability(q.device)
     if major != 9:
         return f"compute capability {major}.{minor} (the prefill kernel targets sm_90a: H100/H200)"
-    if q.shape[-1] not in (64, 128, 256) or v.shape[-1] != q.shape[-1]:
-        return f"head dims q/k={q.shape[-1]}, v={v.shape[-1]} (supported: 64, 128, 256 with Dv == D)"
     launch, why = _kernel_launch_module()
     if launch is None:
         return why
+    pairs = getattr(launch, "SUPPORTED_HEAD_DIM_PAIRS", ((64, 64), (128, 128), (256, 256)))
+    if (q.shape[-1], v.shape[-1]) not in pairs:
+        return (f"head dims q/k={q.shape[-1]}, v={v.shape[-1]} (supported q/k/v: "
+                f"{', '.join(f'{d}/{dv}' for d, dv in pairs)})")
     if not hasattr(launch, "run_prefill_sm90"):
         return "the sm90 prefill kernel is not built in this version"
     return None
@@ -180,12 +182,27 @@ def _prefill_kernel(call: PrefillCall):
 # Decode
 # ----------------------------------------------------------------------------------------------
 
+_decode_ok: dict = {}  # (device index, dtype, d, dv, page size or None, strides) -> None/reason
+_decode_launch = None
+
+
+def _capability(q) -> Tuple[int, int]:
+    idx = q.get_device()
+    cap = _capabilities.get(idx)
+    if cap is None:
+        cap = _capabilities[idx] = torch.cuda.get_device_capability(q.device)
+    return cap
+
+
+_capabilities: dict = {}
+
+
 def _decode_unsupported(call: DecodeCall) -> Optional[str]:
     """Why the sm90 decode kernel cannot run this call (None when it can)."""
     q, kc, vc = call.q, call.k_cache, call.v_cache
     if q.dtype not in KERNEL_DTYPES:
         return f"dtype {q.dtype} (the kernels take float16 or bfloat16)"
-    major, minor = torch.cuda.get_device_capability(q.device)
+    major, minor = _capability(q)
     if major != 9:
         return f"compute capability {major}.{minor} (the decode kernel targets sm_90a: H100/H200)"
     if q.shape[-1] not in (64, 128) or vc.shape[-1] != q.shape[-1]:
@@ -203,38 +220,48 @@ def _decode_unsupported(call: DecodeCall) -> Optional[str]:
 
 
 def run_decode(call: DecodeCall, backend: str):
-    on_gpu = call.q.is_cuda
+    global _decode_launch
+    q = call.q
+    on_gpu = q.is_cuda
     if backend == "reference" or (backend == "auto" and not on_gpu):
-        num_sms = torch.cuda.get_device_properties(call.q.device).multi_processor_count if on_gpu else None
-        geom = decode_geometry(call.q.shape, call.k_cache.shape,
+        num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if on_gpu else None
+        geom = decode_geometry(q.shape, call.k_cache.shape,
                                None if call.block_table is None else call.block_table.shape, num_sms)
         out, lse, stats = reference.blasst_attention_paged(
-            call.q, call.k_cache, call.v_cache, cache_seqlens=call.cache_seqlens,
+            q, call.k_cache, call.v_cache, cache_seqlens=call.cache_seqlens,
             block_table=call.block_table, causal=True, softmax_scale=call.softmax_scale,
             threshold_scale_factor=call.threshold_scale_factor, **geom.kwargs())
         return out, lse, (stats if call.want_stats else None)
     if not on_gpu:
         raise NotImplementedError("backend='cute' needs CUDA tensors; q is on the CPU")
-    why = _decode_unsupported(call)
+    kc = call.k_cache
+    # The support verdict depends only on metadata: memoized per signature.
+    sig = (q.get_device(), q.dtype, q.shape[-1], call.v_cache.shape[-1], kc.shape, kc.stride(),
+           call.v_cache.stride(), call.block_table is None)
+    why = _decode_ok.get(sig, False)
+    if why is False:
+        why = _decode_ok[sig] = _decode_unsupported(call)
     if why is not None:
         raise NotImplementedError(f"blasst_cute.decode has no CuTe DSL kernel for {why}; "
                                   "pass backend='reference' to run the (slow) reference explicitly")
-    launch, _ = _decode_launch_module()
-    q = call.q.contiguous()
-    B, lq, hq, _ = q.shape
-    hk = call.k_cache.shape[2]
-    out = torch.empty(B, lq, hq, call.v_cache.shape[-1], dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, hq, lq, dtype=torch.float32, device=q.device)
+    launch = _decode_launch
+    if launch is None:
+        launch, _ = _decode_launch_module()
+        _decode_launch = launch
+    if not q.is_contiguous():
+        q = q.contiguous()
     visited = skipped = v_loaded = None
     if call.want_stats:
-        visited = torch.zeros(B, hk, dtype=torch.int32, device=q.device)
-        skipped, v_loaded = torch.zeros_like(visited), torch.zeros_like(visited)
+        cnt = torch.zeros(3, q.shape[0], kc.shape[2], dtype=torch.int32, device=q.device)
+        visited, skipped, v_loaded = cnt[0], cnt[1], cnt[2]
     table = call.block_table
     if table is not None and table.stride(-1) != 1:
         table = table.contiguous()
-    launch.run_decode_sm90(
-        q, call.k_cache, call.v_cache, out, lse, cache_seqlens=call.cache_seqlens.contiguous(),
-        block_table=table,
+    lens = call.cache_seqlens
+    if not lens.is_contiguous():
+        lens = lens.contiguous()
+    out, lse = launch.decode_sm90(
+        q, kc, call.v_cache, cache_seqlens=lens, block_table=table,
         softmax_scale=call.softmax_scale, threshold_scale_factor=call.threshold_scale_factor,
         visited=visited, skipped=skipped, v_loaded=v_loaded)
     stats = None

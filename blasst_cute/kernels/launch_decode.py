@@ -259,28 +259,45 @@ class _FastCall:
         self.ok = True
         self.first = True
 
+    def preset(self, positions, values):
+        """Write slots that stay fixed for this storage (a plan's shapes); returns self."""
+        for i, v in zip(positions, values):
+            self.store[i].value = v
+        return self
+
+    def call_dyn(self, positions, values):
+        """Write only the slots at ``positions`` (the rest were preset), then launch."""
+        store = self.store
+        with self.lock:
+            for i, v in zip(positions, values):
+                store[i].value = v
+            self._launch()
+
     def __call__(self, values):
         with self.lock:
             for st, v in zip(self.store, values):
                 st.value = v
-            if self.first:
-                self.fn.run_compiled_program(self.addrs)
-                self.first = False
-                ex = getattr(self.fn, "_default_executor", None)
-                self.packed = None
-                if ex is not None and hasattr(ex, "capi_func"):
-                    # Our argument addresses never change: pack them once, in a private buffer.
-                    n = len(self.addrs) + getattr(ex, "_num_extra_args", 0)
-                    tmp = ex._get_invoke_packed_args_func(self.addrs)
-                    self.packed = (ctypes.c_void_p * n)(*tmp[:n])
-                    self.executor = ex
-            elif self.packed is not None:
-                ex = self.executor
-                ex.capi_func(self.packed)
-                if ex._has_cuda_result and ex.cuda_result.value != 0:
-                    raise RuntimeError(f"blasst decode launch failed: {ex.cuda_result.value}")
-            else:
-                self.fn._default_executor.run_compiled_program(self.addrs)
+            self._launch()
+
+    def _launch(self):
+        if self.first:
+            self.fn.run_compiled_program(self.addrs)
+            self.first = False
+            ex = getattr(self.fn, "_default_executor", None)
+            self.packed = None
+            if ex is not None and hasattr(ex, "capi_func"):
+                # Our argument addresses never change: pack them once, in a private buffer.
+                n = len(self.addrs) + getattr(ex, "_num_extra_args", 0)
+                tmp = ex._get_invoke_packed_args_func(self.addrs)
+                self.packed = (ctypes.c_void_p * n)(*tmp[:n])
+                self.executor = ex
+        elif self.packed is not None:
+            ex = self.executor
+            ex.capi_func(self.packed)
+            if ex._has_cuda_result and ex.cuda_result.value != 0:
+                raise RuntimeError(f"blasst decode launch failed: {ex.cuda_result.value}")
+        else:
+            self.fn._default_executor.run_compiled_program(self.addrs)
 
 
 _fast: dict = {}
@@ -305,6 +322,192 @@ def _compiled(key, compile_args, maker):
     return fn
 
 
+class _Plan:
+    """Everything about one call signature that does not change from call to call: the
+    geometry, the compiled kernels, and (fast path) private launch storage whose static slots
+    (shapes, strides, split count) are filled once; a call only writes pointers, scale, factor
+    and stream."""
+
+    __slots__ = ("geo", "splits", "direct", "has_skip", "fpb", "has_stats", "fn", "cfn",
+                 "fast", "fast_pos", "cfast", "statics", "cstatics", "ws_o", "ws_numel", "out_shape",
+                 "lse_shape", "dtype", "device", "lock")
+
+    def __init__(self):
+        self.fast_pos = None
+
+
+_plans: dict = {}
+_CPOS = (0, 1, 2, 3, 8)  # combine: the dynamic slots (pointers, stream)
+
+
+def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, num_splits,
+               tuning) -> _Plan:
+    import cuda.bindings.driver as cuda
+
+    tile_n = None
+    if tuning:
+        tuning = dict(tuning)
+        tile_n = tuning.pop("tile_n", None)
+    geo = plan_decode_sm90(q, k_cache, block_table, num_splits, tile_n)
+    p = _Plan()
+    p.geo = geo
+    p.splits = splits = geo["num_splits"]
+    p.direct = direct = splits == 1
+    p.has_skip, p.fpb, p.has_stats = has_skip, fpb, has_stats
+    B, lq, hq, d = q.shape
+    paged = block_table is not None
+    page_size = k_cache.shape[1] if paged else None
+    config = dict(dtype=q.dtype, head_dim=d, page_size=page_size, tile_n=geo["block_n"],
+                  causal=bool(causal), has_skip=has_skip, factor_per_batch=fpb,
+                  has_stats=has_stats, direct_out=direct, order=geo["order"])
+    tkey = ()
+    if tuning:
+        config.update(tuning)  # experiments only: num_k_stages, num_v_stages, v_by_producer
+        tkey = tuple(sorted(tuning.items()))
+    ck = _config_key(config)
+    fkey = ("decode", q.dtype, d, page_size, geo["block_n"], bool(causal), has_skip, fpb,
+            has_stats, direct, geo["order"], tkey)
+    compile_args = _decode_compile_args(dict(ck), cuda.CUstream(0))
+    p.fn = _compiled(fkey, compile_args, lambda: _make_kernel(ck).launch_ptrs)
+    ks = k_cache.stride()
+    p.statics = [B, lq, hq, k_cache.shape[2], k_cache.shape[0], k_cache.shape[1], ks[0], ks[1],
+                 ks[2], block_table.shape[1] if paged else 1,
+                 block_table.stride(0) if paged else 1]
+    p.fast = None
+    n_ptr = 6 + paged + fpb + 3 * has_stats
+    if USE_FAST_CALL:
+        fc = _FastCall(p.fn, compile_args)
+        if fc.ok:
+            pos = list(range(n_ptr, n_ptr + len(p.statics))) + [n_ptr + len(p.statics) + 2]
+            p.fast = fc.preset(pos, p.statics + [splits])
+            p.fast_pos = list(range(n_ptr)) + [n_ptr + len(p.statics), n_ptr + len(p.statics) + 1,
+                                               n_ptr + len(p.statics) + 3]
+    p.out_shape = (B, lq, hq, d)
+    p.lse_shape = (B, hq, lq)
+    p.dtype = q.dtype
+    p.device = q.device
+    p.ws_o = splits * B * lq * hq * d
+    p.ws_numel = p.ws_o + splits * B * hq * lq
+    p.cfn = p.cfast = None
+    if not direct:
+        ckey = ("combine", q.dtype, d)
+        p.cfn = _compiled(ckey, _combine_compile_args(_TORCH_TO_CUTLASS[q.dtype]),
+                          lambda: BlasstDecodeCombineSm90(_TORCH_TO_CUTLASS[q.dtype], d).launch_ptrs)
+        p.cstatics = [splits, B, lq, hq]
+        if USE_FAST_CALL:
+            fc = _FastCall(p.cfn, _combine_compile_args(_TORCH_TO_CUTLASS[q.dtype]))
+            if fc.ok:
+                p.cfast = fc.preset((4, 5, 6, 7), p.cstatics)
+    p.lock = threading.Lock()
+    return p
+
+
+def _factor_kind(threshold_scale_factor, has_stats):
+    """(has_skip, factor tensor or None, scalar factor)."""
+    if isinstance(threshold_scale_factor, torch.Tensor):
+        return True, threshold_scale_factor, 0.0
+    if threshold_scale_factor is None:
+        return has_stats, None, 0.0
+    factor = float(threshold_scale_factor)
+    return factor > 0.0 or has_stats, None, factor
+
+
+def _launch(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, softmax_scale,
+            threshold_scale_factor, visited, skipped, v_loaded, causal, num_splits, workspace,
+            tuning):
+    """Plan (cached per call signature), launch; returns (plan, out, lse). out/lse None:
+    allocated here (after the decode launch when the combine writes them)."""
+    has_stats = visited is not None
+    if has_stats != (skipped is not None):
+        raise NotImplementedError("blasst sm90 decode: visited and skipped go together")
+    has_skip, factor_t, factor = _factor_kind(threshold_scale_factor, has_stats)
+    key = (q.shape, q.dtype, q.get_device(), k_cache.shape, k_cache.stride(),
+           None if block_table is None else (block_table.shape, block_table.stride(0)),
+           causal, has_skip, factor_t is not None, has_stats, num_splits,
+           tuple(sorted(tuning.items())) if tuning else None)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _make_plan(key, q, k_cache, block_table, causal, has_skip, factor_t is not None,
+                          has_stats, num_splits, tuning)
+        _plans[key] = plan
+    B, lq, hq, d = q.shape
+    if B == 0 or lq == 0 or hq == 0:
+        return plan, out, lse
+    if has_stats and v_loaded is None:
+        v_loaded = torch.zeros_like(visited)
+    if factor_t is not None and (factor_t.dtype != torch.float32 or factor_t.numel() != B
+                                 or not factor_t.is_contiguous()):
+        factor_t = factor_t.to(device=q.device, dtype=torch.float32).reshape(-1)
+        factor_t = factor_t.expand(B).contiguous() if factor_t.numel() == 1 else factor_t.contiguous()
+    if softmax_scale is None:
+        softmax_scale = d ** -0.5
+    direct = plan.direct
+    if direct:
+        if out is None:
+            out = torch.empty(plan.out_shape, dtype=plan.dtype, device=plan.device)
+            lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=plan.device)
+        o_p, lse_p = out.data_ptr(), lse.data_ptr()
+    elif workspace is not None:
+        o_p, lse_p = workspace[0].data_ptr(), workspace[1].data_ptr()
+    else:
+        ws = torch.empty(plan.ws_numel, dtype=torch.float32, device=plan.device)
+        o_p = ws.data_ptr()
+        lse_p = o_p + 4 * plan.ws_o
+    stream_h = _raw_stream(q.get_device()) if _raw_stream is not None else \
+        _current_stream(q.device)
+    ptrs = [q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), o_p, lse_p,
+            cache_seqlens.data_ptr()]
+    if block_table is not None:
+        ptrs.append(block_table.data_ptr())
+    if factor_t is not None:
+        ptrs.append(factor_t.data_ptr())
+    if has_stats:
+        ptrs += [visited.data_ptr(), skipped.data_ptr(), v_loaded.data_ptr()]
+    fast = plan.fast
+    if fast is not None:
+        ptrs += (float(softmax_scale), factor, stream_h)
+        fast.call_dyn(plan.fast_pos, ptrs)
+    else:
+        _slow_decode_call(plan, q, ptrs, softmax_scale, factor, stream_h, block_table, factor_t,
+                          has_stats)
+    if not direct:
+        if out is None:
+            out = torch.empty(plan.out_shape, dtype=plan.dtype, device=plan.device)
+            lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=plan.device)
+        cvals = [o_p, lse_p, out.data_ptr(), lse.data_ptr(), stream_h]
+        if plan.cfast is not None:
+            plan.cfast.call_dyn(_CPOS, cvals)
+        else:
+            dt = _TORCH_TO_CUTLASS[q.dtype]
+            plan.cfn(_mkptr(Float32, o_p, 16), _mkptr(Float32, lse_p, 4), _mkptr(dt, cvals[2], 16),
+                     _mkptr(Float32, cvals[3], 4), *[Int32(x) for x in plan.cstatics],
+                     _cuda_stream(stream_h))
+    return plan, out, lse
+
+
+def _mkptr(dtype, addr, align):
+    return cute.runtime.make_ptr(dtype, addr, _GMEM, assumed_align=align)
+
+
+def _slow_decode_call(plan, q, ptrs, softmax_scale, factor, stream_h, block_table, factor_t,
+                      has_stats):
+    """The DSL's generic call (used only when the fast path could not verify its storage)."""
+    dt = _TORCH_TO_CUTLASS[q.dtype]
+    it = iter(ptrs)
+    qp, kp, vp = (_mkptr(dt, next(it), 16) for _ in range(3))
+    op = _mkptr(dt if plan.direct else Float32, next(it), 16)
+    lp = _mkptr(Float32, next(it), 4)
+    sp = _mkptr(Int32, next(it), 4)
+    btp = _mkptr(Int32, next(it), 4) if block_table is not None else None
+    fp = _mkptr(Float32, next(it), 4) if factor_t is not None else None
+    st = [_mkptr(Int32, next(it), 4) for _ in range(3)] if has_stats else [None] * 3
+    s = plan.statics
+    plan.fn(qp, kp, vp, op, lp, sp, btp, fp, *st,
+            Int32(s[0]), Int32(s[1]), Int32(s[2]), Int32(s[3]), Int32(s[4]), Int32(s[5]),
+            cutlass.Int64(s[6]), Int32(s[7]), Int32(s[8]), Int32(s[9]), Int32(s[10]),
+            Float32(softmax_scale), Float32(factor), Int32(plan.splits), _cuda_stream(stream_h))
+
+
 def run_decode_sm90(q, k_cache, v_cache, out, lse, *, cache_seqlens, block_table=None,
                     softmax_scale: Optional[float] = None, threshold_scale_factor=None,
                     visited=None, skipped=None, v_loaded=None, causal: bool = True,
@@ -323,111 +526,29 @@ def run_decode_sm90(q, k_cache, v_cache, out, lse, *, cache_seqlens, block_table
     lse_partial [S, B, Hq, Lq] fp32) with S >= num_splits, for allocation-free graph replays.
     Returns the geometry used (pass it to the reference).
     """
-    import cuda.bindings.driver as cuda
+    plan, _, _ = _launch(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, softmax_scale,
+                         threshold_scale_factor, visited, skipped, v_loaded, causal, num_splits,
+                         workspace, tuning)
+    return plan.geo
 
-    tile_n = None
-    if tuning:
-        tuning = dict(tuning)
-        tile_n = tuning.pop("tile_n", None)
-    geo = plan_decode_sm90(q, k_cache, block_table, num_splits, tile_n)
-    splits = geo["num_splits"]
-    B, lq, hq, d = q.shape
-    if B == 0 or lq == 0 or hq == 0:
-        return geo
-    has_stats = visited is not None
-    if has_stats != (skipped is not None):
-        raise NotImplementedError("blasst sm90 decode: visited and skipped go together")
-    if has_stats and v_loaded is None:
-        v_loaded = torch.zeros_like(visited)
-    factor_t = None
-    factor = 0.0
-    if isinstance(threshold_scale_factor, torch.Tensor):
-        factor_t = threshold_scale_factor
-        if factor_t.dtype != torch.float32 or factor_t.numel() != B or not factor_t.is_contiguous():
-            factor_t = factor_t.to(device=q.device, dtype=torch.float32).reshape(-1)
-            factor_t = factor_t.expand(B).contiguous() if factor_t.numel() == 1 else factor_t.contiguous()
-        has_skip = True
-    elif threshold_scale_factor is None:
-        has_skip = has_stats
-    else:
-        factor = float(threshold_scale_factor)
-        has_skip = factor > 0.0 or has_stats
-    if softmax_scale is None:
-        softmax_scale = d ** -0.5
-    direct = splits == 1
-    paged = block_table is not None
-    key = ("decode", q.dtype, d, k_cache.shape[1] if paged else None, geo["block_n"], bool(causal),
-           has_skip, factor_t is not None, has_stats, direct, geo["order"],
-           tuple(sorted(tuning.items())) if tuning else ())
-    fn = _cache.get(key)
-    if fn is None:
-        config = dict(dtype=q.dtype, head_dim=d, page_size=k_cache.shape[1] if paged else None,
-                      tile_n=geo["block_n"], causal=bool(causal), has_skip=has_skip,
-                      factor_per_batch=factor_t is not None, has_stats=has_stats,
-                      direct_out=direct, order=geo["order"])
-        if tuning:
-            config.update(tuning)  # experiments only: num_k_stages, num_v_stages
-        ck = _config_key(config)
-        fn = _compiled(key, _decode_compile_args(dict(ck), cuda.CUstream(0)),
-                       lambda: _make_kernel(ck).launch_ptrs)
-    if direct:
-        o_t, lse_t = out, lse
-    elif workspace is not None:
-        o_t, lse_t = workspace
-    else:
-        o_t = torch.empty(splits, B, lq, hq, d, dtype=torch.float32, device=q.device)
-        lse_t = torch.empty(splits, B, hq, lq, dtype=torch.float32, device=q.device)
-    dt = _TORCH_TO_CUTLASS[q.dtype]
-    stream_h = _current_stream(q.device)
-    ks = k_cache.stride()
-    opt = [t.data_ptr() for t in (block_table, factor_t, visited, skipped, v_loaded) if t is not None]
-    values = [q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), o_t.data_ptr(), lse_t.data_ptr(),
-              cache_seqlens.data_ptr(), *opt,
-              B, lq, hq, k_cache.shape[2], k_cache.shape[0], k_cache.shape[1], ks[0], ks[1], ks[2],
-              block_table.shape[1] if paged else 1, block_table.stride(0) if paged else 1,
-              float(softmax_scale), factor, splits, stream_h]
-    fast = _fast.get(key) if USE_FAST_CALL else None
-    if fast is not None and fast.ok:
-        fast(values)
-    else:
-        fn(
-            _ptr(dt, q, 16), _ptr(dt, k_cache, 16), _ptr(dt, v_cache, 16),
-            _ptr(dt if direct else Float32, o_t, 16), _ptr(Float32, lse_t, 4),
-            _ptr(Int32, cache_seqlens, 4), _ptr(Int32, block_table, 4), _ptr(Float32, factor_t, 4),
-            _ptr(Int32, visited, 4), _ptr(Int32, skipped, 4), _ptr(Int32, v_loaded, 4),
-            Int32(B), Int32(lq), Int32(hq), Int32(k_cache.shape[2]), Int32(k_cache.shape[0]),
-            Int32(k_cache.shape[1]), cutlass.Int64(ks[0]), Int32(ks[1]), Int32(ks[2]),
-            Int32(block_table.shape[1] if paged else 1),
-            Int32(block_table.stride(0) if paged else 1),
-            Float32(softmax_scale), Float32(factor), Int32(splits),
-            cuda.CUstream(stream_h),
-        )
-        if USE_FAST_CALL and key not in _fast:
-            c = dict(_config_key(dict(dtype=q.dtype, head_dim=d,
-                                      page_size=k_cache.shape[1] if paged else None,
-                                      tile_n=geo["block_n"], causal=bool(causal),
-                                      has_skip=has_skip, factor_per_batch=factor_t is not None,
-                                      has_stats=has_stats, direct_out=direct, order=geo["order"])))
-            _fast[key] = _FastCall(fn, _decode_compile_args(c, cuda.CUstream(0)))
-    if not direct:
-        ckey = ("combine", q.dtype, d)
-        cfn = _cache.get(ckey)
-        if cfn is None:
-            with _cache_lock:
-                cfn = compile_combine_sm90(q.dtype, d)
-                _cache[ckey] = cfn
-        cvalues = [o_t.data_ptr(), lse_t.data_ptr(), out.data_ptr(), lse.data_ptr(), splits, B, lq,
-                   hq, stream_h]
-        cfast = _fast.get(ckey) if USE_FAST_CALL else None
-        if cfast is not None and cfast.ok:
-            cfast(cvalues)
-        else:
-            cfn(_ptr(Float32, o_t, 16), _ptr(Float32, lse_t, 4), _ptr(dt, out, 16),
-                _ptr(Float32, lse, 4), Int32(splits), Int32(B), Int32(lq), Int32(hq),
-                cuda.CUstream(stream_h))
-            if USE_FAST_CALL and ckey not in _fast:
-                _fast[ckey] = _FastCall(cfn, _combine_compile_args(_TORCH_TO_CUTLASS[q.dtype]))
-    return geo
+
+def decode_sm90(q, k_cache, v_cache, *, cache_seqlens, block_table=None,
+                softmax_scale: Optional[float] = None, threshold_scale_factor=None,
+                visited=None, skipped=None, v_loaded=None, causal: bool = True,
+                tuning: Optional[dict] = None):
+    """Like :func:`run_decode_sm90`, but allocates and returns (out, lse); with splits they are
+    allocated after the decode launch (off the path to the first kernel)."""
+    plan, out, lse = _launch(q, k_cache, v_cache, None, None, cache_seqlens, block_table,
+                             softmax_scale, threshold_scale_factor, visited, skipped, v_loaded,
+                             causal, None, None, tuning or DEFAULT_TUNING)
+    if out is None:  # empty problem
+        out = torch.empty(plan.out_shape, dtype=plan.dtype, device=plan.device)
+        lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=plan.device)
+    return out, lse
+
+
+# The tuning the public path (blasst_cute.decode) uses; None = the kernel's defaults.
+DEFAULT_TUNING: Optional[dict] = None
 
 
 def supported_configs():
@@ -444,8 +565,10 @@ def supported_configs():
 
 def clear_cache() -> None:
     _cache.clear()
+    _plans.clear()
+    _geo_cache.clear()
 
 
 __all__ = ["decode_geometry_sm90", "plan_decode_sm90", "compile_decode_sm90",
-           "compile_combine_sm90", "run_decode_sm90", "supported_configs", "clear_cache"]
+           "compile_combine_sm90", "run_decode_sm90", "decode_sm90", "supported_configs", "clear_cache"]
 del math

@@ -21,7 +21,8 @@ import traceback
 
 import torch
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+sys.path.insert(0, os.environ.get("BLASST_ROOT")
+                or os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 from blasst_cute import reference  # noqa: E402
 from blasst_cute.kernels import launch_decode  # noqa: E402
@@ -459,6 +460,76 @@ def bench(configs, page_size=64, with_n64=False):
             f"(device time per call {t_dev * 1e6:.1f} us)")
 
 
+def api_bench(iters=30):
+    """The perf/bench.py methodology (median of CUDA-event-bracketed single calls through
+    ``blasst_cute.decode``, content checks off, rotating input sets), next to torch SDPA
+    cuDNN/flash timed the same way, plus the kernel-only time (CUDA graph replay) and the host
+    time per call. Prints one line per point."""
+    import blasst_cute
+    sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "perf")))
+    import bench as pb  # perf/bench.py
+    from blasst_cute.workloads import synthetic_qkv, to_paged
+    from blasst_cute import api
+    api.set_content_checks(False)
+    # host time per call (B=1, L=1024), as perf/bench.py
+    q, k, v = synthetic_qkv(1, 1, 1024, 32, 8, 128, dtype=torch.bfloat16, device="cuda")
+    kc, vc, bt = to_paged(k, v, 64)
+    lens = torch.full((1,), 1024, dtype=torch.int32, device="cuda")
+    for f in ((100.0, None) if not os.environ.get("BENCH_CFGS") else ()):
+        h = pb.host_us_per_call(lambda: blasst_cute.decode(q, kc, vc, cache_seqlens=lens,
+                                                           block_table=bt, threshold_scale_factor=f))
+        log(f"API host us/call B=1 L=1024 factor={f}: {h:.1f}")
+    cfgs = [(1, 32768, 32, 8, 30000), (8, 32768, 32, 8, 5000), (64, 32768, 32, 8, 1000),
+            (1, 131072, 32, 8, 60000), (1, 32768, 64, 4, 30000), (8, 32768, 64, 4, 15000),
+            (64, 32768, 64, 4, 5000)]
+    if os.environ.get("BENCH_CFGS"):  # e.g. "3,4,5": a subset (device time is scarce)
+        cfgs = [cfgs[int(i)] for i in os.environ["BENCH_CFGS"].split(",")]
+    log(f"{'shape':<24} {'what':<14} {'sparsity':>8} {'ms':>8} {'GB/s':>7} {'vs best':>8}")
+    for B, L, hq, hk, fac in cfgs:
+        kv_bytes = 2 * B * L * hk * 128 * 2
+        sets = []
+        for sd in range(pb.n_rotations(kv_bytes)):
+            q, k, v = synthetic_qkv(B, 1, L, hq, hk, 128, dtype=torch.bfloat16, device="cuda",
+                                    seed=sd)
+            kc, vc, bt = to_paged(k, v, 64, seed=sd)
+            sets.append((q, k, v, kc, vc, bt))
+        lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+        shape = f"B={B} L={L} {hq}/{hk}"
+        best = None
+        peers = {n: pb._sdpa(n) for n in ("cudnn", "flash")}
+        for name, fn in peers.items():
+            try:
+                ms = pb.bench_ms([lambda s=s, fn=fn: fn(s[0], s[1], s[2], False) for s in sets],
+                                 iters=iters)
+            except Exception as e:  # noqa: BLE001
+                log(f"{shape:<24} sdpa-{name}: {type(e).__name__}")
+                continue
+            best = ms if best is None else min(best, ms)
+            log(f"{shape:<24} {'sdpa-' + name:<14} {'':>8} {ms:>8.4f} {kv_bytes / ms / 1e6:>7.0f}")
+        for f in (0, fac):
+            s0 = sets[0]
+            _, st = blasst_cute.decode(s0[0], s0[3], s0[4], cache_seqlens=lens, block_table=s0[5],
+                                       threshold_scale_factor=f, return_stats=True)
+            ms = pb.bench_ms([lambda s=s: blasst_cute.decode(
+                s[0], s[3], s[4], cache_seqlens=lens, block_table=s[5],
+                threshold_scale_factor=f or None) for s in sets], iters=iters)
+            # kernel only: run_decode_sm90 with a workspace, captured in a CUDA graph
+            out = torch.empty_like(s0[0])
+            lse = torch.empty(B, hq, 1, device="cuda")
+            geo = launch_decode.plan_decode_sm90(s0[0], s0[3], s0[5])
+            S = geo["num_splits"]
+            ws = (torch.empty(S, B, 1, hq, 128, device="cuda"), torch.empty(S, B, hq, 1, device="cuda"))
+            tk = _time_graph(lambda: launch_decode.run_decode_sm90(
+                s0[0], s0[3], s0[4], out, lse, cache_seqlens=lens, block_table=s0[5],
+                threshold_scale_factor=f or None, workspace=ws)) * 1e3
+            rel = f"{best / ms:.2f}x" if best else "-"
+            log(f"{shape:<24} {'blasst f=' + format(f, 'g'):<14} {st.sparsity * 100:>7.1f}% "
+                f"{ms:>8.4f} {kv_bytes / ms / 1e6:>7.0f} {rel:>8}   kernel-only(graph) {tk:.4f} ms "
+                f"({kv_bytes / tk / 1e6:.0f} GB/s) splits={S}")
+        del sets, peers, out, lse, ws, s0
+        torch.cuda.empty_cache()
+
+
 def ncu_case(B=8, L=32768, hq=32, hk=8, factor=30000.0):
     """Two launches for `ncu` (dense, then skipping at `factor`), after a warm-up of each."""
     from blasst_cute.workloads import synthetic_qkv
@@ -483,6 +554,7 @@ def ncu_case(B=8, L=32768, hq=32, hk=8, factor=30000.0):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ncu-case", action="store_true")
+    ap.add_argument("--api-bench", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--no-check", action="store_true")
@@ -491,6 +563,12 @@ def main():
     args = ap.parse_args()
     if args.ncu_case:
         ncu_case()
+        return
+    if args.api_bench:
+        log(f"torch {torch.__version__}, device {torch.cuda.get_device_name()}")
+        api_bench()
+        with open(os.path.join(args.out, "api_bench.log"), "w") as f:
+            f.write("\n".join(LOG) + "\n")
         return
     log(f"torch {torch.__version__}, device {torch.cuda.get_device_name()}")
     ok = True

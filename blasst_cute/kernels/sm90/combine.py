@@ -105,12 +105,14 @@ class BlasstDecodeCombineSm90:
             acc = cute.make_rmem_tensor((self.per_lane,), Float32)
             acc.fill(0.0)
             part = cute.make_rmem_tensor((self.per_lane,), Float32)
-            for s in cutlass.range(num_splits, unroll=1):
+            # Unrolled so that several splits' loads are in flight at once (the loop is
+            # latency-bound otherwise); an empty split's O slot is loaded but never used.
+            for s in cutlass.range(num_splits, unroll=4):
                 ls = mLSEp[s, b, head, pos]
+                src = cute.local_tile(mOp[s, b, pos, head, None], (self.per_lane,), (lane,))
+                cute.autovec_copy(src, part)
                 if ls > -Float32.inf:
                     w = cute.math.exp2((ls - lse) * LOG2_E, fastmath=True)
-                    src = cute.local_tile(mOp[s, b, pos, head, None], (self.per_lane,), (lane,))
-                    cute.autovec_copy(src, part)
                     for j in cutlass.range_constexpr(self.per_lane):
                         acc[j] = acc[j] + w * part[j]
             out = cute.make_rmem_tensor((self.per_lane,), self.dtype)
