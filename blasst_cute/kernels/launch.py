@@ -16,7 +16,13 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32
 
 from blasst_cute.kernels import compile_cache
-from blasst_cute.kernels.sm90.prefill import SUPPORTED_HEAD_DIMS, BlasstFwdSm90, default_tile_config
+from blasst_cute.kernels.sm90.prefill import (
+    SUPPORTED_HEAD_DIM_PAIRS,
+    SUPPORTED_HEAD_DIMS,
+    BlasstFwdSm90,
+    check_head_dims,
+    default_tile_config,
+)
 
 _TORCH_TO_CUTLASS = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16}
 _NAME_TO_TORCH = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -42,12 +48,9 @@ def prefill_geometry(head_dim: int, head_dim_v: int, causal: bool, dtype,
     (``rows_per_decision=16``); ``decision_rows=64`` describes the per-warpgroup variant
     (``tuning={"decision_rows": 64}``).
     """
-    if head_dim not in SUPPORTED_HEAD_DIMS or head_dim_v != head_dim:
-        raise NotImplementedError(
-            f"blasst sm90 prefill: head dims {head_dim}/{head_dim_v} (64, 128, 256 with Dv == D)"
-        )
+    check_head_dims(head_dim, head_dim_v)
     _torch_dtype(dtype)
-    cfg = default_tile_config(head_dim, causal)
+    cfg = default_tile_config(head_dim, causal, head_dim_v)
     return dict(block_m=cfg["tile_m"], block_n=cfg["tile_n"], rows_per_decision=decision_rows,
                 order="reverse", pack_gqa=False)
 
@@ -210,4 +213,4 @@ def clear_cache() -> None:
     compile_cache.clear_memory()
 
 
-__all__ = ["prefill_geometry", "compile_prefill_sm90", "run_prefill_sm90", "clear_cache"]
+__all__ = ["SUPPORTED_HEAD_DIM_PAIRS", "SUPPORTED_HEAD_DIMS", "prefill_geometry", "compile_prefill_sm90", "run_prefill_sm90", "clear_cache"]

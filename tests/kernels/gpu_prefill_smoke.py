@@ -102,11 +102,17 @@ def geometry(q, v, causal, tuning=None):
 # checks
 # ---------------------------------------------------------------------------------------------
 
-def check_dense(B, Lq, Lk, Hq, Hk, D, causal, dtype, seed=0, tol=1.2e-2):
+def _dims(D, Dv):
+    """Head dims as logged: '128', or '192/128' when the v head dim differs."""
+    return f"{D}" if Dv is None or Dv == D else f"{D}/{Dv}"
+
+
+def check_dense(B, Lq, Lk, Hq, Hk, D, causal, dtype, seed=0, tol=1.2e-2, Dv=None):
+    Dv = D if Dv is None else Dv
     g = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(B, Lq, Hq, D, device="cuda", dtype=dtype, generator=g)
     k = torch.randn(B, Lk, Hk, D, device="cuda", dtype=dtype, generator=g)
-    v = torch.randn(B, Lk, Hk, D, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(B, Lk, Hk, Dv, device="cuda", dtype=dtype, generator=g)
     scale = D ** -0.5
     out, lse, _, _ = run_kernel(q, k, v, causal=causal, scale=scale)
     torch.cuda.synchronize()
@@ -114,16 +120,16 @@ def check_dense(B, Lq, Lk, Hq, Hk, D, causal, dtype, seed=0, tol=1.2e-2):
     nan = int(torch.isnan(out).sum()) + int(torch.isnan(lse).sum())
     e, el = rel_err(out, ro), lse_err(lse, rl)
     ok = nan == 0 and e < tol and el < 5e-2
-    log(f"{'PASS' if ok else 'FAIL'} dense B={B} Lq={Lq} Lk={Lk} H={Hq}/{Hk} D={D} causal={causal} "
+    log(f"{'PASS' if ok else 'FAIL'} dense B={B} Lq={Lq} Lk={Lk} H={Hq}/{Hk} D={_dims(D, Dv)} causal={causal} "
         f"{str(dtype)[6:]}: rel_err={e:.2e} lse_maxerr={el:.2e} unwritten={nan}")
     return ok
 
 
 def check_skip(B, Lq, Lk, Hq, Hk, D, causal, dtype, factor, seed=0, synthetic=True,
-               flip_tol=0.005, verbose=True, tuning=None):
+               flip_tol=0.005, verbose=True, tuning=None, Dv=None):
     from blasst_cute.workloads import random_qkv, synthetic_qkv
     mk = synthetic_qkv if synthetic else random_qkv
-    q, k, v = mk(B, Lq, Lk, Hq, Hk, D, dtype=dtype, device="cuda", seed=seed)
+    q, k, v = mk(B, Lq, Lk, Hq, Hk, D, Dv, dtype=dtype, device="cuda", seed=seed)
     scale = D ** -0.5
     out, lse, vis, skp = run_kernel(q, k, v, causal=causal, scale=scale, factor=factor, stats=True,
                                     tuning=tuning)
@@ -139,19 +145,20 @@ def check_skip(B, Lq, Lk, Hq, Hk, D, causal, dtype, factor, seed=0, synthetic=Tr
     sp = float(skp.sum()) / max(1, int(vis.sum()))
     ok = nan == 0 and vis_ok and dskip <= max(1, flip_tol * tot) and e < 2e-2
     if verbose or not ok:
-        log(f"{'PASS' if ok else 'FAIL'} skip B={B} Lq={Lq} Lk={Lk} H={Hq}/{Hk} D={D} "
+        log(f"{'PASS' if ok else 'FAIL'} skip B={B} Lq={Lq} Lk={Lk} H={Hq}/{Hk} D={_dims(D, Dv)} "
             f"causal={causal} {str(dtype)[6:]} factor={factor}{' ' + str(tuning) if tuning else ''}: sparsity={sp:.3f} "
             f"ref_sparsity={st.sparsity:.3f} visited_equal={vis_ok} |dskip|={dskip}/{tot} "
             f"rel_err_vs_ref={e:.2e} lse_err={el:.2e} unwritten={nan}")
     return ok
 
 
-def check_varlen(seqs_q, seqs_k, Hq, Hk, D, causal, dtype, factor=None, seed=0):
+def check_varlen(seqs_q, seqs_k, Hq, Hk, D, causal, dtype, factor=None, seed=0, Dv=None):
+    Dv = D if Dv is None else Dv
     g = torch.Generator(device="cuda").manual_seed(seed)
     tq, tk = sum(seqs_q), sum(seqs_k)
     q = torch.randn(tq, Hq, D, device="cuda", dtype=dtype, generator=g)
     k = torch.randn(tk, Hk, D, device="cuda", dtype=dtype, generator=g)
-    v = torch.randn(tk, Hk, D, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(tk, Hk, Dv, device="cuda", dtype=dtype, generator=g)
     cu_q = torch.tensor([0] + list(torch.tensor(seqs_q).cumsum(0)), dtype=torch.int32, device="cuda")
     cu_k = torch.tensor([0] + list(torch.tensor(seqs_k).cumsum(0)), dtype=torch.int32, device="cuda")
     scale = D ** -0.5
@@ -171,7 +178,7 @@ def check_varlen(seqs_q, seqs_k, Hq, Hk, D, causal, dtype, factor=None, seed=0):
         vis_ok = bool((vis.long() == st.visited).all())
         ok = ok and vis_ok and dskip <= max(1, 0.005 * int(st.visited.sum()))
         extra = f" visited_equal={vis_ok} |dskip|={dskip}/{int(st.visited.sum())}"
-    log(f"{'PASS' if ok else 'FAIL'} varlen q={seqs_q} k={seqs_k} H={Hq}/{Hk} D={D} "
+    log(f"{'PASS' if ok else 'FAIL'} varlen q={seqs_q} k={seqs_k} H={Hq}/{Hk} D={_dims(D, Dv)} "
         f"causal={causal} factor={factor}: rel_err={e:.2e} lse_err={el:.2e} unwritten={nan}{extra}")
     return ok
 
@@ -180,7 +187,7 @@ def random_sweep(n, seed=1234):
     rng = random.Random(seed)
     fails = 0
     for i in range(n):
-        D = rng.choice([64, 128, 256])
+        D, Dv = rng.choice([(64, 64), (128, 128), (256, 256), (192, 128)])
         causal = rng.random() < 0.5
         dtype = rng.choice([torch.bfloat16, torch.float16])
         Hk = rng.choice([1, 2, 4])
@@ -191,10 +198,10 @@ def random_sweep(n, seed=1234):
         factor = rng.choice([None, 0.5, 2.0, 10.0, 100.0])
         try:
             if factor is None:
-                ok = check_dense(B, Lq, Lk, Hq, Hk, D, causal, dtype, seed=i)
+                ok = check_dense(B, Lq, Lk, Hq, Hk, D, causal, dtype, seed=i, Dv=Dv)
             else:
                 ok = check_skip(B, Lq, Lk, Hq, Hk, D, causal, dtype, factor, seed=i,
-                                synthetic=rng.random() < 0.5, verbose=False)
+                                synthetic=rng.random() < 0.5, verbose=False, Dv=Dv)
         except Exception as exc:  # noqa: BLE001
             ok = False
             log(f"ERROR sweep case {i}: {type(exc).__name__}: {exc}")
@@ -223,14 +230,16 @@ def bench_ms(fn, warmup=5, rep=20):
     return ts[len(ts) // 2]
 
 
-def attn_flops(B, Lq, Lk, Hq, D, causal):
+def attn_flops(B, Lq, Lk, Hq, D, causal, Dv=None):
+    """2 * B * Hq * pairs * (D + Dv), pairs = visible (query, key) pairs."""
+    Dv = D if Dv is None else Dv
     if causal:
-        # average attended keys for bottom-right causal
-        pairs = sum(min(Lk, max(0, i + Lk - Lq + 1)) for i in range(0, Lq, max(1, Lq // 512)))
-        pairs = pairs * Lq / len(range(0, Lq, max(1, Lq // 512)))
+        # exact count for bottom-right causal: row i sees min(Lk, max(0, i + Lk - Lq + 1)) keys
+        i = torch.arange(Lq, dtype=torch.float64)
+        pairs = float((i + (Lk - Lq + 1)).clamp(0, Lk).sum())
     else:
         pairs = Lq * Lk
-    return 4.0 * B * Hq * pairs * D
+    return 2.0 * B * Hq * pairs * (D + Dv)
 
 
 def benchmark(rows):
@@ -366,6 +375,148 @@ def bench_skip_pairs(B, L, Hq, Hk, D, causal, cases, warm_s=3.0, rep=30):
     log(f"  dense spread over the run: {min(dense_ts):.3f} .. {max(dense_ts):.3f} ms")
 
 
+def bench_mla(shapes, factors, D=192, Dv=128, rep=20, fa4_only=False):
+    """MLA prefill (q/k 192, v 128, MHA, causal) on the synthetic workload: this kernel dense and
+    with skipping (factor sweep), ping-pong on/off, torch SDPA per backend (and FA4 if importable).
+    TFLOP/s = 2 * B * H * pairs * (D + Dv) / t, pairs = visible (query, key) pairs; skip rows give
+    the dense-equivalent TFLOP/s, the speedup over this kernel's dense run and the ideal
+    1 / (1 - s / 2) (s = fraction of (16-row group, key tile) pairs skipped)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from blasst_cute.workloads import synthetic_qkv
+    try:
+        from flash_attn.cute import flash_attn_func as fa4
+    except Exception as exc:  # noqa: BLE001
+        fa4 = None
+        log(f"FA4 not importable: {type(exc).__name__}: {exc}")
+    log(f"MLA prefill bench: D={D} Dv={Dv} causal, bf16, {torch.cuda.get_device_name()}")
+    data = {}
+    for (B, L, H) in shapes:
+        t0 = time.time()
+        # Heads are independent: a smaller head count takes the first heads of a larger draw.
+        hit = next((x for (b, l, h), x in data.items() if (b, l) == (B, L) and h >= H), None)
+        if hit is None:
+            hit = synthetic_qkv(B, L, L, H, H, D, Dv, dtype=torch.bfloat16, device="cuda", seed=0)
+            data[(B, L, H)] = hit
+        q, k, v = (x[:, :, :H].contiguous() for x in hit)
+        out = torch.empty(B, L, H, Dv, device="cuda", dtype=torch.bfloat16)
+        lse = torch.empty(B, H, L, device="cuda")
+        sc = D ** -0.5
+        fl = attn_flops(B, L, L, H, D, True, Dv)
+        tf = lambda t: fl / t / 1e9
+        run = lambda f, tune=None, **kw: launch.run_prefill_sm90(
+            q, k, v, out, lse, causal=True, softmax_scale=sc, threshold_scale_factor=f,
+            tuning=tune, **kw)
+        run(None)
+        torch.cuda.synchronize()
+        t_dense = bench_ms(lambda: run(None), rep=rep)
+        o_dense = out.clone()
+        line = f"B={B} L={L} H={H}: data {time.time() - t0:.1f}s | ours dense {tf(t_dense):6.1f} TFLOP/s ({t_dense:.3f} ms)"
+        if not fa4_only:
+            t_pp = bench_ms(lambda: run(None, {"pingpong": True}), rep=rep)
+            line += f" | pingpong {tf(t_pp):6.1f}"
+        t_ref = float("nan")
+        if fa4 is not None:
+            try:
+                fa4(q, k, v, causal=True, softmax_scale=sc)
+                t_fa4 = bench_ms(lambda: fa4(q, k, v, causal=True, softmax_scale=sc), rep=rep)
+                line += f" | FA4 {tf(t_fa4):6.1f} (ours/FA4 speed {t_fa4 / t_dense:.3f})"
+            except Exception as exc:  # noqa: BLE001
+                line += f" | FA4 ERROR {type(exc).__name__}: {str(exc)[:120]}"
+        if fa4_only:
+            log(line)
+            continue
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        best = (float("inf"), "-")
+        for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                         ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+            try:
+                with sdpa_kernel([be]):
+                    f_sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(
+                        qt, kt, vt, is_causal=True, scale=sc)
+                    o_s = f_sdpa()
+                    torch.cuda.synchronize()
+                    t = bench_ms(f_sdpa, rep=rep)
+                err = rel_err(o_dense, o_s.transpose(1, 2))
+                line += f" | SDPA-{name} {tf(t):6.1f} (ours vs it rel_err {err:.1e})"
+                best = min(best, (t, name))
+            except Exception as exc:  # noqa: BLE001
+                line += f" | SDPA-{name} n/a ({type(exc).__name__})"
+        t_ref = best[0]
+        line += f" | ours/best-SDPA speed {t_ref / t_dense:.3f}"
+        log(line)
+        log(f"  {'variant':9s} {'factor':>8s} {'sparsity':>8s} {'ms':>8s} {'TFLOP/s-eq':>10s} "
+            f"{'vs dense':>8s} {'ideal':>6s} {'vs SDPA':>7s}")
+        for tname, tune in (("default", None), ("pingpong", {"pingpong": True})):
+            for f in factors:
+                vis = torch.zeros(B, H, dtype=torch.int32, device="cuda")
+                skp = torch.zeros_like(vis)
+                run(f, tune, visited=vis, skipped=skp)
+                sp = float(skp.sum()) / max(1, int(vis.sum()))
+                t = bench_ms(lambda: run(f, tune), rep=rep)
+                log(f"  {tname:9s} {f:8g} {sp:8.3f} {t:8.3f} {tf(t):10.1f} {t_dense / t:8.3f} "
+                    f"{1 / (1 - sp / 2):6.3f} {t_ref / t:7.3f}")
+        del q, k, v, qt, kt, vt, out, lse, o_dense
+        torch.cuda.empty_cache()
+
+
+def _prewarm_one(cfg):
+    """Compile (through the disk cache) one configuration by a tiny launch."""
+    dt, D, Dv, causal, kind, varlen, tuning = cfg
+    try:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dt]
+        hq = hk = 2
+        if varlen:
+            q = torch.randn(130, hq, D, device="cuda", dtype=dtype)
+            k = torch.randn(130, hk, D, device="cuda", dtype=dtype)
+            v = torch.randn(130, hk, Dv, device="cuda", dtype=dtype)
+            cu = torch.tensor([0, 60, 130], dtype=torch.int32, device="cuda")
+            kw = dict(cu_q=cu, cu_k=cu, max_q=70)
+            batch = 2
+        else:
+            q = torch.randn(2, 130, hq, D, device="cuda", dtype=dtype)
+            k = torch.randn(2, 130, hk, D, device="cuda", dtype=dtype)
+            v = torch.randn(2, 130, hk, Dv, device="cuda", dtype=dtype)
+            kw, batch = {}, 2
+        factor = {"dense": None, "skip": 1.0, "skip_stats": 1.0,
+                  "fpb": torch.ones(batch, device="cuda")}[kind]
+        run_kernel(q, k, v, causal=causal, scale=D ** -0.5, factor=factor,
+                   stats=kind in ("skip_stats", "fpb"), tuning=tuning, **kw)
+        torch.cuda.synchronize()
+        return None
+    except Exception as exc:  # noqa: BLE001
+        return f"{cfg}: {type(exc).__name__}: {exc}"
+
+
+def prewarm(workers):
+    """Fill the disk compile cache in parallel for the configurations the GPU tests and the MLA
+    benchmark use (set CUTE_DSL_ARCH the same way in every process: it is part of the cache key)."""
+    import itertools
+    import multiprocessing as mp
+    pairs = [(64, 64), (128, 128), (256, 256), (192, 128)]
+    cfgs = []
+    for dt, (D, Dv), causal, kind in itertools.product(("bf16", "fp16"), pairs, (False, True),
+                                                       ("dense", "skip_stats")):
+        cfgs.append((dt, D, Dv, causal, kind, False, None))
+    for (D, Dv), causal, kind in itertools.product(pairs, (False, True), ("dense", "skip_stats")):
+        cfgs.append(("bf16", D, Dv, causal, kind, True, None))
+    for causal in (False, True):
+        cfgs.append(("bf16", 128, 128, causal, "skip_stats", False, {"decision_rows": 64}))
+    cfgs.append(("bf16", 128, 128, True, "fpb", False, None))
+    cfgs.append(("bf16", 192, 128, True, "fpb", False, None))
+    cfgs.append(("bf16", 192, 128, True, "skip", False, None))
+    cfgs.append(("bf16", 192, 128, True, "dense", False, {"pingpong": True}))
+    cfgs.append(("bf16", 192, 128, True, "skip", False, {"pingpong": True}))
+    cfgs.append(("bf16", 192, 128, True, "skip_stats", False, {"pingpong": True}))
+    t0 = time.time()
+    with mp.get_context("spawn").Pool(workers) as pool:
+        errs = [e for e in pool.imap_unordered(_prewarm_one, cfgs) if e]
+    log(f"prewarm: {len(cfgs)} configurations in {time.time() - t0:.1f} s with {workers} workers; "
+        f"{len(errs)} errors")
+    for e in errs:
+        log(f"  prewarm error {e}")
+
+
 def bench_variants(B, L, Hq, Hk, D, causal, factor_sparse=1000.0):
     """Tuning knobs on synthetic data (same inputs for every variant)."""
     from blasst_cute.workloads import synthetic_qkv
@@ -434,6 +585,11 @@ def main():
     ap.add_argument("--pairs-set", default="full", choices=["full", "diag"])
     ap.add_argument("--skip-table", action="store_true",
                     help="only the dense vs skip-variant table (L=16k, hdim 128, 32/8 heads)")
+    ap.add_argument("--mla-bench", action="store_true",
+                    help="MLA prefill (192/128, MHA, causal) dense + skip sweep vs SDPA at 32k tokens")
+    ap.add_argument("--fa4-only", action="store_true", help="with --mla-bench: ours dense vs FA4 only")
+    ap.add_argument("--prewarm", type=int, default=0,
+                    help="fill the disk compile cache with N parallel workers, then exit")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     log(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}")
@@ -449,6 +605,19 @@ def main():
             log(traceback.format_exc(limit=3))
 
     bf, fp = torch.bfloat16, torch.float16
+    if args.prewarm:
+        prewarm(args.prewarm)
+        return
+    if args.mla_bench:
+        shapes = [(4, 8192, 32), (2, 16384, 32), (4, 8192, 16), (2, 16384, 16)]
+        if args.fa4_only:
+            shapes = shapes[:2]
+        guard(bench_mla, shapes, [1e-4, 1.0, 10.0, 100.0, 1000.0, 5000.0], fa4_only=args.fa4_only)
+        os.makedirs(args.out, exist_ok=True)
+        name = "mla_fa4.log" if args.fa4_only else "mla_bench.log"
+        with open(os.path.join(args.out, name), "w") as f:
+            f.write("\n".join(LOG) + "\n")
+        return
     if args.skip_pairs:
         w, g = {}, {"decision_rows": 64}
         if args.pairs_set == "diag":
@@ -536,6 +705,11 @@ def correctness(args, guard):
         guard(check_varlen, [100, 1, 300, 257], [200, 5, 300, 700], 4, 2, 128, True, bf)
         guard(check_varlen, [100, 1, 300, 257], [200, 5, 300, 700], 4, 2, 64, False, bf, 20.0)
         guard(check_varlen, [513, 64], [1000, 64], 2, 2, 256, True, fp, 50.0)
+        for causal in (False, True):  # MLA prefill head dims
+            guard(check_dense, 2, 333, 1000, 8, 2, 192, causal, bf, Dv=128)
+            guard(check_skip, 2, 1000, 1500, 4, 4, 192, causal, bf, 30.0, Dv=128)
+            guard(check_varlen, [100, 1, 300, 257], [200, 5, 300, 700], 4, 4, 192, causal, bf, 20.0,
+                  Dv=128)
     if args.sweep:
         guard(random_sweep, args.sweep)
 

@@ -21,6 +21,13 @@ import gpu_prefill_smoke as smoke  # noqa: E402
 
 DTYPES = [torch.bfloat16, torch.float16]
 HEAD_DIMS = [64, 128, 256]
+# (q/k head dim, v head dim): the MHA/GQA dims and MLA prefill (128 nope + 64 rope, v 128).
+HEAD_DIM_PAIRS = [(d, d) for d in HEAD_DIMS] + [(192, 128)]
+MLA = (192, 128)
+
+
+def _dims_id(dims):
+    return f"{dims[0]}x{dims[1]}"
 VARIANTS = {
     "dense": dict(has_skip=False, has_stats=False),
     "skip": dict(has_skip=True, has_stats=False),
@@ -37,7 +44,8 @@ def _on_hopper():
 # CPU: compilation of every configuration
 # ---------------------------------------------------------------------------------------------
 
-_CONFIGS = list(itertools.product(DTYPES, HEAD_DIMS, [False, True], list(VARIANTS), [False, True]))
+_CONFIGS = list(itertools.product(DTYPES, HEAD_DIM_PAIRS, [False, True], list(VARIANTS),
+                                  [False, True]))
 
 
 def _marks(dtype, variant, varlen):
@@ -47,42 +55,66 @@ def _marks(dtype, variant, varlen):
 
 
 @pytest.mark.parametrize(
-    "dtype,head_dim,causal,variant,varlen",
+    "dtype,dims,causal,variant,varlen",
     [pytest.param(*c, marks=_marks(c[0], c[3], c[4])) for c in _CONFIGS],
-    ids=lambda x: str(x).replace("torch.", ""),
+    ids=lambda x: _dims_id(x) if isinstance(x, tuple) else str(x).replace("torch.", ""),
 )
-def test_compile_sm90a(dtype, head_dim, causal, variant, varlen):
+def test_compile_sm90a(dtype, dims, causal, variant, varlen):
     if os.environ.get("CUTE_DSL_ARCH", "sm_90a") != "sm_90a" and not _on_hopper():
         pytest.skip("CUTE_DSL_ARCH is not sm_90a")
-    cfg = dict(dtype=dtype, head_dim=head_dim, causal=causal, varlen=varlen, **VARIANTS[variant])
+    cfg = dict(dtype=dtype, head_dim=dims[0], head_dim_v=dims[1], causal=causal, varlen=varlen,
+               **VARIANTS[variant])
     fn = launch.compile_prefill_sm90(cfg)
     assert fn is not None
 
 
 @pytest.mark.parametrize("tuning", [dict(decision_rows=64), dict(decision_rows=64, vote_smem=False),
                                     dict(pv_skip=False), dict(num_stages=3)], ids=str)
-@pytest.mark.parametrize("head_dim", [128, 256])
-def test_compile_skip_variants(tuning, head_dim):
+@pytest.mark.parametrize("dims", [(128, 128), (256, 256), MLA], ids=_dims_id)
+def test_compile_skip_variants(tuning, dims):
     """Selectable skip variants (per-warpgroup decision, PV always issued, 3 stages) compile."""
     if os.environ.get("CUTE_DSL_ARCH", "sm_90a") != "sm_90a" and not _on_hopper():
         pytest.skip("CUTE_DSL_ARCH is not sm_90a")
-    if head_dim == 256 and tuning.get("num_stages") == 3:
-        pytest.skip("hdim 256 x 3 stages does not fit shared memory")
-    cfg = dict(dtype=torch.bfloat16, head_dim=head_dim, causal=True, has_skip=True, has_stats=True,
-               **tuning)
+    if dims[0] > 128 and tuning.get("num_stages") == 3:
+        pytest.skip(f"hdim {dims[0]}/{dims[1]} x 3 stages does not fit shared memory")
+    cfg = dict(dtype=torch.bfloat16, head_dim=dims[0], head_dim_v=dims[1], causal=True,
+               has_skip=True, has_stats=True, **tuning)
+    assert launch.compile_prefill_sm90(cfg) is not None
+
+
+@pytest.mark.parametrize("tuning", [dict(pingpong=True), dict(tile_n=112)], ids=str)
+@pytest.mark.parametrize("has_skip", [False, True])
+def test_compile_mla_tile_variants(tuning, has_skip):
+    """MLA prefill (192/128) alternatives: ping-pong on (off by default, as FA4 for hdim > 128),
+    FA4's 128 x 112 tile."""
+    if os.environ.get("CUTE_DSL_ARCH", "sm_90a") != "sm_90a" and not _on_hopper():
+        pytest.skip("CUTE_DSL_ARCH is not sm_90a")
+    cfg = dict(dtype=torch.bfloat16, head_dim=192, head_dim_v=128, causal=True,
+               has_skip=has_skip, has_stats=has_skip, **tuning)
     assert launch.compile_prefill_sm90(cfg) is not None
 
 
 def test_geometry():
-    for d in HEAD_DIMS:
+    block_n = {(64, 64): 128, (128, 128): 128, (256, 256): 80, (192, 128): 128}
+    for d, dv in HEAD_DIM_PAIRS:
         for causal in (False, True):
-            g = launch.prefill_geometry(d, d, causal, torch.bfloat16)
+            g = launch.prefill_geometry(d, dv, causal, torch.bfloat16)
             assert g["rows_per_decision"] == 16 and g["block_m"] == 128
+            assert g["block_n"] == block_n[(d, dv)]
             assert g["order"] == "reverse" and g["pack_gqa"] is False
             assert set(g) == {"block_m", "block_n", "rows_per_decision", "order", "pack_gqa"}
 
 
+def test_dispatch_geometry_mla():
+    """The public geometry (used by the reference backend) is the kernel's for 192/128."""
+    from blasst_cute import dispatch
+    g = dispatch.prefill_geometry(192, 128, True, torch.bfloat16).kwargs()
+    assert g["block_m"] == 128 and g["block_n"] == 128 and g["rows_per_decision"] == 16
+
+
 @pytest.mark.parametrize("bad", [dict(head_dim=96), dict(head_dim=128, head_dim_v=64),
+                                 dict(head_dim=192), dict(head_dim=192, head_dim_v=64),
+                                 dict(head_dim=128, head_dim_v=192),
                                  dict(head_dim=128, dtype=torch.float32)])
 def test_unsupported_raises(bad):
     cfg = dict(dtype=torch.bfloat16, causal=False)
@@ -99,30 +131,59 @@ def test_unsupported_raises(bad):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dims", HEAD_DIM_PAIRS, ids=_dims_id)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", [(2, 333, 1000, 8, 2), (1, 700, 250, 4, 1), (3, 128, 128, 4, 4),
                                    (1, 1, 77, 2, 2)])
 @pytest.mark.gpu
-def test_dense_vs_float64(dtype, head_dim, causal, shape):
+def test_dense_vs_float64(dtype, dims, causal, shape):
     if not _on_hopper():
         pytest.skip("needs sm_90")
     B, Lq, Lk, Hq, Hk = shape
-    assert smoke.check_dense(B, Lq, Lk, Hq, Hk, head_dim, causal, dtype, seed=hash(shape) % 1000)
+    assert smoke.check_dense(B, Lq, Lk, Hq, Hk, dims[0], causal, dtype, seed=hash(shape) % 1000,
+                             Dv=dims[1])
 
 
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dims", HEAD_DIM_PAIRS, ids=_dims_id)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("factor,synthetic", [(30.0, True), (300.0, True), (5.0, False),
                                               (1e4, False)])
 @pytest.mark.gpu
-def test_skip_matches_reference(head_dim, causal, factor, synthetic):
+def test_skip_matches_reference(dims, causal, factor, synthetic):
     if not _on_hopper():
         pytest.skip("needs sm_90")
-    assert smoke.check_skip(2, 1000, 1500, 4, 1, head_dim, causal, torch.bfloat16, factor,
-                            synthetic=synthetic)
-    assert smoke.check_skip(1, 777, 777, 4, 4, head_dim, causal, torch.float16, factor,
-                            synthetic=synthetic)
+    d, dv = dims
+    assert smoke.check_skip(2, 1000, 1500, 4, 1, d, causal, torch.bfloat16, factor,
+                            synthetic=synthetic, Dv=dv)
+    assert smoke.check_skip(1, 777, 777, 4, 4, d, causal, torch.float16, factor,
+                            synthetic=synthetic, Dv=dv)
+
+
+@pytest.mark.gpu
+def test_mla_public_api():
+    """blasst_cute.prefill runs the kernel for 192/128 (MHA, causal, varlen and batched, stats)."""
+    if not _on_hopper():
+        pytest.skip("needs sm_90")
+    import blasst_cute
+    from blasst_cute import reference
+    from blasst_cute.workloads import synthetic_qkv
+    q, k, v = synthetic_qkv(2, 500, 500, 4, 4, 192, 128, device="cuda", seed=5)
+    out, lse, st = blasst_cute.prefill(q, k, v, causal=True, threshold_scale_factor=50.0,
+                                       return_lse=True, return_stats=True, backend="cute")
+    assert out.shape == (2, 500, 4, 128)
+    ro, rl, rst = reference.blasst_attention(q, k, v, causal=True, softmax_scale=192 ** -0.5,
+                                             threshold_scale_factor=50.0,
+                                             **smoke.geometry(q, v, True))
+    assert smoke.rel_err(out, ro) < 2e-2
+    assert bool((st.visited.cpu() == rst.visited.cpu()).all())
+    assert int((st.skipped.cpu() - rst.skipped.cpu()).abs().sum()) <= max(
+        1, 0.005 * int(rst.visited.sum()))
+    # varlen through the API
+    cu = torch.tensor([0, 500, 1000], dtype=torch.int32, device="cuda")
+    out_v = blasst_cute.prefill(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), causal=True,
+                                threshold_scale_factor=50.0, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                max_seqlen_q=500, max_seqlen_k=500, backend="cute")
+    assert smoke.rel_err(out_v.view(2, 500, 4, 128), out) < 1e-3
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -171,15 +232,15 @@ def test_dense_skip_bit_identical_at_zero_sparsity():
     assert torch.equal(o1, o2) and torch.equal(l1, l2)
 
 
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dims", HEAD_DIM_PAIRS, ids=_dims_id)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("factor", [None, 20.0])
 @pytest.mark.gpu
-def test_varlen(head_dim, causal, factor):
+def test_varlen(dims, causal, factor):
     if not _on_hopper():
         pytest.skip("needs sm_90")
-    assert smoke.check_varlen([100, 1, 300, 257, 0], [200, 5, 300, 700, 3], 4, 2, head_dim, causal,
-                              torch.bfloat16, factor)
+    assert smoke.check_varlen([100, 1, 300, 257, 0], [200, 5, 300, 700, 3], 4, 2, dims[0], causal,
+                              torch.bfloat16, factor, Dv=dims[1])
 
 
 @pytest.mark.gpu

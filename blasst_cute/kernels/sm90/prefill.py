@@ -57,15 +57,34 @@ from blasst_cute.kernels.common.softmax_skip import (
 )
 from blasst_cute.kernels.common.tile_info import KeyTileRange, SeqInfo
 
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
+SUPPORTED_HEAD_DIMS = (64, 128, 256)  # with head_dim_v == head_dim
+# (q/k head dim, v head dim) pairs: the MHA/GQA dims, and DeepSeek MLA prefill (128 nope + 64 rope
+# q/k dims, 128 v dims).
+SUPPORTED_HEAD_DIM_PAIRS = tuple((d, d) for d in SUPPORTED_HEAD_DIMS) + ((192, 128),)
 
 
-def default_tile_config(head_dim: int, causal: bool) -> dict:
-    """Tile sizes per head dim (2 consumer warpgroups of 64 rows each)."""
+def check_head_dims(head_dim: int, head_dim_v: int) -> None:
+    if (head_dim, head_dim_v) not in SUPPORTED_HEAD_DIM_PAIRS:
+        raise NotImplementedError(
+            f"blasst sm90 prefill: head dims q/k={head_dim}, v={head_dim_v} "
+            f"(supported: {', '.join(f'{d}/{dv}' for d, dv in SUPPORTED_HEAD_DIM_PAIRS)})"
+        )
+
+
+def default_tile_config(head_dim: int, causal: bool, head_dim_v: Optional[int] = None) -> dict:
+    """Tile sizes per head dims (2 consumer warpgroups of 64 rows each).
+
+    192/128 (MLA prefill): 128 x 128 as FA3/FA4 pick for hdim <= 192 with hdim_v <= 128; the
+    register budget is that of hdim 128 (O and P are sized by hdim_v and tile_n, Q stays in smem)
+    and shared memory is Q 48 KiB + K 2 x 48 KiB + V 2 x 32 KiB = 208 KiB.
+    """
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
     if head_dim <= 64:
         return dict(tile_m=128, tile_n=128, num_stages=2)
     if head_dim <= 128:
         return dict(tile_m=128, tile_n=128, num_stages=2)
+    if head_dim <= 192:
+        return dict(tile_m=128, tile_n=128 if head_dim_v <= 128 else 112, num_stages=2)
     return dict(tile_m=128, tile_n=80, num_stages=2)
 
 
@@ -101,15 +120,10 @@ class BlasstFwdSm90:
         head_dim_v = head_dim if head_dim_v is None else head_dim_v
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
             raise NotImplementedError(f"blasst sm90 prefill: dtype {dtype} (bf16/fp16 only)")
-        if head_dim not in SUPPORTED_HEAD_DIMS:
-            raise NotImplementedError(f"blasst sm90 prefill: head_dim {head_dim} (64/128/256 only)")
-        if head_dim_v != head_dim:
-            raise NotImplementedError(
-                f"blasst sm90 prefill: head_dim_v {head_dim_v} != head_dim {head_dim}"
-            )
+        check_head_dims(head_dim, head_dim_v)
         if has_stats and not has_skip:
             raise NotImplementedError("blasst sm90 prefill: stats without skipping")
-        cfg = default_tile_config(head_dim, causal)
+        cfg = default_tile_config(head_dim, causal, head_dim_v)
         self.dtype = dtype
         self.head_dim = head_dim
         self.head_dim_v = head_dim_v
