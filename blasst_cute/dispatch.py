@@ -7,7 +7,8 @@ skip decisions. Compiled kernels are cached by :mod:`blasst_cute.kernels.launch`
 
 from __future__ import annotations
 
-import math
+import functools
+import importlib
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -51,18 +52,30 @@ class DecodeCall:
     want_stats: bool
 
 
-def _kernel_launch_module():
-    """The kernel glue module, or the reason it cannot be used."""
+@functools.lru_cache(maxsize=None)
+def _kernel_module(name: str):
+    """(module, None) for the kernel glue module ``blasst_cute.kernels.<name>``, or (None, why)."""
     try:
-        from .kernels import launch  # noqa: WPS433 (imports the CuTe DSL)
+        return importlib.import_module(f"{__package__}.kernels.{name}"), None
     except Exception as exc:  # pragma: no cover - depends on the installation
         return None, f"the CuTe DSL kernels could not be imported ({type(exc).__name__}: {exc})"
-    return launch, None
+
+
+_capabilities: dict = {}
+
+
+def _capability(t: torch.Tensor) -> Tuple[int, int]:
+    """The compute capability of a CUDA tensor's device (queried once per device)."""
+    idx = t.get_device()
+    cap = _capabilities.get(idx)
+    if cap is None:
+        cap = _capabilities[idx] = torch.cuda.get_device_capability(t.device)
+    return cap
 
 
 def prefill_geometry(head_dim: int, head_dim_v: int, causal: bool, dtype: torch.dtype) -> Geometry:
     """The tile geometry the Hopper prefill kernel uses for this configuration."""
-    launch, _ = _kernel_launch_module()
+    launch, _ = _kernel_module("launch")
     # The geometry does not depend on the dtype: fp32/fp64 reference calls take the bf16 kernel's,
     # so CPU and GPU runs of one workload skip the same tiles.
     kdtype = dtype if dtype in KERNEL_DTYPES else torch.bfloat16
@@ -72,14 +85,6 @@ def prefill_geometry(head_dim: int, head_dim_v: int, causal: bool, dtype: torch.
         except NotImplementedError:
             pass  # a head dim no kernel takes: the reference still runs, at the default tiling
     return Geometry(block_m=128, block_n=128)
-
-
-def _decode_launch_module():
-    try:
-        from .kernels import launch_decode  # noqa: WPS433 (imports the CuTe DSL)
-    except Exception as exc:  # pragma: no cover - depends on the installation
-        return None, f"the CuTe DSL decode kernels could not be imported ({type(exc).__name__}: {exc})"
-    return launch_decode, None
 
 
 def decode_geometry(q_shape, k_cache_shape, block_table_shape=None, num_sms: Optional[int] = None) -> Geometry:
@@ -95,7 +100,7 @@ def decode_geometry(q_shape, k_cache_shape, block_table_shape=None, num_sms: Opt
         page_size, cap = k_cache_shape[1], block_table_shape[1] * k_cache_shape[1]
     else:
         page_size, cap = None, k_cache_shape[1]
-    launch, _ = _decode_launch_module()
+    launch, _ = _kernel_module("launch_decode")
     if launch is not None:
         try:
             return Geometry(**launch.decode_geometry_sm90(hq // hk, lq, page_size, B, hk, cap,
@@ -111,13 +116,13 @@ def decode_geometry(q_shape, k_cache_shape, block_table_shape=None, num_sms: Opt
 
 def _prefill_unsupported(call: PrefillCall) -> Optional[str]:
     """Why the sm90 prefill kernel cannot run this call (None when it can)."""
-    q, k, v = call.q, call.k, call.v
+    q, v = call.q, call.v
     if q.dtype not in KERNEL_DTYPES:
         return f"dtype {q.dtype} (the kernels take float16 or bfloat16)"
-    major, minor = torch.cuda.get_device_capability(q.device)
+    major, minor = _capability(q)
     if major != 9:
         return f"compute capability {major}.{minor} (the prefill kernel targets sm_90a: H100/H200)"
-    launch, why = _kernel_launch_module()
+    launch, why = _kernel_module("launch")
     if launch is None:
         return why
     pairs = getattr(launch, "SUPPORTED_HEAD_DIM_PAIRS", ((64, 64), (128, 128), (256, 256)))
@@ -155,7 +160,7 @@ def _prefill_reference(call: PrefillCall):
 
 
 def _prefill_kernel(call: PrefillCall):
-    launch, _ = _kernel_launch_module()
+    launch, _ = _kernel_module("launch")
     q, k, v = call.q, call.k, call.v
     hq = q.shape[-2]
     if call.varlen:
@@ -183,18 +188,6 @@ def _prefill_kernel(call: PrefillCall):
 # ----------------------------------------------------------------------------------------------
 
 _decode_ok: dict = {}  # (device index, dtype, d, dv, page size or None, strides) -> None/reason
-_decode_launch = None
-
-
-def _capability(q) -> Tuple[int, int]:
-    idx = q.get_device()
-    cap = _capabilities.get(idx)
-    if cap is None:
-        cap = _capabilities[idx] = torch.cuda.get_device_capability(q.device)
-    return cap
-
-
-_capabilities: dict = {}
 
 
 def _decode_unsupported(call: DecodeCall) -> Optional[str]:
@@ -207,7 +200,7 @@ def _decode_unsupported(call: DecodeCall) -> Optional[str]:
         return f"compute capability {major}.{minor} (the decode kernel targets sm_90a: H100/H200)"
     if q.shape[-1] not in (64, 128) or vc.shape[-1] != q.shape[-1]:
         return f"head dims q/k={q.shape[-1]}, v={vc.shape[-1]} (supported: 64, 128 with Dv == D)"
-    launch, why = _decode_launch_module()
+    launch, why = _kernel_module("launch_decode")
     if launch is None:
         return why
     if call.block_table is not None and kc.shape[1] not in launch.SUPPORTED_PAGE_SIZES:
@@ -220,7 +213,6 @@ def _decode_unsupported(call: DecodeCall) -> Optional[str]:
 
 
 def run_decode(call: DecodeCall, backend: str):
-    global _decode_launch
     q = call.q
     on_gpu = q.is_cuda
     if backend == "reference" or (backend == "auto" and not on_gpu):
@@ -244,10 +236,7 @@ def run_decode(call: DecodeCall, backend: str):
     if why is not None:
         raise NotImplementedError(f"blasst_cute.decode has no CuTe DSL kernel for {why}; "
                                   "pass backend='reference' to run the (slow) reference explicitly")
-    launch = _decode_launch
-    if launch is None:
-        launch, _ = _decode_launch_module()
-        _decode_launch = launch
+    launch, _ = _kernel_module("launch_decode")
     if not q.is_contiguous():
         q = q.contiguous()
     visited = skipped = v_loaded = None
@@ -268,7 +257,3 @@ def run_decode(call: DecodeCall, backend: str):
     if call.want_stats:
         stats = BlasstStats(visited.long(), skipped.long(), v_loaded.long())
     return out, lse, stats
-
-
-def default_softmax_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

@@ -6,7 +6,6 @@ dim); this module only converts, compiles and launches.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch

@@ -2,9 +2,7 @@
 
 import enum
 
-import cutlass
 import cutlass.cute as cute
-from cutlass import Int32, const_expr
 from cutlass.cute.nvgpu import warpgroup
 
 

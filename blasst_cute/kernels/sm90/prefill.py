@@ -20,7 +20,6 @@
 # Idioms follow FlashAttention-4's SM90 forward (flash_attn/cute/flash_fwd_sm90.py) and CUTLASS's
 # CuTe DSL Hopper FMHA example; the code here is written for blasst_cute.
 
-import math
 from typing import Optional
 
 import cuda.bindings.driver as cuda
