@@ -142,10 +142,10 @@ def main(argv=None) -> int:
     parser.add_argument("--heads-q", type=int, default=8, help="query heads (default 8)")
     parser.add_argument("--heads-kv", type=int, default=2, help="kv heads (default 2)")
     parser.add_argument("--head-dim", type=int, default=128, help="head dim (default 128)")
-    parser.add_argument("--prefill-factor", type=float, default=1000.0,
-                        help="threshold_scale_factor for prefill: λ = factor / L (default 1000)")
-    parser.add_argument("--decode-factor", type=float, default=100.0,
-                        help="threshold_scale_factor for decode (default 100)")
+    parser.add_argument("--prefill-factor", type=float, default=200.0,
+                        help="threshold_scale_factor for prefill: λ = factor / L (default 200)")
+    parser.add_argument("--decode-factor", type=float, default=1000.0,
+                        help="threshold_scale_factor for decode (default 1000)")
     parser.add_argument("--decode-tokens", type=int, default=1, help="new tokens per decode step (default 1)")
     parser.add_argument("--page-size", type=int, default=64, help="KV-cache page size (default 64)")
     parser.add_argument("--device", choices=("auto", "cpu"), default="auto",
