@@ -67,10 +67,12 @@ def _store(fn, directory: Path, name: str) -> None:
         os.replace(os.path.join(tmp, name + ".o"), directory / (name + ".o"))  # atomic publish
 
 
-def get_or_compile(key: Hashable, compile_fn: Callable[[], object]):
+def get_or_compile(key: Hashable, compile_fn: Callable[[], object], disk: bool = True):
     """The compiled function for ``key``: from memory, else from disk, else ``compile_fn()``.
 
-    A disk entry that cannot be written or read only costs a recompilation (with a warning).
+    ``disk=False`` keeps the entry in memory only (for callers that rely on attributes of a freshly
+    compiled function). A disk entry that cannot be written or read only costs a recompilation
+    (with a warning).
     """
     fn = _memory.get(key)
     if fn is not None:
@@ -79,7 +81,7 @@ def get_or_compile(key: Hashable, compile_fn: Callable[[], object]):
         fn = _memory.get(key)
         if fn is not None:
             return fn
-        directory = disk_cache_dir()
+        directory = disk_cache_dir() if disk else None
         name = _entry_name(key)
         if directory is not None and (directory / (name + ".o")).exists():
             try:

@@ -10,11 +10,11 @@ from typing import Optional
 
 import torch
 
-import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 
 from blasst_cute.kernels import compile_cache
+from blasst_cute.kernels.dtypes import TORCH_TO_CUTLASS, kernel_dtype
 from blasst_cute.kernels.sm90.prefill import (
     SUPPORTED_HEAD_DIM_PAIRS,
     SUPPORTED_HEAD_DIMS,
@@ -22,21 +22,6 @@ from blasst_cute.kernels.sm90.prefill import (
     check_head_dims,
     default_tile_config,
 )
-
-_TORCH_TO_CUTLASS = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16}
-_NAME_TO_TORCH = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-                  "fp16": torch.float16, "float16": torch.float16}
-
-
-
-def _torch_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, str):
-        if dtype not in _NAME_TO_TORCH:
-            raise NotImplementedError(f"blasst sm90 prefill: dtype {dtype!r}")
-        return _NAME_TO_TORCH[dtype]
-    if dtype not in _TORCH_TO_CUTLASS:
-        raise NotImplementedError(f"blasst sm90 prefill: dtype {dtype} (bf16/fp16 only)")
-    return dtype
 
 
 def prefill_geometry(head_dim: int, head_dim_v: int, causal: bool, dtype,
@@ -48,7 +33,7 @@ def prefill_geometry(head_dim: int, head_dim_v: int, causal: bool, dtype,
     (``tuning={"decision_rows": 64}``).
     """
     check_head_dims(head_dim, head_dim_v)
-    _torch_dtype(dtype)
+    kernel_dtype(dtype, "sm90 prefill")
     cfg = default_tile_config(head_dim, causal, head_dim_v)
     return dict(block_m=cfg["tile_m"], block_n=cfg["tile_n"], rows_per_decision=decision_rows,
                 order="reverse", pack_gqa=False)
@@ -60,7 +45,7 @@ def prefill_geometry(head_dim: int, head_dim_v: int, causal: bool, dtype,
 
 def _config_key(config: dict) -> tuple:
     c = dict(config)
-    c["dtype"] = _torch_dtype(c.get("dtype", torch.bfloat16))
+    c["dtype"] = kernel_dtype(c.get("dtype", torch.bfloat16), "sm90 prefill")
     c.setdefault("head_dim_v", c["head_dim"])
     for k in ("causal", "has_skip", "has_stats", "varlen", "factor_per_batch"):
         c[k] = bool(c.get(k, False))
@@ -80,7 +65,7 @@ def _config_key(config: dict) -> tuple:
 def _make_kernel(key: tuple) -> BlasstFwdSm90:
     c = dict(key)
     return BlasstFwdSm90(
-        _TORCH_TO_CUTLASS[c["dtype"]], c["head_dim"], c["head_dim_v"], causal=c["causal"],
+        TORCH_TO_CUTLASS[c["dtype"]], c["head_dim"], c["head_dim_v"], causal=c["causal"],
         has_skip=c["has_skip"], has_stats=c["has_stats"], varlen=c["varlen"],
         factor_per_batch=c["factor_per_batch"], tile_n=c["tile_n"], num_stages=c["num_stages"],
         intra_wg_overlap=c["intra_wg_overlap"], pingpong=c["pingpong"],
@@ -108,7 +93,7 @@ def compile_prefill_sm90(config: dict, options: Optional[str] = None):
     key = _config_key(config)
     c = dict(key)
     kern = _make_kernel(key)
-    dt = _TORCH_TO_CUTLASS[c["dtype"]]
+    dt = TORCH_TO_CUTLASS[c["dtype"]]
     d, dv = c["head_dim"], c["head_dim_v"]
     a = 128 // dt.width
     hq, hk = cute.sym_int(), cute.sym_int()

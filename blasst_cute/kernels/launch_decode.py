@@ -24,6 +24,8 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 
+from blasst_cute.kernels import compile_cache
+from blasst_cute.kernels.dtypes import TORCH_TO_CUTLASS, kernel_dtype
 from blasst_cute.kernels.sm90.combine import BlasstDecodeCombineSm90
 from blasst_cute.kernels.sm90.decode import (
     SUPPORTED_PAGE_SIZES,
@@ -31,25 +33,14 @@ from blasst_cute.kernels.sm90.decode import (
     BlasstDecodeSm90,
 )
 
-_TORCH_TO_CUTLASS = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16}
-_NAME_TO_TORCH = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-                  "fp16": torch.float16, "float16": torch.float16}
 
 MIN_TILES_PER_SPLIT = 4
 MAX_SPLITS = 128
 DEFAULT_TILE_N = 128
 
-_cache: dict = {}
-_cache_lock = threading.Lock()
 _num_sms: dict = {}
 
 
-def _torch_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, str):
-        dtype = _NAME_TO_TORCH.get(dtype, dtype)
-    if dtype not in _TORCH_TO_CUTLASS:
-        raise NotImplementedError(f"blasst sm90 decode: dtype {dtype} (bf16/fp16 only)")
-    return dtype
 
 
 def decode_num_splits(work_units: int, n_tiles: int, num_sms: int) -> int:
@@ -88,7 +79,7 @@ def decode_geometry_sm90(G: int, lq_new: int, page_size: Optional[int], batch: i
 
 def _config_key(config: dict) -> tuple:
     c = dict(config)
-    c["dtype"] = _torch_dtype(c.get("dtype", torch.bfloat16))
+    c["dtype"] = kernel_dtype(c.get("dtype", torch.bfloat16), "sm90 decode")
     c.setdefault("page_size", None)
     c.setdefault("tile_n", DEFAULT_TILE_N)
     c.setdefault("causal", True)
@@ -103,7 +94,7 @@ def _config_key(config: dict) -> tuple:
 def _make_kernel(key: tuple) -> BlasstDecodeSm90:
     c = dict(key)
     return BlasstDecodeSm90(
-        _TORCH_TO_CUTLASS[c["dtype"]], c["head_dim"], page_size=c["page_size"], tile_n=c["tile_n"],
+        TORCH_TO_CUTLASS[c["dtype"]], c["head_dim"], page_size=c["page_size"], tile_n=c["tile_n"],
         causal=c["causal"], has_skip=c["has_skip"], factor_per_batch=c["factor_per_batch"],
         has_stats=c["has_stats"], direct_out=c["direct_out"], order=c["order"],
         num_k_stages=c["num_k_stages"], num_v_stages=c["num_v_stages"],
@@ -119,7 +110,7 @@ def _fake_ptr(dtype, align=16):
 
 def _decode_compile_args(c: dict, stream):
     """Arguments of ``BlasstDecodeSm90.launch_ptrs`` for compilation (placeholder values)."""
-    dt = _TORCH_TO_CUTLASS[c["dtype"]]
+    dt = TORCH_TO_CUTLASS[c["dtype"]]
     paged = c["page_size"] is not None
     o_dt = dt if c["direct_out"] else Float32
     stats = [_fake_ptr(Int32, 4) for _ in range(3)] if c["has_stats"] else [None] * 3
@@ -163,7 +154,7 @@ def _cuda_stream(h):
 
 def compile_combine_sm90(dtype, head_dim: int, options: Optional[str] = None):
     """Compile the split-KV combine kernel (no GPU needed)."""
-    dt = _TORCH_TO_CUTLASS[_torch_dtype(dtype)]
+    dt = TORCH_TO_CUTLASS[kernel_dtype(dtype, "sm90 decode")]
     kern = BlasstDecodeCombineSm90(dt, head_dim)
     args = _combine_compile_args(dt)
     if options:
@@ -312,14 +303,10 @@ def _current_stream(device) -> int:
 
 
 def _compiled(key, compile_args, maker):
-    fn = _cache.get(key)
-    if fn is None:
-        with _cache_lock:
-            fn = _cache.get(key)
-            if fn is None:
-                fn = cute.compile(maker(), *compile_args)
-                _cache[key] = fn
-    return fn
+    # Memory only: the fast launch path reads attributes of a freshly compiled function, which a
+    # kernel loaded from the disk cache has not been checked to carry.
+    return compile_cache.get_or_compile(("sm90-decode",) + tuple(key),
+                                        lambda: cute.compile(maker(), *compile_args), disk=False)
 
 
 class _Plan:
@@ -391,11 +378,11 @@ def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, n
     p.cfn = p.cfast = None
     if not direct:
         ckey = ("combine", q.dtype, d)
-        p.cfn = _compiled(ckey, _combine_compile_args(_TORCH_TO_CUTLASS[q.dtype]),
-                          lambda: BlasstDecodeCombineSm90(_TORCH_TO_CUTLASS[q.dtype], d).launch_ptrs)
+        p.cfn = _compiled(ckey, _combine_compile_args(TORCH_TO_CUTLASS[q.dtype]),
+                          lambda: BlasstDecodeCombineSm90(TORCH_TO_CUTLASS[q.dtype], d).launch_ptrs)
         p.cstatics = [splits, B, lq, hq]
         if USE_FAST_CALL:
-            fc = _FastCall(p.cfn, _combine_compile_args(_TORCH_TO_CUTLASS[q.dtype]))
+            fc = _FastCall(p.cfn, _combine_compile_args(TORCH_TO_CUTLASS[q.dtype]))
             if fc.ok:
                 p.cfast = fc.preset((4, 5, 6, 7), p.cstatics)
     p.lock = threading.Lock()
@@ -478,7 +465,7 @@ def _launch(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, softmax_s
         if plan.cfast is not None:
             plan.cfast.call_dyn(_CPOS, cvals)
         else:
-            dt = _TORCH_TO_CUTLASS[q.dtype]
+            dt = TORCH_TO_CUTLASS[q.dtype]
             plan.cfn(_mkptr(Float32, o_p, 16), _mkptr(Float32, lse_p, 4), _mkptr(dt, cvals[2], 16),
                      _mkptr(Float32, cvals[3], 4), *[Int32(x) for x in plan.cstatics],
                      _cuda_stream(stream_h))
@@ -492,7 +479,7 @@ def _mkptr(dtype, addr, align):
 def _slow_decode_call(plan, q, ptrs, softmax_scale, factor, stream_h, block_table, factor_t,
                       has_stats):
     """The DSL's generic call (used only when the fast path could not verify its storage)."""
-    dt = _TORCH_TO_CUTLASS[q.dtype]
+    dt = TORCH_TO_CUTLASS[q.dtype]
     it = iter(ptrs)
     qp, kp, vp = (_mkptr(dt, next(it), 16) for _ in range(3))
     op = _mkptr(dt if plan.direct else Float32, next(it), 16)
@@ -564,7 +551,7 @@ def supported_configs():
 
 
 def clear_cache() -> None:
-    _cache.clear()
+    compile_cache.clear_memory()
     _plans.clear()
     _geo_cache.clear()
 
