@@ -14,23 +14,6 @@ import time
 import torch
 
 
-def _dense_reference(q, k, v, causal):
-    """Dense attention in float64 (the accuracy yardstick)."""
-    Lq, Lk = q.shape[1], k.shape[1]
-    g = q.shape[2] // k.shape[2]
-    q64, k64, v64 = (t.double().transpose(1, 2) for t in (q, k, v))
-    k64, v64 = k64.repeat_interleave(g, 1), v64.repeat_interleave(g, 1)
-    mask = None
-    if causal:
-        mask = torch.arange(Lk, device=q.device)[None, :] <= torch.arange(Lq, device=q.device)[:, None] + (Lk - Lq)
-    out = torch.nn.functional.scaled_dot_product_attention(q64, k64, v64, attn_mask=mask)
-    return out.transpose(1, 2)
-
-
-def _rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def _time_ms(fn, iters):
     """Median milliseconds of ``fn`` (CUDA events on the GPU, wall clock on the CPU)."""
     fn()
@@ -49,6 +32,7 @@ def _time_ms(fn, iters):
 
 def demo(args) -> int:
     import blasst_cute
+    from blasst_cute.testing import dense_attention, rel_err
     from blasst_cute.workloads import synthetic_qkv, to_paged
 
     on_gpu = torch.cuda.is_available() and args.device != "cpu"
@@ -75,10 +59,10 @@ def demo(args) -> int:
         backend = "reference"
         out, st = blasst_cute.prefill(q, k, v, causal=True, threshold_scale_factor=args.prefill_factor,
                                       return_stats=True, backend=backend)
-    dense = _dense_reference(q, k, v, causal=True)
+    dense, _ = dense_attention(q, k, v, causal=True)
     print(f"  tile sparsity {st.sparsity:6.1%}  ({int(st.skipped.sum())} of {int(st.visited.sum())} "
           f"tiles skipped; ideal kernel speedup 1/(1-s/2) = {1 / (1 - st.sparsity / 2):.2f}x)")
-    print(f"  relative error vs dense float64 attention: {_rel_err(out, dense):.2e}")
+    print(f"  relative error vs dense float64 attention: {rel_err(out, dense):.2e}")
     if on_gpu and backend == "auto":
         t_b = _time_ms(lambda: blasst_cute.prefill(q, k, v, causal=True,
                                                    threshold_scale_factor=args.prefill_factor), 10)
@@ -104,10 +88,10 @@ def demo(args) -> int:
         out_d, st_d = blasst_cute.decode(qd, k_cache, v_cache, cache_seqlens=lens, block_table=table,
                                          threshold_scale_factor=args.decode_factor, return_stats=True,
                                          backend="reference")
-    dense_d = _dense_reference(qd, k, v, causal=True)
+    dense_d, _ = dense_attention(qd, k, v, causal=True)
     print(f"  tile sparsity {st_d.sparsity:6.1%}  ({int(st_d.skipped.sum())} of "
           f"{int(st_d.visited.sum())} tiles skipped)")
-    print(f"  relative error vs dense float64 attention: {_rel_err(out_d, dense_d):.2e}")
+    print(f"  relative error vs dense float64 attention: {rel_err(out_d, dense_d):.2e}")
     if on_gpu and dec_backend == "auto":
         t_b = _time_ms(lambda: blasst_cute.decode(qd, k_cache, v_cache, cache_seqlens=lens,
                                                   block_table=table,

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import blasst_cute
+from blasst_cute.testing import dense_attention
 from blasst_cute.integrations.fa_compat import (
     flash_attn_func,
     flash_attn_varlen_func,
@@ -13,15 +14,7 @@ from blasst_cute.integrations.fa_compat import (
 
 def _dense(q, k, v, causal, scale=None):
     """float64 dense attention, [B, S, H, D] layout, GQA, bottom-right causal."""
-    Lq, Lk = q.shape[1], k.shape[1]
-    g = q.shape[2] // k.shape[2]
-    qq, kk, vv = (t.double().transpose(1, 2) for t in (q, k, v))
-    kk, vv = kk.repeat_interleave(g, 1), vv.repeat_interleave(g, 1)
-    mask = None
-    if causal:
-        mask = torch.arange(Lk)[None, :] <= torch.arange(Lq)[:, None] + (Lk - Lq)
-    out = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale)
-    return out.transpose(1, 2)
+    return dense_attention(q, k, v, causal=causal, softmax_scale=scale)[0]
 
 
 def _qkv(B, Lq, Lk, Hq=4, Hk=2, D=32, Dv=None, seed=0):

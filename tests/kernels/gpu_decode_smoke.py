@@ -26,6 +26,7 @@ sys.path.insert(0, os.environ.get("BLASST_ROOT")
 
 from blasst_cute import reference  # noqa: E402
 from blasst_cute.kernels import launch_decode  # noqa: E402
+from blasst_cute.testing import dense_attention, lse_err, rel_err  # noqa: E402
 
 LOG = []
 GEO_KEYS = ("block_m", "block_n", "pack_gqa", "order", "num_splits", "rows_per_decision",
@@ -69,47 +70,19 @@ def make_cache(B, cap, hk, d, page_size, *, seed=0, device="cuda", dtype=torch.b
 
 
 def sdpa_ref64(q, k, v, lens, causal, scale):
-    """float64 decode attention per sequence; out [B, Lq, Hq, D], lse [B, Hq, Lq]."""
-    B, lq, hq, d = q.shape
-    hk = k.shape[2]
-    G = hq // hk
-    out = torch.zeros(B, lq, hq, d, dtype=torch.float64, device=q.device)
+    """float64 decode attention per sequence; out [B, Lq, Hq, Dv], lse [B, Hq, Lq]."""
+    B, lq, hq, _ = q.shape
+    out = torch.zeros(B, lq, hq, v.shape[-1], dtype=torch.float64, device=q.device)
     lse = torch.full((B, hq, lq), -math.inf, dtype=torch.float64, device=q.device)
     for b in range(B):
         L = int(lens[b])
-        if L == 0:
-            continue
-        qd = q[b].double().permute(1, 0, 2)  # hq, lq, d
-        kd = k[b, :L].double().permute(1, 0, 2).repeat_interleave(G, 0)
-        vd = v[b, :L].double().permute(1, 0, 2).repeat_interleave(G, 0)
-        s = (qd @ kd.transpose(-1, -2)) * scale
-        if causal:
-            i = torch.arange(lq, device=q.device)[:, None]
-            j = torch.arange(L, device=q.device)[None, :]
-            s = s.masked_fill(j > i + (L - lq), -math.inf)
-        m = s.amax(-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        p = torch.exp(s - m)
-        den = p.sum(-1, keepdim=True)
-        o = (p @ vd) / torch.where(den > 0, den, torch.ones_like(den))
-        out[b] = o.permute(1, 0, 2)
-        lse[b] = torch.where(den > 0, m + torch.log(den),
-                             torch.full_like(den, -math.inf)).squeeze(-1)
+        if L:
+            o, l = dense_attention(q[b:b + 1], k[b:b + 1, :L], v[b:b + 1, :L], causal=causal,
+                                   softmax_scale=scale)
+            out[b], lse[b] = o[0], l[0]
     return out, lse
 
 
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def lse_err(a, b):
-    fin = torch.isfinite(b)
-    if not bool((torch.isfinite(a) == fin).all()):
-        return float("inf")
-    if not bool(fin.any()):
-        return 0.0
-    return float((a[fin].double() - b[fin].double()).abs().max())
 
 
 def run_kernel(q, kc, vc, lens, bt, *, factor=None, stats=True, causal=True, num_splits=None,

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 
 from blasst_cute import reference  # noqa: E402
 from blasst_cute.kernels import launch  # noqa: E402
+from blasst_cute.testing import dense_attention, lse_err, rel_err  # noqa: E402
 
 LOG = []
 
@@ -37,38 +38,9 @@ def log(msg=""):
 
 def sdpa_ref64(q, k, v, causal, scale):
     """float64 attention with bottom-right causal mask; rows with no visible key -> 0, lse -inf."""
-    B, Lq, Hq, D = q.shape
-    Lk, Hk = k.shape[1], k.shape[2]
-    G = Hq // Hk
-    qd = q.double().permute(0, 2, 1, 3)
-    kd = k.double().permute(0, 2, 1, 3).repeat_interleave(G, dim=1)
-    vd = v.double().permute(0, 2, 1, 3).repeat_interleave(G, dim=1)
-    s = (qd @ kd.transpose(-1, -2)) * scale
-    if causal:
-        i = torch.arange(Lq, device=q.device)[:, None]
-        j = torch.arange(Lk, device=q.device)[None, :]
-        s = s.masked_fill(j > i + (Lk - Lq), -math.inf)
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
-    l = p.sum(-1, keepdim=True)
-    o = (p @ vd) / torch.where(l > 0, l, torch.ones_like(l))
-    lse = torch.where(l > 0, m + torch.log(l), torch.full_like(l, -math.inf)).squeeze(-1)
-    return o.permute(0, 2, 1, 3), lse  # [B, Lq, Hq, Dv], [B, Hq, Lq]
+    return dense_attention(q, k, v, causal=causal, softmax_scale=scale)
 
 
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def lse_err(a, b):
-    fin = torch.isfinite(b)
-    if not bool((torch.isfinite(a) == fin).all()):
-        return float("inf")
-    if not bool(fin.any()):
-        return 0.0
-    return float((a[fin].double() - b[fin].double()).abs().max())
 
 
 def run_kernel(q, k, v, *, causal, scale, factor=None, stats=False, cu_q=None, cu_k=None,

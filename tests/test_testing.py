@@ -1,0 +1,30 @@
+"""The float64 dense yardstick agrees with SDPA and with the reference when nothing is skipped."""
+
+import math
+
+import torch
+
+from blasst_cute.reference import blasst_attention
+from blasst_cute.testing import dense_attention, lse_err, rel_err
+
+
+def test_dense_attention_matches_sdpa_and_reference():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 7, 4, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 9, 2, 16, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 9, 2, 8, generator=g, dtype=torch.float64)
+    out, lse = dense_attention(q, k, v, causal=True)
+    mask = torch.arange(9)[None, :] <= torch.arange(7)[:, None] + 2
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.repeat_interleave(2, 2).transpose(1, 2), v.repeat_interleave(2, 2).transpose(1, 2),
+        attn_mask=mask).transpose(1, 2)
+    assert rel_err(out, sdpa) < 1e-12
+    ref, ref_lse, _ = blasst_attention(q, k, v, causal=True, block_m=4, block_n=2)
+    assert rel_err(out, ref) < 1e-12 and lse_err(lse, ref_lse) < 1e-5
+
+
+def test_rows_without_keys_and_lse_err():
+    q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
+    out, lse = dense_attention(q, k, v, causal=True)
+    assert (out[0, :2] == 0).all() and torch.isinf(lse[0, 0, :2]).all()
+    assert lse_err(lse, lse) == 0.0 and lse_err(torch.zeros_like(lse), lse) == math.inf
