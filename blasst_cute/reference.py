@@ -322,10 +322,6 @@ def blasst_attention(q, k, v, *, causal: bool = False, softmax_scale: Optional[f
     return out.to(q.dtype), lse.float(), BlasstStats(visited, skipped)
 
 
-def _seqlens(cu: torch.Tensor) -> Sequence[int]:
-    return (cu[1:] - cu[:-1]).tolist()
-
-
 def blasst_attention_varlen(q, k, v, *, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                             causal: bool = False, softmax_scale: Optional[float] = None,
                             threshold_scale_factor: Factor = None, **geometry
@@ -338,7 +334,6 @@ def blasst_attention_varlen(q, k, v, *, cu_seqlens_q: torch.Tensor, cu_seqlens_k
     """
     _check_qkv(q, k, v, 1)
     n = cu_seqlens_q.numel() - 1
-    lq, lk = _seqlens(cu_seqlens_q.cpu()), _seqlens(cu_seqlens_k.cpu())
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     factors = _per_sequence_factor(threshold_scale_factor, n)
     Hq, Hk, Dv = q.shape[1], k.shape[1], v.shape[2]
@@ -354,7 +349,6 @@ def blasst_attention_varlen(q, k, v, *, cu_seqlens_q: torch.Tensor, cu_seqlens_k
         out[cq[b]:cq[b + 1]] = o[0]
         lse[:, cq[b]:cq[b + 1]] = l[0]
         visited[b], skipped[b] = st.visited[0], st.skipped[0]
-    del lq, lk
     return out, lse, BlasstStats(visited, skipped)
 
 
