@@ -59,6 +59,7 @@ def _config_key(config: dict) -> tuple:
     c.setdefault("decision_rows", 16)
     c.setdefault("debug_no_v_load", False)
     c.setdefault("pv_skip", True)
+    c.setdefault("lpt_heads", None)
     return tuple(sorted(c.items(), key=lambda kv: kv[0]))
 
 
@@ -71,7 +72,7 @@ def _make_kernel(key: tuple) -> BlasstFwdSm90:
         intra_wg_overlap=c["intra_wg_overlap"], pingpong=c["pingpong"],
         vote_smem=c["vote_smem"], lpt=c["lpt"], debug_no_vote=c["debug_no_vote"],
         decision_rows=c["decision_rows"], debug_no_v_load=c["debug_no_v_load"],
-        pv_skip=c["pv_skip"],
+        pv_skip=c["pv_skip"], lpt_heads=c["lpt_heads"],
     )
 
 
@@ -179,7 +180,7 @@ def run_prefill_sm90(q, k, v, out, lse, *, causal: bool, softmax_scale: float,
                   has_skip=has_skip, has_stats=has_stats, varlen=varlen,
                   factor_per_batch=factor_t is not None)
     if tuning:
-        config.update(tuning)  # experiments only: tile_n, num_stages, pingpong, vote_smem, lpt, decision_rows
+        config.update(tuning)  # experiments only: tile_n, num_stages, pingpong, vote_smem, lpt, lpt_heads, decision_rows, pv_skip
     key = _config_key(config)
 
     args = [

@@ -82,6 +82,15 @@ def test_compile_skip_variants(tuning, dims):
     assert launch.compile_prefill_sm90(cfg) is not None
 
 
+@pytest.mark.parametrize("tuning", [dict(lpt_heads=1), dict(lpt=False)], ids=str)
+def test_compile_causal_schedule_variants(tuning):
+    """Causal q-tile orders kept for A/B timing: LPT with a fixed section size, plain reverse."""
+    if os.environ.get("CUTE_DSL_ARCH", "sm_90a") != "sm_90a" and not _on_hopper():
+        pytest.skip("CUTE_DSL_ARCH is not sm_90a")
+    cfg = dict(dtype=torch.bfloat16, head_dim=128, causal=True, **tuning)
+    assert launch.compile_prefill_sm90(cfg) is not None
+
+
 @pytest.mark.parametrize("tuning", [dict(pingpong=True), dict(tile_n=112)], ids=str)
 @pytest.mark.parametrize("has_skip", [False, True])
 def test_compile_mla_tile_variants(tuning, has_skip):

@@ -115,6 +115,7 @@ class BlasstFwdSm90:
         decision_rows: int = 16,
         debug_no_v_load: bool = False,
         pv_skip: bool = True,
+        lpt_heads: Optional[int] = None,
     ):
         head_dim_v = head_dim if head_dim_v is None else head_dim_v
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
@@ -158,6 +159,8 @@ class BlasstFwdSm90:
         self.pv_skip = pv_skip and has_skip
         # Causal: longest-first q-tiles, heads grouped so their K/V fit in L2 (FA4-style LPT).
         self.lpt = (causal and not varlen) if lpt is None else (lpt and not varlen)
+        # (head, batch) pairs per LPT section; None: as many as have K/V fitting in L2.
+        self.lpt_heads = lpt_heads
         self.num_mma_wg = self.tile_m // 64
         self.rows_per_decision = decision_rows
         self.pingpong = (head_dim <= 128 and intra_wg_overlap) if pingpong is None else pingpong
@@ -282,8 +285,11 @@ class BlasstFwdSm90:
             # As many heads per section as have K/V fitting in ~50 MB of L2 (a power of two).
             kv_bytes = mK.shape[0] * (self.head_dim + self.head_dim_v) * (self.dtype.width // 8)
             fit = cutlass.max(Int32(50 * 1024 * 1024) // cutlass.max(kv_bytes, 1), 1)
-            while l2_heads * 2 <= fit:
-                l2_heads = l2_heads * 2
+            if const_expr(self.lpt_heads is not None):
+                l2_heads = Int32(self.lpt_heads)
+            else:
+                while l2_heads * 2 <= fit:
+                    l2_heads = l2_heads * 2
             grid = [num_m_blocks * num_heads * num_batch, 1, 1]
 
         self.kernel(
@@ -694,42 +700,52 @@ class BlasstFwdSm90:
             )
         m_tile = softmax.tile_row_max(acc_S)
         if const_expr(self.has_skip):
-            vote = softmax.rows_vote_skip(m_tile, ctx["row_valid"], ctx["log2_lambda"])
-            vote = vote and ctx["skip_enabled"]
-            skip = Boolean(False)
-            if const_expr(self.debug_no_vote):
-                skip = ctx["log2_lambda"] > Float32(1e30)
-            elif const_expr(self.decision_rows == 16):
-                skip = warp_vote_all(vote)
-            elif const_expr(self.vote_smem):
-                skip = warpgroup_vote_all(
-                    vote, ctx["sVote"], n_block % 2, wg_idx,
-                    int(NamedBarrierSm90.SkipVoteWG1) + wg_idx,
-                )
-            else:
-                skip = group_all(vote, int(NamedBarrierSm90.SkipVoteWG1) + wg_idx)
-            if const_expr(self.pv_skip):
-                publish_warp_flag(skip, ctx["sFlags"], n_block % 2, wg_idx)
+            skip = self.decide_skip(ctx, m_tile, n_block)
             if skip:
                 num_skipped += 1
-            row_scale = cute.make_rmem_tensor(softmax.num_rows, Float32)
-            if not skip:
-                row_scale.store(softmax.update(acc_S, m_tile, False).load())
-            warpgroup.wait_group(0)
-            pipeline_v.consumer_release(kv_state_v)
-            if skip:
+                warpgroup.wait_group(0)
+                pipeline_v.consumer_release(kv_state_v)
                 # Zero P rows add nothing if the warpgroup's PV of this tile still runs.
                 tOrP.fill(0.0)
             else:
-                convert_f32_to_16bit(acc_as_operand_a(acc_S), tOrP)
-                rescale_rows(acc_O, row_scale)
+                # The whole keep path is one basic block, as in the dense build, so that the
+                # compiler interleaves the P conversion and O rescale with the exp2s (MUFU-bound).
+                self.softmax_keep(ctx, acc_S, m_tile, kv_state_v)
         else:
-            row_scale = softmax.update(acc_S, m_tile, False)
-            warpgroup.wait_group(0)
-            pipeline_v.consumer_release(kv_state_v)
-            convert_f32_to_16bit(acc_as_operand_a(acc_S), tOrP)
-            rescale_rows(acc_O, row_scale)
+            self.softmax_keep(ctx, acc_S, m_tile, kv_state_v)
         return kv_state, num_skipped
+
+    @cute.jit
+    def decide_skip(self, ctx, m_tile: cute.Tensor, n_block: Int32) -> Boolean:
+        """This decision group's BLASST vote for tile n_block (published for the PV skip)."""
+        softmax = ctx["softmax"]
+        wg_idx = ctx["wg_idx"]
+        vote = softmax.rows_vote_skip(m_tile, ctx["row_valid"], ctx["log2_lambda"])
+        vote = vote and ctx["skip_enabled"]
+        skip = Boolean(False)
+        if const_expr(self.debug_no_vote):
+            skip = ctx["log2_lambda"] > Float32(1e30)
+        elif const_expr(self.decision_rows == 16):
+            skip = warp_vote_all(vote)
+        elif const_expr(self.vote_smem):
+            skip = warpgroup_vote_all(
+                vote, ctx["sVote"], n_block % 2, wg_idx,
+                int(NamedBarrierSm90.SkipVoteWG1) + wg_idx,
+            )
+        else:
+            skip = group_all(vote, int(NamedBarrierSm90.SkipVoteWG1) + wg_idx)
+        if const_expr(self.pv_skip):
+            publish_warp_flag(skip, ctx["sFlags"], n_block % 2, wg_idx)
+        return skip
+
+    @cute.jit
+    def softmax_keep(self, ctx, acc_S: cute.Tensor, m_tile: cute.Tensor, kv_state_v):
+        """Online softmax of a kept tile, then (once the previous PV is done) P and the O rescale."""
+        row_scale = ctx["softmax"].update(acc_S, m_tile, False)
+        warpgroup.wait_group(0)
+        ctx["pipeline_v"].consumer_release(kv_state_v)
+        convert_f32_to_16bit(acc_as_operand_a(acc_S), ctx["tOrP"])
+        rescale_rows(ctx["acc_O"], row_scale)
 
     # ------------------------------------------------------------------ ping-pong token
     def scheduler_sync(self, wg_idx: Int32):

@@ -1,0 +1,199 @@
+"""A/B timing of sm90 prefill kernel variants, interleaved in one process (GPU host).
+
+    python perf/ab/prefill_ab.py [--seqlens 4096 16384 32768] [--rounds 7] [--iters 10] \
+        [--variants dense skip0 sparse ...] [--baseline FILE]
+
+Variants per shape (d128, Hq/Hk 32/8, B*L = 32k; names in PRESETS): the dense build, the skip
+build at a factor that enables skipping but never skips (1e-30, "skip0") or at --sparse-factor
+("sparse"), knob variants (pv_skip off, LPT section sizes, ...), and "base_*" variants built from
+another version of prefill.py given as --baseline, e.g.
+``git show 0b9c92e:blasst_cute/kernels/sm90/prefill.py > perf/ab/prefill_baseline.py``.
+Rounds interleave the variants so that clock/power drift (H100 at its 700 W cap) hits all of
+them alike; the table shows the median over rounds of per-round medians, and the spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import cuda.bindings.driver as cuda  # noqa: E402
+import cutlass.cute as cute  # noqa: E402
+from cutlass import Float32, Int32  # noqa: E402
+
+from blasst_cute.kernels import launch  # noqa: E402
+from blasst_cute.kernels.dtypes import TORCH_TO_CUTLASS  # noqa: E402
+from blasst_cute.workloads import synthetic_qkv  # noqa: E402
+
+_compiled = {}
+ZERO = 1e-30  # a factor that enables the skip path but never skips
+
+# name: (module "new"/"base", has_skip, factor (number or "sparse"), kernel knobs)
+PRESETS = {
+    "dense": ("new", False, 0.0, {}),
+    "skip0": ("new", True, ZERO, {}),
+    "sparse": ("new", True, "sparse", {}),
+    "sparse_nopv": ("new", True, "sparse", dict(pv_skip=False)),
+    "skip0_nopv": ("new", True, ZERO, dict(pv_skip=False)),
+    "skip0_novote": ("new", True, ZERO, dict(debug_no_vote=True)),
+    "base_skip0": ("base", True, ZERO, {}),
+    "base_sparse": ("base", True, "sparse", {}),
+    "dense_nolpt": ("new", False, 0.0, dict(lpt=False, causal_only=True)),
+    "dense_lpt4": ("new", False, 0.0, dict(lpt_heads=4, causal_only=True)),
+    "dense_lpt8": ("new", False, 0.0, dict(lpt_heads=8, causal_only=True)),
+}
+
+
+def _args(q, k, v, out, lse, factor, vis=None, skp=None):
+    return [launch._to_cute(q), launch._to_cute(k), launch._to_cute(v), launch._to_cute(out),
+            launch._to_cute(lse, 4), Float32(q.shape[-1] ** -0.5), Float32(factor), None, None, None,
+            Int32(q.shape[1]), launch._to_cute(vis, 4), launch._to_cute(skp, 4),
+            cuda.CUstream(torch.cuda.current_stream().cuda_stream)]
+
+
+def make_runner(name, module, causal, has_skip, factor, **kw):
+    """A closure launching one compiled variant on given tensors."""
+    def run(q, k, v, out, lse):
+        args = _args(q, k, v, out, lse, factor)
+        key = (name, causal)
+        fn = _compiled.get(key)
+        if fn is None:
+            kern = module.BlasstFwdSm90(TORCH_TO_CUTLASS[q.dtype], q.shape[-1], causal=causal,
+                                        has_skip=has_skip, **kw)
+            t = time.time()
+            fn = cute.compile(kern, *args)
+            print(f"  compiled {name} causal={causal} in {time.time() - t:.1f}s", flush=True)
+            _compiled[key] = fn
+        fn(*args)
+    return run
+
+
+@functools.lru_cache(maxsize=None)
+def load_baseline(path):
+    """prefill.py of another version, imported as a module (it uses this tree's common/)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("prefill_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sparsity(q, k, v, causal, factor, tuning=None):
+    B, L, H = q.shape[0], q.shape[1], q.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, L, device=q.device)
+    vis = torch.zeros(B, H, dtype=torch.int32, device=q.device)
+    skp = torch.zeros_like(vis)
+    launch.run_prefill_sm90(q, k, v, out, lse, causal=causal, softmax_scale=q.shape[-1] ** -0.5,
+                            threshold_scale_factor=factor, visited=vis, skipped=skp, tuning=tuning)
+    torch.cuda.synchronize()
+    return float(skp.sum()) / max(1.0, float(vis.sum())), out
+
+
+def time_ms(fn, sets, iters):
+    times = []
+    for i in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        args = sets[i % len(sets)]
+        s.record()
+        fn(*args)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--seqlens", type=int, nargs="+", default=[4096, 16384, 32768])
+    p.add_argument("--causal", choices=("true", "false", "both"), default="both")
+    p.add_argument("--tokens", type=int, default=32768)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--sparse-factor", type=float, default=1000.0)
+    p.add_argument("--baseline", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                      "prefill_baseline.py"))
+    p.add_argument("--variants", nargs="+", default=["dense", "skip0", "sparse"])
+    a = p.parse_args()
+    if "dense" not in a.variants:
+        p.error("--variants must include dense (the reference of every ratio)")
+    print(torch.cuda.get_device_name(), flush=True)
+    rows = []
+    zero = ZERO
+    for L in a.seqlens:
+        B = max(1, a.tokens // L)
+        sets = [synthetic_qkv(B, L, L, 32, 8, 128, device="cuda", seed=s) for s in range(1)]
+        for causal in ([False, True] if a.causal == "both" else [a.causal == "true"]):
+            s0, _ = sparsity(*sets[0], causal, zero)
+            ss, _ = sparsity(*sets[0], causal, a.sparse_factor)
+            variants = {}
+            for name in a.variants:
+                mod, has_skip, factor, kw = PRESETS[name]
+                if kw.get("causal_only") and not causal:
+                    continue
+                kw = {k: v for k, v in kw.items() if k != "causal_only"}
+                factor = a.sparse_factor if factor == "sparse" else factor
+                module = load_baseline(a.baseline) if mod == "base" else launch
+                # one compiled kernel per (module, skip, knobs); the factor is a runtime argument
+                cname = f"{mod}-{has_skip}-{sorted(kw.items())}"
+                variants[name] = make_runner(cname, module, causal, has_skip, factor, **kw)
+            bufs = []
+            for (q, k, v) in sets:
+                bufs.append((q, k, v, torch.empty_like(q),
+                             torch.empty(B, 32, L, device="cuda")))
+            # warm-up/compile + a bit-exactness check of skip0 vs dense
+            for name, fn in variants.items():
+                fn(*bufs[0])
+            same = None
+            if "dense" in variants and "skip0" in variants:
+                # skipping compiled in but never triggered must give the dense kernel's bits
+                variants["dense"](*bufs[0])
+                torch.cuda.synchronize()
+                o_d = bufs[0][3].clone()
+                variants["skip0"](*bufs[0])
+                torch.cuda.synchronize()
+                same = torch.equal(o_d, bufs[0][3])
+                if not same:
+                    diff = (o_d.float() - bufs[0][3].float()).abs()
+                    print(f"  skip0 vs dense: max |diff| {diff.max().item():.3g}, "
+                          f"{int((diff > 0).sum())} of {diff.numel()} elements differ", flush=True)
+            per = {n: [] for n in variants}
+            for r in range(a.rounds):
+                for name, fn in variants.items():
+                    per[name].append(time_ms(fn, bufs, a.iters))
+            med = {n: statistics.median(v) for n, v in per.items()}
+            spread = {n: (max(v) - min(v)) / statistics.median(v) for n, v in per.items()}
+            row = dict(L=L, B=B, causal=causal, s0=s0, ss=ss, same=same, med=med, spread=spread)
+            rows.append(row)
+            d = med["dense"]
+            print(f"L={L} B={B} causal={causal} sparsity@1e-30={s0:.4f} sparsity@{a.sparse_factor:g}="
+                  f"{ss:.3f} skip0==dense bits: {same}", flush=True)
+            for n in variants:
+                print(f"   {n:14s} {med[n]:8.3f} ms  x{d / med[n]:.3f} vs dense  "
+                      f"(spread {spread[n] * 100:.1f}%)", flush=True)
+        del sets
+        torch.cuda.empty_cache()
+    print("\nSUMMARY (speed relative to dense of the same run; >1 = faster)")
+    names = sorted({n for r in rows for n in r["med"]})
+    print("shape".ljust(22) + "".join(n.rjust(13) for n in names))
+    for r in rows:
+        tag = f"L={r['L'] // 1024}k {'causal' if r['causal'] else 'noncausal'}"
+        cells = "".join((f"{r['med']['dense'] / r['med'][n]:.3f}" if n in r["med"] else "-").rjust(13)
+                        for n in names)
+        print(tag.ljust(22) + cells)
+    print("dense ms: " + ", ".join(f"{r['L'] // 1024}k{'c' if r['causal'] else 'n'} {r['med']['dense']:.3f}"
+                                  for r in rows))
+
+
+if __name__ == "__main__":
+    main()
