@@ -235,7 +235,7 @@ def prefill(q, k, v, *, causal: bool = False, softmax_scale: Optional[float] = N
     return _pack_result(out, lse, stats, return_lse, return_stats)
 
 
-_decode_validated: dict = {}
+_decode_validated: dict = {}  # signature -> (cache capacity, token)
 _TENSOR = torch.Tensor
 
 
@@ -247,9 +247,9 @@ def _decode_signature(q, k_cache, v_cache, cache_seqlens, block_table):
         return None
     return (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype,
             k_cache.device, v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.device,
-            cache_seqlens.shape, cache_seqlens.dtype, cache_seqlens.device,
+            cache_seqlens.shape, cache_seqlens.stride(), cache_seqlens.dtype, cache_seqlens.device,
             None if block_table is None else
-            (block_table.shape, block_table.dtype, block_table.device))
+            (block_table.shape, block_table.stride(), block_table.dtype, block_table.device))
 
 
 def _check_decode_metadata(q, k_cache, v_cache, cache_seqlens, block_table) -> int:
@@ -279,6 +279,24 @@ def _check_decode_metadata(q, k_cache, v_cache, cache_seqlens, block_table) -> i
     return k_cache.shape[1]
 
 
+def _check_cache_contents(cache_seqlens, block_table, capacity: int, num_pages: int, page_size: int):
+    """Index-tensor contents (needs a host copy): lengths within the capacity, used pages in range."""
+    lens = cache_seqlens.cpu()
+    if not lens.numel():
+        return
+    if int(lens.min()) < 0 or int(lens.max()) > capacity:
+        raise ValueError(f"cache_seqlens must lie in [0, {capacity}] (the cache capacity), "
+                         f"got range [{int(lens.min())}, {int(lens.max())}]")
+    if block_table is not None:
+        pages_needed = (lens + page_size - 1) // page_size
+        bt = block_table.cpu()
+        used = torch.arange(bt.shape[1])[None, :] < pages_needed[:, None]
+        bad = used & ((bt < 0) | (bt >= num_pages))
+        if bool(bad.any()):
+            b, p = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(f"block_table[{b}, {p}] = {int(bt[b, p])} is out of range [0, {num_pages})")
+
+
 def decode(q, k_cache, v_cache, *, cache_seqlens: torch.Tensor,
            block_table: Optional[torch.Tensor] = None, softmax_scale: Optional[float] = None,
            threshold_scale_factor: Factor = None, return_lse: bool = False,
@@ -291,39 +309,42 @@ def decode(q, k_cache, v_cache, *, cache_seqlens: torch.Tensor,
     ``block_table`` [B, max_pages] int32. Contiguous: k_cache/v_cache [B, capacity, Hk, D(v)].
     λ = threshold_scale_factor / cache_seqlens[b]. Returns like :func:`prefill` (lse [B, Hq, Lq_new]).
     """
-    _check_backend(backend)
-    _check_bool("return_lse", return_lse)
-    _check_bool("return_stats", return_stats)
-    _check_scale(softmax_scale)
+    # Common argument values are accepted inline (host time per decode step); anything else
+    # goes through the shared checks, which raise the errors.
+    if backend not in BACKENDS:
+        _check_backend(backend)
+    if type(return_lse) is not bool or type(return_stats) is not bool:
+        _check_bool("return_lse", return_lse)
+        _check_bool("return_stats", return_stats)
+    if softmax_scale is not None:
+        _check_scale(softmax_scale)
     # The metadata checks below depend only on (shape, stride, dtype, device) of the tensors:
     # a signature that passed them once is remembered (host overhead of repeated decode steps).
     sig = _decode_signature(q, k_cache, v_cache, cache_seqlens, block_table)
-    capacity = _decode_validated.get(sig) if sig is not None else None
-    if capacity is None:
+    entry = _decode_validated.get(sig) if sig is not None else None
+    if entry is None:
         capacity = _check_decode_metadata(q, k_cache, v_cache, cache_seqlens, block_table)
+        token = None
         if sig is not None:
             if len(_decode_validated) > 4096:
                 _decode_validated.clear()
-            _decode_validated[sig] = capacity
+            # A unique token stands for the signature downstream (hashed by identity: cheap).
+            token = object()
+            _decode_validated[sig] = (capacity, token)
+    else:
+        capacity, token = entry
     batch = q.shape[0]
-    lens = cache_seqlens.cpu() if _contents_checkable(cache_seqlens) else None
-    if lens is not None and batch and (int(lens.min()) < 0 or int(lens.max()) > capacity):
-        raise ValueError(f"cache_seqlens must lie in [0, {capacity}] (the cache capacity), "
-                         f"got range [{int(lens.min())}, {int(lens.max())}]")
-    if block_table is not None and batch and lens is not None:
-        pages_needed = (lens + k_cache.shape[1] - 1) // k_cache.shape[1]
-        bt = block_table.cpu()
-        used = torch.arange(bt.shape[1])[None, :] < pages_needed[:, None]
-        bad = used & ((bt < 0) | (bt >= k_cache.shape[0]))
-        if bool(bad.any()):
-            b, p = (int(x) for x in bad.nonzero()[0])
-            raise ValueError(f"block_table[{b}, {p}] = {int(bt[b, p])} is out of range [0, {k_cache.shape[0]})")
-    _check_factor(threshold_scale_factor, batch, q.device)
+    # (_CHECK_CONTENTS first: with checks off, a CUDA call skips even the capture query.)
+    if (_CHECK_CONTENTS or not cache_seqlens.is_cuda) and _contents_checkable(cache_seqlens):
+        _check_cache_contents(cache_seqlens, block_table, capacity, k_cache.shape[0], k_cache.shape[1])
+    f = threshold_scale_factor
+    if not (f is None or (type(f) is float and 0.0 <= f < math.inf)):
+        _check_factor(f, batch, q.device)
 
     call = dispatch.DecodeCall(
         q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, block_table=block_table,
         softmax_scale=softmax_scale, threshold_scale_factor=threshold_scale_factor,
-        want_stats=return_stats)
+        want_stats=return_stats, want_lse=return_lse, signature=token)
     out, lse, stats = dispatch.run_decode(call, backend)
     return _pack_result(out, lse, stats, return_lse, return_stats)
 
@@ -338,26 +359,49 @@ def decode_mla(q, kv_cache, *, cache_seqlens: torch.Tensor, block_table: Optiona
     or contiguous [B, capacity, 576]. K is the whole row, V its first ``head_dim_v`` (512) dims.
     ``softmax_scale`` is required (MLA folds 1/sqrt(192) with YaRN terms). The rows of a tile are
     all H heads x new tokens of a sequence, so a tile is skipped only when every head agrees.
+    λ = threshold_scale_factor / cache_seqlens[b].
     Returns out [B, Lq_new, H, head_dim_v] (+ lse [B, H, Lq_new], + stats [B, 1]).
+
+    CUDA tensors run the sm90 kernel (bf16/fp16, D 576, head_dim_v 512, page sizes
+    16/32/64/128/256 or a contiguous cache); anything else raises NotImplementedError unless
+    ``backend="reference"``. The reference (CPU, or ``backend="reference"``) uses the kernel's
+    tile geometry, so both take the same skip decisions.
     """
-    _require_tensor("kv_cache", kv_cache, 3)
+    _check_backend(backend)
+    _check_bool("return_lse", return_lse)
+    _check_bool("return_stats", return_stats)
     _require_tensor("q", q, 4)
+    _require_tensor("kv_cache", kv_cache, 3)
     if softmax_scale is None:
         raise ValueError("softmax_scale is required for MLA (e.g. 1/sqrt(192) times the YaRN factor)")
-    if not isinstance(head_dim_v, int) or not 0 < head_dim_v <= kv_cache.shape[-1]:
+    _check_scale(softmax_scale)
+    if isinstance(head_dim_v, bool) or not isinstance(head_dim_v, int) \
+            or not 0 < head_dim_v <= kv_cache.shape[-1]:
         raise ValueError(f"head_dim_v must be an int in (0, {kv_cache.shape[-1]}], got {head_dim_v!r}")
+    _check_float("q", q)
+    _check_float("kv_cache", kv_cache, q.dtype)
+    _check_device("kv_cache", kv_cache, q.device)
+    _check_last_contiguous("kv_cache", kv_cache)
+    if q.shape[-1] != kv_cache.shape[-1]:
+        raise ValueError(f"q and kv_cache must have the same head dim (576 for DeepSeek MLA), got "
+                         f"{q.shape[-1]} and {kv_cache.shape[-1]}")
+    if q.shape[2] < 1:
+        raise ValueError(f"q must hold at least one head (dim 2), got shape {tuple(q.shape)}")
     k_cache = kv_cache.unsqueeze(2)
     v_cache = kv_cache[..., :head_dim_v].unsqueeze(2)
-    _check_backend(backend)
-    if backend != "reference" and q.is_cuda:
-        raise NotImplementedError(
-            "blasst_cute.decode_mla has no CuTe DSL kernel yet (the sm90 MLA decode kernel is not built "
-            "in this version); pass backend='reference' to run the (slow) reference explicitly")
-    if backend == "cute":
-        raise NotImplementedError("backend='cute' needs CUDA tensors; q is on the CPU")
-    return decode(q, k_cache, v_cache, cache_seqlens=cache_seqlens, block_table=block_table,
-                  softmax_scale=softmax_scale, threshold_scale_factor=threshold_scale_factor,
-                  return_lse=return_lse, return_stats=return_stats, backend="reference")
+    # Shapes, dtypes, devices, index tensors (the decode checks on the one-head expanded form).
+    capacity = _check_decode_metadata(q, k_cache, v_cache, cache_seqlens, block_table)
+    batch = q.shape[0]
+    if _contents_checkable(cache_seqlens):
+        _check_cache_contents(cache_seqlens, block_table, capacity, kv_cache.shape[0], kv_cache.shape[1])
+    _check_factor(threshold_scale_factor, batch, q.device)
+
+    call = dispatch.DecodeMlaCall(
+        q=q, kv_cache=kv_cache, cache_seqlens=cache_seqlens, block_table=block_table,
+        softmax_scale=float(softmax_scale), threshold_scale_factor=threshold_scale_factor,
+        head_dim_v=head_dim_v, want_stats=return_stats)
+    out, lse, stats = dispatch.run_decode_mla(call, backend)
+    return _pack_result(out, lse, stats, return_lse, return_stats)
 
 
 __all__ = ["prefill", "decode", "decode_mla", "BlasstStats"]

@@ -50,6 +50,10 @@ class DecodeCall:
     softmax_scale: Optional[float]
     threshold_scale_factor: object
     want_stats: bool
+    want_lse: bool = True
+    # The API's validated metadata signature (shapes, strides, dtypes, devices of every tensor):
+    # keys the support verdict and the kernel's launch plan without rebuilding them per call.
+    signature: object = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -187,7 +191,8 @@ def _prefill_kernel(call: PrefillCall):
 # Decode
 # ----------------------------------------------------------------------------------------------
 
-_decode_ok: dict = {}  # (device index, dtype, d, dv, page size or None, strides) -> None/reason
+# signature -> (None or why unsupported, make q / block_table / cache_seqlens contiguous?)
+_decode_ok: dict = {}
 
 
 def _decode_unsupported(call: DecodeCall) -> Optional[str]:
@@ -227,33 +232,158 @@ def run_decode(call: DecodeCall, backend: str):
     if not on_gpu:
         raise NotImplementedError("backend='cute' needs CUDA tensors; q is on the CPU")
     kc = call.k_cache
-    # The support verdict depends only on metadata: memoized per signature.
-    sig = (q.get_device(), q.dtype, q.shape[-1], call.v_cache.shape[-1], kc.shape, kc.stride(),
-           call.v_cache.stride(), call.block_table is None)
-    why = _decode_ok.get(sig, False)
-    if why is False:
-        why = _decode_ok[sig] = _decode_unsupported(call)
+    # The support verdict depends only on metadata: memoized per signature (the API's token, or
+    # the metadata read here). The API's token also fixes every stride, so the contiguity
+    # fix-ups below are memoized with it.
+    sig = call.signature
+    if sig is None:
+        sig = (q.get_device(), q.dtype, q.shape[-1], call.v_cache.shape[-1], kc.shape,
+               kc.stride(), call.v_cache.stride(), call.block_table is None)
+    verdict = _decode_ok.get(sig)
+    if verdict is None:
+        if len(_decode_ok) > 4096:
+            _decode_ok.clear()
+        table = call.block_table
+        verdict = (_decode_unsupported(call), not q.is_contiguous(),
+                   table is not None and table.stride(-1) != 1,
+                   not call.cache_seqlens.is_contiguous())
+        if call.signature is None:  # strides of q / table / lens not in the key: per call
+            verdict = (verdict[0], None, None, None)
+        _decode_ok[sig] = verdict
+    why, fix_q, fix_table, fix_lens = verdict
     if why is not None:
         raise NotImplementedError(f"blasst_cute.decode has no CuTe DSL kernel for {why}; "
                                   "pass backend='reference' to run the (slow) reference explicitly")
     launch, _ = _kernel_module("launch_decode")
-    if not q.is_contiguous():
+    if fix_q is None:
+        fix_q = not q.is_contiguous()
+        fix_table = call.block_table is not None and call.block_table.stride(-1) != 1
+        fix_lens = not call.cache_seqlens.is_contiguous()
+    if fix_q:
         q = q.contiguous()
     visited = skipped = v_loaded = None
     if call.want_stats:
         cnt = torch.zeros(3, q.shape[0], kc.shape[2], dtype=torch.int32, device=q.device)
         visited, skipped, v_loaded = cnt[0], cnt[1], cnt[2]
     table = call.block_table
+    if fix_table:
+        table = table.contiguous()
+    lens = call.cache_seqlens
+    if fix_lens:
+        lens = lens.contiguous()
+    out, lse = launch.decode_sm90(
+        q, kc, call.v_cache, cache_seqlens=lens, block_table=table,
+        softmax_scale=call.softmax_scale, threshold_scale_factor=call.threshold_scale_factor,
+        visited=visited, skipped=skipped, v_loaded=v_loaded, want_lse=call.want_lse,
+        plan_key=call.signature)
+    stats = None
+    if call.want_stats:
+        stats = BlasstStats(visited.long(), skipped.long(), v_loaded.long())
+    return out, lse, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Absorbed MLA decode (one latent kv head; K = the 576-dim row, V = its first head_dim_v dims)
+# ----------------------------------------------------------------------------------------------
+
+MLA_HEAD_DIM = 576
+MLA_HEAD_DIM_V = 512
+
+
+@dataclass
+class DecodeMlaCall:
+    q: torch.Tensor  # [B, Lq_new, H, 576]
+    kv_cache: torch.Tensor  # paged [pages, page_size, 576] or contiguous [B, capacity, 576]
+    cache_seqlens: torch.Tensor
+    block_table: Optional[torch.Tensor]
+    softmax_scale: float
+    threshold_scale_factor: object
+    head_dim_v: int
+    want_stats: bool
+
+
+def mla_decode_geometry(q_shape, kv_cache_shape, block_table_shape=None,
+                        num_sms: Optional[int] = None) -> Geometry:
+    """The tile geometry the Hopper MLA decode kernel uses for these shapes.
+
+    Rows of a tile pack the H heads x new tokens of a sequence; key tiles of 64; the split count
+    is planned from the cache capacity and the SM count (132 when no GPU is given), never from
+    cache_seqlens. The reference reproduces the kernel's decisions from exactly this.
+    """
+    B, lq, H, _ = q_shape
+    if block_table_shape is not None:
+        page_size, cap = kv_cache_shape[1], block_table_shape[1] * kv_cache_shape[1]
+    else:
+        page_size, cap = None, kv_cache_shape[1]
+    launch, _ = _kernel_module("launch_mla")
+    if launch is not None:
+        try:
+            return Geometry(**launch.mla_decode_geometry_sm90(H, lq, page_size, B, cap, num_sms or 132))
+        except NotImplementedError:  # a page size the kernel does not take: the reference runs
+            return Geometry(**launch.mla_decode_geometry_sm90(H, lq, None, B, cap, num_sms or 132))
+    return Geometry(block_m=64, block_n=64, pack_gqa=True, rows_per_decision=64)
+
+
+def _mla_unsupported(call: DecodeMlaCall) -> Optional[str]:
+    """Why the sm90 MLA decode kernel cannot run this call (None when it can)."""
+    q, kv = call.q, call.kv_cache
+    if q.dtype not in KERNEL_DTYPES:
+        return f"dtype {q.dtype} (the kernels take float16 or bfloat16)"
+    major, minor = _capability(q)
+    if major != 9:
+        return f"compute capability {major}.{minor} (the MLA decode kernel targets sm_90a: H100/H200)"
+    if q.shape[-1] != MLA_HEAD_DIM or call.head_dim_v != MLA_HEAD_DIM_V:
+        return (f"head dims q/k={q.shape[-1]}, v={call.head_dim_v} (supported: "
+                f"{MLA_HEAD_DIM}/{MLA_HEAD_DIM_V})")
+    launch, why = _kernel_module("launch_mla")
+    if launch is None:
+        return why
+    if call.block_table is not None and kv.shape[1] not in launch.SUPPORTED_PAGE_SIZES:
+        return f"page size {kv.shape[1]} (supported: {sorted(launch.SUPPORTED_PAGE_SIZES)})"
+    if kv.stride(0) % 8 or kv.stride(1) % 8 or kv.data_ptr() % 16:
+        return (f"a latent cache whose rows are not 16-byte aligned (strides {kv.stride()}, "
+                f"address {kv.data_ptr():#x})")
+    return None
+
+
+def run_decode_mla(call: DecodeMlaCall, backend: str):
+    """(out [B, Lq, H, Dv], lse [B, H, Lq], stats with counters [B, 1] or None)."""
+    q, kv = call.q, call.kv_cache
+    on_gpu = q.is_cuda
+    if backend == "reference" or (backend == "auto" and not on_gpu):
+        num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if on_gpu else None
+        geom = mla_decode_geometry(q.shape, kv.shape,
+                                   None if call.block_table is None else call.block_table.shape,
+                                   num_sms)
+        out, lse, stats = reference.blasst_attention_paged(
+            q, kv.unsqueeze(2), kv[..., :call.head_dim_v].unsqueeze(2),
+            cache_seqlens=call.cache_seqlens, block_table=call.block_table, causal=True,
+            softmax_scale=call.softmax_scale, threshold_scale_factor=call.threshold_scale_factor,
+            **geom.kwargs())
+        return out, lse, (stats if call.want_stats else None)
+    if not on_gpu:
+        raise NotImplementedError("backend='cute' needs CUDA tensors; q is on the CPU")
+    why = _mla_unsupported(call)
+    if why is not None:
+        raise NotImplementedError(f"blasst_cute.decode_mla has no CuTe DSL kernel for {why}; "
+                                  "pass backend='reference' to run the (slow) reference explicitly")
+    launch, _ = _kernel_module("launch_mla")
+    if not q.is_contiguous():
+        q = q.contiguous()
+    visited = skipped = None
+    if call.want_stats:
+        cnt = torch.zeros(2, q.shape[0], dtype=torch.int32, device=q.device)
+        visited, skipped = cnt[0], cnt[1]
+    table = call.block_table
     if table is not None and table.stride(-1) != 1:
         table = table.contiguous()
     lens = call.cache_seqlens
     if not lens.is_contiguous():
         lens = lens.contiguous()
-    out, lse = launch.decode_sm90(
-        q, kc, call.v_cache, cache_seqlens=lens, block_table=table,
-        softmax_scale=call.softmax_scale, threshold_scale_factor=call.threshold_scale_factor,
-        visited=visited, skipped=skipped, v_loaded=v_loaded)
+    out, lse = launch.mla_decode_sm90(
+        q, kv, cache_seqlens=lens, block_table=table, softmax_scale=call.softmax_scale,
+        threshold_scale_factor=call.threshold_scale_factor, visited=visited, skipped=skipped)
     stats = None
     if call.want_stats:
-        stats = BlasstStats(visited.long(), skipped.long(), v_loaded.long())
+        stats = BlasstStats(visited.long()[:, None], skipped.long()[:, None])
     return out, lse, stats

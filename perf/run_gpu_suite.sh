@@ -15,6 +15,6 @@ if [ "${1:-}" = quick ]; then
   python3 perf/bench.py prefill --seqlens 8192 --tokens 32768 --factors 0 1000 --iters 10 --out "$OUT" --tag prefill
 else
   python3 perf/bench.py prefill --out "$OUT" --tag prefill 2>&1 | tail -40
-  python3 perf/bench.py decode --seqlens 32768 131072 --batches 1 8 64 --factors 0 10 100 \
-    --out "$OUT" --tag decode 2>&1 | tail -30
+  python3 perf/decode_matrix.py --out "$OUT" 2>&1 | tail -30
+  python3 tests/kernels/gpu_mla_decode_smoke.py --out "$OUT" 2>&1 | tail -40
 fi

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import threading
 from typing import Optional
 
@@ -39,6 +40,10 @@ MAX_SPLITS = 128
 DEFAULT_TILE_N = 128
 
 _num_sms: dict = {}
+# Split-KV partials merged inside the decode launch (last split CTA per q-tile) instead of by
+# the separate combine kernel: one launch per call. BLASST_DECODE_FUSED_MERGE=0 restores the
+# combine kernel (comparisons; per call: tuning={"fused_merge": False}).
+FUSED_MERGE = os.environ.get("BLASST_DECODE_FUSED_MERGE", "1") != "0"
 
 
 
@@ -84,7 +89,7 @@ def _config_key(config: dict) -> tuple:
     c.setdefault("tile_n", DEFAULT_TILE_N)
     c.setdefault("causal", True)
     c.setdefault("order", "forward")
-    for k in ("has_skip", "factor_per_batch", "has_stats", "direct_out"):
+    for k in ("has_skip", "factor_per_batch", "has_stats", "direct_out", "fused_merge"):
         c[k] = bool(c.get(k, False))
     c.setdefault("num_k_stages", None)
     c.setdefault("num_v_stages", None)
@@ -96,7 +101,8 @@ def _make_kernel(key: tuple) -> BlasstDecodeSm90:
     return BlasstDecodeSm90(
         TORCH_TO_CUTLASS[c["dtype"]], c["head_dim"], page_size=c["page_size"], tile_n=c["tile_n"],
         causal=c["causal"], has_skip=c["has_skip"], factor_per_batch=c["factor_per_batch"],
-        has_stats=c["has_stats"], direct_out=c["direct_out"], order=c["order"],
+        has_stats=c["has_stats"], direct_out=c["direct_out"], fused_merge=c["fused_merge"],
+        order=c["order"],
         num_k_stages=c["num_k_stages"], num_v_stages=c["num_v_stages"],
     )
 
@@ -114,10 +120,12 @@ def _decode_compile_args(c: dict, stream):
     paged = c["page_size"] is not None
     o_dt = dt if c["direct_out"] else Float32
     stats = [_fake_ptr(Int32, 4) for _ in range(3)] if c["has_stats"] else [None] * 3
+    merge = [_fake_ptr(dt), _fake_ptr(Float32, 4), _fake_ptr(Int32, 4)] if c["fused_merge"] \
+        else [None] * 3
     return (
         _fake_ptr(dt), _fake_ptr(dt), _fake_ptr(dt), _fake_ptr(o_dt), _fake_ptr(Float32, 4),
         _fake_ptr(Int32, 4), _fake_ptr(Int32, 4) if paged else None,
-        _fake_ptr(Float32, 4) if c["factor_per_batch"] else None, *stats,
+        _fake_ptr(Float32, 4) if c["factor_per_batch"] else None, *stats, *merge,
         Int32(1), Int32(1), Int32(1), Int32(1), Int32(1), Int32(c["page_size"] or 1),
         cutlass.Int64(8), Int32(8), Int32(8), Int32(1), Int32(1),
         Float32(1.0), Float32(0.0), Int32(1), stream,
@@ -128,7 +136,8 @@ def compile_decode_sm90(config: dict, options: Optional[str] = None):
     """Compile one decode configuration (no GPU needed; set CUTE_DSL_ARCH=sm_90a on a CPU host).
 
     config keys: dtype, head_dim, page_size (None = contiguous cache), and optionally tile_n,
-    causal, has_skip, factor_per_batch, has_stats, direct_out, order, num_k_stages, num_v_stages.
+    causal, has_skip, factor_per_batch, has_stats, direct_out, fused_merge, order, num_k_stages,
+    num_v_stages.
     Returns the compiled callable of ``BlasstDecodeSm90.launch_ptrs``.
     """
     import cuda.bindings.driver as cuda
@@ -264,6 +273,17 @@ class _FastCall:
                 store[i].value = v
             self._launch()
 
+    def slots(self, positions):
+        """The ctypes slots at ``positions`` (for :meth:`call_slots`)."""
+        return [self.store[i] for i in positions]
+
+    def call_slots(self, slots, values):
+        """:meth:`call_dyn` with the slots looked up once (host time per call)."""
+        with self.lock:
+            for st, v in zip(slots, values):
+                st.value = v
+            self._launch()
+
     def __call__(self, values):
         with self.lock:
             for st, v in zip(self.store, values):
@@ -316,11 +336,44 @@ class _Plan:
     and stream."""
 
     __slots__ = ("geo", "splits", "direct", "has_skip", "fpb", "has_stats", "fn", "cfn",
-                 "fast", "fast_pos", "cfast", "statics", "cstatics", "ws_o", "ws_numel", "out_shape",
-                 "lse_shape", "dtype", "device", "lock")
+                 "fast", "fast_pos", "fast_slots", "cfast", "statics", "cstatics", "ws_o", "ws_numel", "out_shape",
+                 "lse_shape", "lse_numel", "dtype", "device", "lock", "scratch", "fused",
+                 "n_arrivals", "arrivals", "stream_bufs")
 
     def __init__(self):
         self.fast_pos = None
+        self.scratch = {}
+        self.arrivals = {}
+        self.stream_bufs = {}  # stream -> (scratch address, arrivals address or None)
+
+    def buffers(self, stream_h: int):
+        """(scratch address, arrival counters address or None) for ``stream_h``, one lookup."""
+        bufs = self.stream_bufs.get(stream_h)
+        if bufs is None:
+            bufs = self.stream_bufs[stream_h] = (
+                self.scratch_ptr(stream_h), self.arrivals_ptr(stream_h) if self.fused else None)
+        return bufs
+
+    def scratch_ptr(self, stream_h: int) -> int:
+        """Device address of this plan's fp32 scratch for ``stream_h``: the split partials, then
+        an lse slot for calls that do not return lse. Reused by every call on that stream
+        (stream order makes the reuse safe); one buffer per stream, so concurrent streams never
+        share it. Never used while a CUDA graph is being captured (the caller allocates then)."""
+        buf = self.scratch.get(stream_h)
+        if buf is None:
+            buf = torch.empty(self.ws_numel + self.lse_numel, dtype=torch.float32,
+                              device=self.device)
+            self.scratch[stream_h] = buf
+        return buf.data_ptr()
+
+    def arrivals_ptr(self, stream_h: int) -> int:
+        """The fused merge's per-q-tile arrival counters for ``stream_h`` (zeroed once; every
+        launch leaves them zero again). Per stream, like the scratch."""
+        buf = self.arrivals.get(stream_h)
+        if buf is None:
+            buf = torch.zeros(self.n_arrivals, dtype=torch.int32, device=self.device)
+            self.arrivals[stream_h] = buf
+        return buf.data_ptr()
 
 
 _plans: dict = {}
@@ -346,14 +399,16 @@ def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, n
     page_size = k_cache.shape[1] if paged else None
     config = dict(dtype=q.dtype, head_dim=d, page_size=page_size, tile_n=geo["block_n"],
                   causal=bool(causal), has_skip=has_skip, factor_per_batch=fpb,
-                  has_stats=has_stats, direct_out=direct, order=geo["order"])
+                  has_stats=has_stats, direct_out=direct, fused_merge=FUSED_MERGE,
+                  order=geo["order"])
     tkey = ()
     if tuning:
-        config.update(tuning)  # experiments only: num_k_stages, num_v_stages, v_by_producer
+        config.update(tuning)  # experiments only: num_k_stages, num_v_stages, fused_merge
         tkey = tuple(sorted(tuning.items()))
+    config["fused_merge"] = p.fused = fused = bool(config["fused_merge"]) and not direct
     ck = _config_key(config)
     fkey = ("decode", q.dtype, d, page_size, geo["block_n"], bool(causal), has_skip, fpb,
-            has_stats, direct, geo["order"], tkey)
+            has_stats, direct, fused, geo["order"], tkey)
     compile_args = _decode_compile_args(dict(ck), cuda.CUstream(0))
     p.fn = _compiled(fkey, compile_args, lambda: _make_kernel(ck).launch_ptrs)
     ks = k_cache.stride()
@@ -361,7 +416,7 @@ def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, n
                  ks[2], block_table.shape[1] if paged else 1,
                  block_table.stride(0) if paged else 1]
     p.fast = None
-    n_ptr = 6 + paged + fpb + 3 * has_stats
+    n_ptr = 6 + paged + fpb + 3 * has_stats + 3 * fused
     if USE_FAST_CALL:
         fc = _FastCall(p.fn, compile_args)
         if fc.ok:
@@ -369,14 +424,17 @@ def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, n
             p.fast = fc.preset(pos, p.statics + [splits])
             p.fast_pos = list(range(n_ptr)) + [n_ptr + len(p.statics), n_ptr + len(p.statics) + 1,
                                                n_ptr + len(p.statics) + 3]
+            p.fast_slots = p.fast.slots(p.fast_pos)
     p.out_shape = (B, lq, hq, d)
     p.lse_shape = (B, hq, lq)
     p.dtype = q.dtype
     p.device = q.device
-    p.ws_o = splits * B * lq * hq * d
-    p.ws_numel = p.ws_o + splits * B * hq * lq
+    p.ws_o = splits * B * lq * hq * d if not direct else 0
+    p.ws_numel = p.ws_o + splits * B * hq * lq if not direct else 0
+    p.lse_numel = B * hq * lq
+    p.n_arrivals = B * k_cache.shape[2] * (-(-(lq * (hq // k_cache.shape[2])) // TILE_M))
     p.cfn = p.cfast = None
-    if not direct:
+    if not direct and not fused:
         ckey = ("combine", q.dtype, d)
         p.cfn = _compiled(ckey, _combine_compile_args(TORCH_TO_CUTLASS[q.dtype]),
                           lambda: BlasstDecodeCombineSm90(TORCH_TO_CUTLASS[q.dtype], d).launch_ptrs)
@@ -399,23 +457,36 @@ def _factor_kind(threshold_scale_factor, has_stats):
     return factor > 0.0 or has_stats, None, factor
 
 
+# torch.cuda.is_current_stream_capturing without its Python wrapper (host time per call).
+_is_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing",
+                        torch.cuda.is_current_stream_capturing)
+
+
 def _launch(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, softmax_scale,
             threshold_scale_factor, visited, skipped, v_loaded, causal, num_splits, workspace,
-            tuning):
+            tuning, want_lse=True, plan_key=None):
     """Plan (cached per call signature), launch; returns (plan, out, lse). out/lse None:
-    allocated here (after the decode launch when the combine writes them)."""
+    allocated here (after the decode launch when the combine writes them); with want_lse False
+    and lse None, lse goes to the plan's scratch and None is returned for it.
+
+    plan_key: a hashable key that already determines q's shape/dtype/device, the caches'
+    shapes/strides and the block table's shape/strides (the API's validated signature); it
+    replaces the key built here from the tensors (host time)."""
     has_stats = visited is not None
     if has_stats != (skipped is not None):
         raise NotImplementedError("blasst sm90 decode: visited and skipped go together")
     has_skip, factor_t, factor = _factor_kind(threshold_scale_factor, has_stats)
-    key = (q.shape, q.dtype, q.get_device(), k_cache.shape, k_cache.stride(),
-           None if block_table is None else (block_table.shape, block_table.stride(0)),
-           causal, has_skip, factor_t is not None, has_stats, num_splits,
+    if plan_key is None:
+        plan_key = (q.shape, q.dtype, q.get_device(), k_cache.shape, k_cache.stride(),
+                    None if block_table is None else (block_table.shape, block_table.stride(0)))
+    key = (plan_key, causal, has_skip, factor_t is not None, has_stats, num_splits,
            tuple(sorted(tuning.items())) if tuning else None)
     plan = _plans.get(key)
     if plan is None:
         plan = _make_plan(key, q, k_cache, block_table, causal, has_skip, factor_t is not None,
                           has_stats, num_splits, tuning)
+        if len(_plans) > 4096:  # signatures churn (e.g. the API's tokens after a reset)
+            _plans.clear()
         _plans[key] = plan
     B, lq, hq, d = q.shape
     if B == 0 or lq == 0 or hq == 0:
@@ -428,20 +499,38 @@ def _launch(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, softmax_s
         factor_t = factor_t.expand(B).contiguous() if factor_t.numel() == 1 else factor_t.contiguous()
     if softmax_scale is None:
         softmax_scale = d ** -0.5
-    direct = plan.direct
-    if direct:
+    stream_h = _raw_stream(q.get_device()) if _raw_stream is not None else \
+        _current_stream(q.device)
+    direct, fused = plan.direct, plan.fused
+    # Scratch (split partials, an lse nobody reads) and the fused merge's arrival counters: the
+    # plan's per-stream buffers, except while a graph is captured (then fresh allocations from
+    # the graph's pool, as torch does for any temporary), so a captured graph never shares
+    # memory with eager calls or with other graphs.
+    need_scratch = (not direct and workspace is None) or (lse is None and not want_lse)
+    scratch_p = arrivals_p = None
+    if need_scratch or fused:
+        if _is_capturing():
+            scratch = torch.empty(plan.ws_numel + plan.lse_numel, dtype=torch.float32,
+                                  device=plan.device) if need_scratch else None
+            arrivals = torch.zeros(plan.n_arrivals, dtype=torch.int32,
+                                   device=plan.device) if fused else None
+            scratch_p = scratch.data_ptr() if need_scratch else None
+            arrivals_p = arrivals.data_ptr() if fused else None
+        else:
+            scratch_p, arrivals_p = plan.buffers(stream_h)
+    if direct or fused:  # the decode launch writes the final out / lse
         if out is None:
             out = torch.empty(plan.out_shape, dtype=plan.dtype, device=plan.device)
+        if lse is None and want_lse:
             lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=plan.device)
-        o_p, lse_p = out.data_ptr(), lse.data_ptr()
+    if direct:
+        o_p = out.data_ptr()
+        lse_p = lse.data_ptr() if lse is not None else scratch_p + 4 * plan.ws_numel
     elif workspace is not None:
         o_p, lse_p = workspace[0].data_ptr(), workspace[1].data_ptr()
     else:
-        ws = torch.empty(plan.ws_numel, dtype=torch.float32, device=plan.device)
-        o_p = ws.data_ptr()
+        o_p = scratch_p
         lse_p = o_p + 4 * plan.ws_o
-    stream_h = _raw_stream(q.get_device()) if _raw_stream is not None else \
-        _current_stream(q.device)
     ptrs = [q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), o_p, lse_p,
             cache_seqlens.data_ptr()]
     if block_table is not None:
@@ -450,18 +539,23 @@ def _launch(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, softmax_s
         ptrs.append(factor_t.data_ptr())
     if has_stats:
         ptrs += [visited.data_ptr(), skipped.data_ptr(), v_loaded.data_ptr()]
+    if fused:
+        ptrs += [out.data_ptr(),
+                 lse.data_ptr() if lse is not None else scratch_p + 4 * plan.ws_numel, arrivals_p]
     fast = plan.fast
     if fast is not None:
         ptrs += (float(softmax_scale), factor, stream_h)
-        fast.call_dyn(plan.fast_pos, ptrs)
+        fast.call_slots(plan.fast_slots, ptrs)
     else:
         _slow_decode_call(plan, q, ptrs, softmax_scale, factor, stream_h, block_table, factor_t,
                           has_stats)
-    if not direct:
+    if not direct and not fused:
         if out is None:
             out = torch.empty(plan.out_shape, dtype=plan.dtype, device=plan.device)
+        if lse is None and want_lse:
             lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=plan.device)
-        cvals = [o_p, lse_p, out.data_ptr(), lse.data_ptr(), stream_h]
+        lse_out = lse.data_ptr() if lse is not None else scratch_p + 4 * plan.ws_numel
+        cvals = [o_p, lse_p, out.data_ptr(), lse_out, stream_h]
         if plan.cfast is not None:
             plan.cfast.call_dyn(_CPOS, cvals)
         else:
@@ -488,8 +582,10 @@ def _slow_decode_call(plan, q, ptrs, softmax_scale, factor, stream_h, block_tabl
     btp = _mkptr(Int32, next(it), 4) if block_table is not None else None
     fp = _mkptr(Float32, next(it), 4) if factor_t is not None else None
     st = [_mkptr(Int32, next(it), 4) for _ in range(3)] if has_stats else [None] * 3
+    mg = [_mkptr(dt, next(it), 16), _mkptr(Float32, next(it), 4), _mkptr(Int32, next(it), 4)] \
+        if plan.fused else [None] * 3
     s = plan.statics
-    plan.fn(qp, kp, vp, op, lp, sp, btp, fp, *st,
+    plan.fn(qp, kp, vp, op, lp, sp, btp, fp, *st, *mg,
             Int32(s[0]), Int32(s[1]), Int32(s[2]), Int32(s[3]), Int32(s[4]), Int32(s[5]),
             cutlass.Int64(s[6]), Int32(s[7]), Int32(s[8]), Int32(s[9]), Int32(s[10]),
             Float32(softmax_scale), Float32(factor), Int32(plan.splits), _cuda_stream(stream_h))
@@ -522,12 +618,14 @@ def run_decode_sm90(q, k_cache, v_cache, out, lse, *, cache_seqlens, block_table
 def decode_sm90(q, k_cache, v_cache, *, cache_seqlens, block_table=None,
                 softmax_scale: Optional[float] = None, threshold_scale_factor=None,
                 visited=None, skipped=None, v_loaded=None, causal: bool = True,
-                tuning: Optional[dict] = None):
+                tuning: Optional[dict] = None, want_lse: bool = True, plan_key=None):
     """Like :func:`run_decode_sm90`, but allocates and returns (out, lse); with splits they are
-    allocated after the decode launch (off the path to the first kernel)."""
+    allocated after the decode launch (off the path to the first kernel). want_lse False: lse is
+    written to a per-plan scratch and returned as None (one allocation less per call).
+    plan_key: see ``_launch`` (the API passes its validated signature)."""
     plan, out, lse = _launch(q, k_cache, v_cache, None, None, cache_seqlens, block_table,
                              softmax_scale, threshold_scale_factor, visited, skipped, v_loaded,
-                             causal, None, None, tuning or DEFAULT_TUNING)
+                             causal, None, None, tuning or DEFAULT_TUNING, want_lse, plan_key)
     if out is None:  # empty problem
         out = torch.empty(plan.out_shape, dtype=plan.dtype, device=plan.device)
         lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=plan.device)
@@ -546,7 +644,7 @@ def supported_configs():
             for direct in (False, True):
                 cfgs.append(dict(dtype=torch.bfloat16, head_dim=128, page_size=page_size,
                                  has_skip=has_skip, factor_per_batch=fpb, has_stats=stats,
-                                 direct_out=direct))
+                                 direct_out=direct, fused_merge=FUSED_MERGE and not direct))
     return cfgs
 
 

@@ -503,6 +503,105 @@ def api_bench(iters=30):
         torch.cuda.empty_cache()
 
 
+def _api_fn(q, kc, vc, lens, bt, f, **kw):
+    import blasst_cute
+    return lambda: blasst_cute.decode(q, kc, vc, cache_seqlens=lens, block_table=bt,
+                                      threshold_scale_factor=f or None, **kw)
+
+
+def _sparsity(q, kc, vc, lens, bt, f):
+    import blasst_cute
+    _, st = blasst_cute.decode(q, kc, vc, cache_seqlens=lens, block_table=bt,
+                               threshold_scale_factor=f, return_stats=True)
+    return st.sparsity
+
+
+def host_times():
+    """Host time per call (CPU time of back-to-back calls on a tiny problem, B=1 L=1024, content
+    checks off) through each layer: the public API, the launch glue, the preplanned launch."""
+    sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "perf")))
+    import bench as pb
+    from blasst_cute import api
+    from blasst_cute.workloads import synthetic_qkv, to_paged
+    api.set_content_checks(False)
+    res = {}
+    for B, L in ((1, 1024), (8, 1024), (64, 1024)):
+        q, k, v = synthetic_qkv(B, 1, L, 32, 8, 128, device="cuda")
+        kc, vc, bt = to_paged(k, v, 64)
+        lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+        S = launch_decode.plan_decode_sm90(q, kc, bt)["num_splits"]
+        out = torch.empty_like(q)
+        lse = torch.empty(B, 32, 1, device="cuda")
+        ws = (torch.empty(S, B, 1, 32, 128, device="cuda"), torch.empty(S, B, 32, 1, device="cuda"))
+        rows = [
+            ("api f=100", _api_fn(q, kc, vc, lens, bt, 100.0)),
+            ("api dense", _api_fn(q, kc, vc, lens, bt, None)),
+            ("api f=100 +lse", _api_fn(q, kc, vc, lens, bt, 100.0, return_lse=True)),
+            ("glue decode_sm90", lambda: launch_decode.decode_sm90(
+                q, kc, vc, cache_seqlens=lens, block_table=bt, threshold_scale_factor=100.0)),
+            ("run_decode_sm90 prealloc", lambda: launch_decode.run_decode_sm90(
+                q, kc, vc, out, lse, cache_seqlens=lens, block_table=bt,
+                threshold_scale_factor=100.0, workspace=ws)),
+        ]
+        for name, fn in rows:
+            h = pb.host_us_per_call(fn, n=300)
+            res[(B, name)] = h
+            log(f"host us/call B={B} L={L} splits={S} {name:<26} {h:6.1f}")
+    return res
+
+
+def diag_long(B=1, L=131072, hq=32, hk=8, factors=(0, 60000, 120000, 300000), prof=True):
+    """Where does a B=1 L=128k call spend its time? For each factor: the API call timed with a
+    sync per call (perf/bench.py's method), back-to-back, captured in a graph, the kernel alone
+    (preplanned, graph), and a torch.profiler list of the kernels of one synced call."""
+    sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "perf")))
+    import bench as pb
+    from blasst_cute import api
+    from blasst_cute.workloads import synthetic_qkv, to_paged
+    api.set_content_checks(False)
+    q, k, v = synthetic_qkv(B, 1, L, hq, hk, 128, device="cuda", seed=0)
+    kc, vc, bt = to_paged(k, v, 64, seed=0)
+    lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    peers = {n: pb._sdpa(n) for n in ("cudnn", "flash")}
+    for n, fn in peers.items():
+        ms = pb.bench_ms([lambda fn=fn: fn(q, k, v, False)], iters=30)
+        log(f"diag B={B} L={L} {hq}/{hk} sdpa-{n}: synced {ms * 1e3:.1f} us")
+    del k, v
+    S = launch_decode.plan_decode_sm90(q, kc, bt)["num_splits"]
+    out = torch.empty_like(q)
+    lse = torch.empty(B, hq, 1, device="cuda")
+    ws = (torch.empty(S, B, 1, hq, 128, device="cuda"), torch.empty(S, B, hq, 1, device="cuda"))
+    for f in factors:
+        sp = _sparsity(q, kc, vc, lens, bt, f)
+        fn = _api_fn(q, kc, vc, lens, bt, f)
+        synced = pb.bench_ms([fn], iters=30) * 1e3
+        b2b = _time(fn, 30) * 1e6
+        graph = _time_graph(fn, 30) * 1e6
+        kern = _time_graph(lambda: launch_decode.run_decode_sm90(
+            q, kc, vc, out, lse, cache_seqlens=lens, block_table=bt,
+            threshold_scale_factor=f or None, workspace=ws), 30) * 1e6
+        log(f"diag f={f:g} sparsity {sp:.3f} splits {S}: api synced {synced:.1f} us, "
+            f"back-to-back {b2b:.1f}, api graph {graph:.1f}, kernel-only graph {kern:.1f}")
+        if prof:
+            from torch.profiler import ProfilerActivity, profile
+            fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+                for _ in range(3):
+                    fn()
+                    torch.cuda.synchronize()
+            evs = [e for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            evs.sort(key=lambda e: e.time_range.start)
+            t0 = evs[0].time_range.start if evs else 0
+            cpu = [e for e in p.events() if e.device_type != torch.autograd.DeviceType.CUDA]
+            cpu_names = sorted({(e.name, round(e.cpu_time_total, 1)) for e in cpu},
+                               key=lambda x: -x[1])[:6]
+            log("  kernels: " + "; ".join(
+                f"{e.name[:28]} @{e.time_range.start - t0:.0f} {e.time_range.elapsed_us():.0f}us"
+                for e in evs[-6:]))
+            log("  top cpu ops: " + "; ".join(f"{n[:30]} {t}us" for n, t in cpu_names))
+
+
 def ncu_case(B=8, L=32768, hq=32, hk=8, factor=30000.0):
     """Two launches for `ncu` (dense, then skipping at `factor`), after a warm-up of each."""
     from blasst_cute.workloads import synthetic_qkv
@@ -528,6 +627,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ncu-case", action="store_true")
     ap.add_argument("--api-bench", action="store_true")
+    ap.add_argument("--diag", action="store_true", help="host time per layer + B=1 L=128k timing")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--no-check", action="store_true")
@@ -536,6 +636,13 @@ def main():
     args = ap.parse_args()
     if args.ncu_case:
         ncu_case()
+        return
+    if args.diag:
+        log(f"torch {torch.__version__}, device {torch.cuda.get_device_name()}")
+        host_times()
+        diag_long()
+        with open(os.path.join(args.out, "diag.log"), "w") as f:
+            f.write("\n".join(LOG) + "\n")
         return
     if args.api_bench:
         log(f"torch {torch.__version__}, device {torch.cuda.get_device_name()}")

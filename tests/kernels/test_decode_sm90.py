@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 def _cfg_id(c):
     ps = c["page_size"] if c["page_size"] is not None else "contig"
     skip = "dense" if not c["has_skip"] else ("skip-fpb-stats" if c["has_stats"] else "skip")
-    return f"{ps}-{skip}-{'direct' if c['direct_out'] else 'split'}"
+    split = "fused" if c.get("fused_merge") else "split"
+    return f"{ps}-{skip}-{'direct' if c['direct_out'] else split}"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU compile check (GPU runs the gpu tests)")
@@ -36,8 +37,10 @@ def test_compile_decode_cpu(config):
 @pytest.mark.parametrize("extra", [dict(head_dim=64, page_size=64, has_skip=True),
                                    dict(head_dim=128, page_size=128, tile_n=64, has_skip=True),
                                    dict(head_dim=128, page_size=None, has_skip=True,
-                                        order="reverse", causal=False)],
-                         ids=["d64", "tile64", "reverse-noncausal"])
+                                        order="reverse", causal=False),
+                                   dict(head_dim=128, page_size=64, has_skip=True,
+                                        fused_merge=False)],
+                         ids=["d64", "tile64", "reverse-noncausal", "combine-kernel"])
 def test_compile_decode_variants_cpu(extra):
     cfg = dict(dtype=torch.bfloat16)
     cfg.update(extra)

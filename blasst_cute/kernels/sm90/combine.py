@@ -87,36 +87,46 @@ class BlasstDecodeCombineSm90:
             t = row // num_heads
             pos = t % seqlen_q
             b = t // seqlen_q
-            num_splits = mOp.shape[0]
+            merge_split_row(mOp, mLSEp, mO, mLSE, b, pos, head, lane)
 
-            m = -Float32.inf
-            for s in cutlass.range(lane, num_splits, 32, unroll=1):
-                m = cute.arch.fmax(m, mLSEp[s, b, head, pos])
-            m = cute.arch.warp_reduction_max(m)
-            m_safe = Float32(0.0) if m == -Float32.inf else m
-            total_w = Float32(0.0)
-            for s in cutlass.range(lane, num_splits, 32, unroll=1):
-                total_w += cute.math.exp2((mLSEp[s, b, head, pos] - m_safe) * LOG2_E, fastmath=True)
-            total_w = cute.arch.warp_reduction(total_w, lambda x, y: x + y)
-            lse = -Float32.inf
-            if total_w > Float32(0.0):
-                lse = m_safe + cute.math.log2(total_w, fastmath=False) * LN_2
 
-            acc = cute.make_rmem_tensor((self.per_lane,), Float32)
-            acc.fill(0.0)
-            part = cute.make_rmem_tensor((self.per_lane,), Float32)
-            # Unrolled so that several splits' loads are in flight at once (the loop is
-            # latency-bound otherwise); an empty split's O slot is loaded but never used.
-            for s in cutlass.range(num_splits, unroll=4):
-                ls = mLSEp[s, b, head, pos]
-                src = cute.local_tile(mOp[s, b, pos, head, None], (self.per_lane,), (lane,))
-                cute.autovec_copy(src, part)
-                if ls > -Float32.inf:
-                    w = cute.math.exp2((ls - lse) * LOG2_E, fastmath=True)
-                    for j in cutlass.range_constexpr(self.per_lane):
-                        acc[j] = acc[j] + w * part[j]
-            out = cute.make_rmem_tensor((self.per_lane,), self.dtype)
-            out.store(acc.load().to(self.dtype))
-            cute.autovec_copy(out, cute.local_tile(mO[b, pos, head, None], (self.per_lane,), (lane,)))
-            if lane == 0:
-                mLSE[b, head, pos] = lse
+@cute.jit
+def merge_split_row(mOp: cute.Tensor, mLSEp: cute.Tensor, mO: cute.Tensor, mLSE: cute.Tensor,
+                    b: Int32, pos: Int32, head: Int32, lane: Int32):
+    """One warp merges output row (b, pos, head) from its split partials (see the module comment).
+
+    mOp fp32 (splits, b, lq, hq, d), mLSEp fp32 (splits, b, hq, lq), mO (b, lq, hq, d) in the
+    output dtype, mLSE fp32 (b, hq, lq). Also used by the decode kernel's fused merge."""
+    per_lane = mO.shape[3] // 32
+    num_splits = mOp.shape[0]
+    m = -Float32.inf
+    for s in cutlass.range(lane, num_splits, 32, unroll=1):
+        m = cute.arch.fmax(m, mLSEp[s, b, head, pos])
+    m = cute.arch.warp_reduction_max(m)
+    m_safe = Float32(0.0) if m == -Float32.inf else m
+    total_w = Float32(0.0)
+    for s in cutlass.range(lane, num_splits, 32, unroll=1):
+        total_w += cute.math.exp2((mLSEp[s, b, head, pos] - m_safe) * LOG2_E, fastmath=True)
+    total_w = cute.arch.warp_reduction(total_w, lambda x, y: x + y)
+    lse = -Float32.inf
+    if total_w > Float32(0.0):
+        lse = m_safe + cute.math.log2(total_w, fastmath=False) * LN_2
+
+    acc = cute.make_rmem_tensor((per_lane,), Float32)
+    acc.fill(0.0)
+    part = cute.make_rmem_tensor((per_lane,), Float32)
+    # Unrolled so that several splits' loads are in flight at once (the loop is latency-bound
+    # otherwise); an empty split's O slot is loaded but never used.
+    for s in cutlass.range(num_splits, unroll=4):
+        ls = mLSEp[s, b, head, pos]
+        src = cute.local_tile(mOp[s, b, pos, head, None], (per_lane,), (lane,))
+        cute.autovec_copy(src, part)
+        if ls > -Float32.inf:
+            w = cute.math.exp2((ls - lse) * LOG2_E, fastmath=True)
+            for j in cutlass.range_constexpr(per_lane):
+                acc[j] = acc[j] + w * part[j]
+    out = cute.make_rmem_tensor((per_lane,), mO.element_type)
+    out.store(acc.load().to(mO.element_type))
+    cute.autovec_copy(out, cute.local_tile(mO[b, pos, head, None], (per_lane,), (lane,)))
+    if lane == 0:
+        mLSE[b, head, pos] = lse

@@ -21,7 +21,9 @@
 # the full barrier) so that the V load of tile j reuses them without touching the block table.
 #
 # Output: with one split, O (q dtype) and lse directly; otherwise fp32 O / l and lse per split,
-# merged by blasst_cute.kernels.sm90.combine.
+# merged either by the combine kernel (blasst_cute.kernels.sm90.combine) or, with fused_merge,
+# in this launch by the last split CTA of each q-tile to finish (an arrival counter per q-tile;
+# the merging CTA resets it, so the counters stay zero between launches).
 #
 # The skip rule and the online softmax are blasst_cute.kernels.common.softmax_skip; layout helpers
 # from blasst_cute.kernels.common.layout. Idioms follow FlashAttention-4's SM90 forward and
@@ -55,6 +57,7 @@ from blasst_cute.kernels.common.softmax_skip import (
     rescale_rows,
     threshold_log2,
 )
+from blasst_cute.kernels.sm90.combine import merge_split_row
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_PAGE_SIZES = (16, 32, 64, 128, 256)
@@ -67,6 +70,7 @@ class DecodeBarrier(enum.IntEnum):
 
     Consumer = 1  # plain 128-thread sync of the consumer warpgroup
     Vote = 2  # bar.red.and of the BLASST vote
+    Merge = 3  # bar.red.and: "was this CTA the last split to arrive" (fused merge)
 
 
 def decode_stages(head_dim: int, tile_n: int, dtype_bytes: int = 2):
@@ -102,6 +106,7 @@ class BlasstDecodeSm90:
         factor_per_batch: bool = False,
         has_stats: bool = False,
         direct_out: bool = False,
+        fused_merge: bool = False,
         order: str = "forward",
         num_k_stages: Optional[int] = None,
         num_v_stages: Optional[int] = None,
@@ -118,6 +123,8 @@ class BlasstDecodeSm90:
             raise ValueError(order)
         if has_stats and not has_skip:
             raise NotImplementedError("blasst sm90 decode: stats need the skip variant")
+        if fused_merge and direct_out:
+            raise ValueError("blasst sm90 decode: fused_merge merges split partials (not direct_out)")
         self.dtype = dtype
         self.head_dim = head_dim
         self.paged = page_size is not None
@@ -128,6 +135,7 @@ class BlasstDecodeSm90:
         self.factor_per_batch = factor_per_batch
         self.has_stats = has_stats
         self.direct_out = direct_out
+        self.fused_merge = fused_merge
         self.reverse = order == "reverse"
         # Rows per TMA copy: a whole page, or a slice of one when pages are larger than a tile.
         self.rows_per_copy = min(page_size, tile_n) if self.paged else tile_n
@@ -177,6 +185,9 @@ class BlasstDecodeSm90:
         visited_ptr: Optional[cute.Pointer],  # int32 (b, hk) contiguous
         skipped_ptr: Optional[cute.Pointer],
         v_loaded_ptr: Optional[cute.Pointer],
+        final_o_ptr: Optional[cute.Pointer],  # fused merge: (b, lq, hq, d) q dtype
+        final_lse_ptr: Optional[cute.Pointer],  # fused merge: fp32 (b, hq, lq)
+        arrivals_ptr: Optional[cute.Pointer],  # fused merge: int32 (b, hk, m_blocks), zeroed
         batch: Int32, seqlen_q: Int32, num_heads: Int32, num_heads_kv: Int32,
         kv_rows: Int32,  # num_pages (paged) or batch (contiguous)
         kv_len: Int32,  # page_size (paged) or capacity (contiguous)
@@ -225,9 +236,19 @@ class BlasstDecodeSm90:
             mVisited = cute.make_tensor(visited_ptr, cnt_layout)
             mSkipped = cute.make_tensor(skipped_ptr, cnt_layout)
             mVLoaded = cute.make_tensor(v_loaded_ptr, cnt_layout)
+        mOFinal = mLSEFinal = mArrivals = None
+        if const_expr(self.fused_merge):
+            mOFinal = cute.make_tensor(final_o_ptr, cute.make_layout(
+                (batch, seqlen_q, num_heads, d),
+                stride=(seqlen_q * num_heads * d, num_heads * d, d, 1)))
+            mLSEFinal = cute.make_tensor(final_lse_ptr, cute.make_layout(
+                (batch, num_heads, seqlen_q), stride=(num_heads * seqlen_q, seqlen_q, 1)))
+            m_blocks = (seqlen_q * (num_heads // num_heads_kv) + TILE_M - 1) // TILE_M
+            mArrivals = cute.make_tensor(arrivals_ptr, cute.make_layout(
+                (batch, num_heads_kv, m_blocks), stride=(num_heads_kv * m_blocks, m_blocks, 1)))
         self.__call__(mQ, mK, mV, mO, mLSE, mSeqlens, mBlockTable, softmax_scale,
                       threshold_scale_factor, mFactor, mVisited, mSkipped, mVLoaded, num_splits,
-                      stream)
+                      stream, mOFinal, mLSEFinal, mArrivals)
 
     @cute.jit
     def __call__(
@@ -247,6 +268,9 @@ class BlasstDecodeSm90:
         mVLoaded: Optional[cute.Tensor],
         num_splits: Int32,
         stream: cuda.CUstream,
+        mOFinal: Optional[cute.Tensor] = None,  # fused merge: (b, lq, hq, d) q dtype
+        mLSEFinal: Optional[cute.Tensor] = None,  # fused merge: fp32 (b, hq, lq)
+        mArrivals: Optional[cute.Tensor] = None,  # fused merge: int32 (b, hk, m_blocks), zeroed
     ):
         for t in (mQ, mK, mV):
             if const_expr(t.element_type != self.dtype):
@@ -301,6 +325,7 @@ class BlasstDecodeSm90:
             mQ, tma_K, tma_V, mO, mLSE, mSeqlens, mBlockTable,
             tma_atom_K, tma_atom_V,
             scale_log2, threshold_scale_factor, mFactor, mVisited, mSkipped, mVLoaded,
+            mOFinal, mLSEFinal, mArrivals,
             qhead_per_kvhead, num_splits,
             sQ_layout, sK_layout, sV_layout, sP_layout, tiled_mma_qk, tiled_mma_pv,
         ).launch(
@@ -329,6 +354,9 @@ class BlasstDecodeSm90:
         mVisited: Optional[cute.Tensor],
         mSkipped: Optional[cute.Tensor],
         mVLoaded: Optional[cute.Tensor],
+        mOFinal: Optional[cute.Tensor],
+        mLSEFinal: Optional[cute.Tensor],
+        mArrivals: Optional[cute.Tensor],
         qhead_per_kvhead: Int32,
         num_splits: Int32,
         sQ_layout: cute.ComposedLayout,
@@ -400,6 +428,7 @@ class BlasstDecodeSm90:
                 tidx, m_block, split_idx, head_kv, batch_idx, qhead_per_kvhead, num_rows,
                 seqlen_q, seqlen_k, tile_lo, tile_hi, n_local,
                 scale_log2, threshold_scale_factor, mFactor, mVisited, mSkipped, mVLoaded,
+                mOFinal, mLSEFinal, mArrivals, num_splits,
             )
 
     # ------------------------------------------------------------------ tile order / pages
@@ -519,6 +548,8 @@ class BlasstDecodeSm90:
         scale_log2: Float32, threshold_scale_factor: Float32, mFactor: Optional[cute.Tensor],
         mVisited: Optional[cute.Tensor], mSkipped: Optional[cute.Tensor],
         mVLoaded: Optional[cute.Tensor],
+        mOFinal: Optional[cute.Tensor], mLSEFinal: Optional[cute.Tensor],
+        mArrivals: Optional[cute.Tensor], num_splits: Int32,
     ):
         NK, NV = self.num_k_stages, self.num_v_stages
         cpt = self.copies_per_tile
@@ -699,6 +730,42 @@ class BlasstDecodeSm90:
                         mLSE[batch_idx, head, pos] = lse[r]
                     else:
                         mLSE[split_idx, batch_idx, head, pos] = lse[r]
+
+        if const_expr(self.fused_merge):
+            self.merge_if_last(mO, mLSE, mOFinal, mLSEFinal, mArrivals, tidx, m_block, head_kv,
+                               batch_idx, qhead_per_kvhead, num_rows, num_splits)
+
+    @cute.jit
+    def merge_if_last(
+        self, mOp: cute.Tensor, mLSEp: cute.Tensor, mOFinal: cute.Tensor, mLSEFinal: cute.Tensor,
+        mArrivals: cute.Tensor, tidx: Int32, m_block: Int32, head_kv: Int32, batch_idx: Int32,
+        G: Int32, num_rows: Int32, num_splits: Int32,
+    ):
+        """Split-KV merge without a second launch: every split's CTA publishes its partial and
+        counts itself in; the CTA that arrives last merges the q-tile's rows (one warp per row,
+        the combine kernel's row merge) and resets the counter for the next launch."""
+        # Release this thread's partial O / lse stores, then one arrival per CTA (the classic
+        # threadfence-reduction handshake).
+        cute.arch.fence_acq_rel_gpu()
+        cute.arch.barrier(barrier_id=int(DecodeBarrier.Consumer), number_of_threads=128)
+        not_last = Boolean(True)
+        counter = elem_ptr(mArrivals, (batch_idx, head_kv, m_block))
+        if tidx == 0:
+            arrived = cute.arch.atomic_add(counter, Int32(1), sem="acq_rel", scope="gpu")
+            not_last = arrived != num_splits - 1
+        is_last = not group_all(not_last, int(DecodeBarrier.Merge), 128)
+        if is_last:
+            cute.arch.fence_acq_rel_gpu()  # acquire: every split's partial is visible
+            if tidx == 0:
+                cute.arch.atomic_exch(counter, Int32(0), sem="relaxed", scope="gpu")
+            warp = tidx // 32
+            lane = tidx - warp * 32
+            rows_here = cutlass.min(num_rows - m_block * TILE_M, TILE_M)
+            for r in cutlass.range(warp, rows_here, 4, unroll=1):
+                grow = m_block * TILE_M + r
+                pos = grow // G
+                head = head_kv * G + (grow - pos * G)
+                merge_split_row(mOp, mLSEp, mOFinal, mLSEFinal, batch_idx, pos, head, lane)
 
     @cute.jit
     def pv_step(

@@ -1,0 +1,370 @@
+"""Torch-facing glue for the sm90 absorbed-MLA decode kernel: geometry, compilation (cached),
+launch.
+
+Inputs are assumed validated by ``blasst_cute.api.decode_mla`` (dtype, devices, shapes, 16-byte
+aligned rows with a contiguous last dim); this module only plans, compiles and launches.
+
+    geo = mla_decode_geometry_sm90(H, lq_new, page_size, batch, capacity, num_sms)
+    run_mla_decode_sm90(q, kv_cache, out, lse, cache_seqlens=..., block_table=...,
+                        softmax_scale=..., threshold_scale_factor=..., visited=, skipped=)
+
+The reference reproduces the kernel's decisions with
+``blasst_attention_paged(q, kv.unsqueeze(2), kv[..., :512].unsqueeze(2), ..., **geo)``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import torch
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32
+
+from blasst_cute.kernels import compile_cache
+from blasst_cute.kernels.dtypes import TORCH_TO_CUTLASS, kernel_dtype
+from blasst_cute.kernels.sm90.combine import BlasstDecodeCombineSm90
+from blasst_cute.kernels.sm90.mla_decode import (
+    HEAD_DIM,
+    HEAD_DIM_V,
+    SUPPORTED_PAGE_SIZES,
+    TILE_M,
+    TILE_N,
+    BlasstMlaDecodeSm90,
+)
+
+# A split's first tile is never skipped, and each split costs a 64 x 512 fp32 partial that the
+# combine reads back: keep >= MIN_TILES_PER_SPLIT tiles per split, and at most MAX_SPLITS (H200,
+# B=1 L=32k H=128: 66 splits 97 us, 33 splits 90 us; the combine took 46 us of the 97).
+MIN_TILES_PER_SPLIT = 4
+MAX_SPLITS = 32
+
+_GMEM = cute.AddressSpace.gmem
+_num_sms: dict = {}
+_RUN_COMBINE = True  # benchmarks only: False times the split kernel without its merge
+# The q-tiles of a sequence as one 2-CTA cluster sharing each K tile by TMA multicast (see
+# mla_decode.py): "auto" = where a CTA walks >= CLUSTER_MIN_TILES_PER_SPLIT key tiles, "always"
+# = wherever the q-tiles pair up, "never" = one CTA per q-tile, each loading every tile.
+# H100, H=128, page 64 (perf/results/mla-decode-h100.md, two runs): with >= 128 tiles per CTA
+# the cluster is 1-5% faster dense and 8-14% faster at ~53% sparsity (the two q-tiles no longer
+# drift apart and re-read K from DRAM), ~3% at 90%; with 16-64 tiles per CTA it is 2-3% faster
+# dense but 1-3% slower sparse (the 2-stage ring in lock-step makes a tile cost the slower CTA
+# of the pair), so "auto" keeps one CTA per q-tile there.
+CLUSTER_MODE = "auto"
+CLUSTER_MIN_TILES_PER_SPLIT = 128
+
+
+def mla_num_splits(work_units: int, n_tiles: int, num_sms: int) -> int:
+    """Splits per (q-tile, batch): fill the SMs once (one CTA per SM: ~226 KiB of smem), i.e.
+    floor(num_sms / work_units), with >= MIN_TILES_PER_SPLIT tiles per split."""
+    if work_units <= 0 or n_tiles <= 1 or work_units > num_sms:
+        return 1
+    s = num_sms // work_units
+    return max(1, min(s, max(1, n_tiles // MIN_TILES_PER_SPLIT), MAX_SPLITS))
+
+
+def mla_cluster_m(num_heads: int, lq_new: int, causal: bool = True,
+                  tiles_per_split: Optional[int] = None) -> int:
+    """CTAs per cluster of the kernel: 2 when the q-tiles of a sequence pair up with identical key
+    tiles (an even q-tile count, and with causal Lq_new > 1 each pair inside one new token,
+    i.e. H % 128 == 0) and CLUSTER_MODE allows it, else 1. Skip decisions stay per q-tile
+    either way. tiles_per_split: key tiles one CTA walks (None: not limiting)."""
+    if CLUSTER_MODE not in ("auto", "always", "never"):
+        raise ValueError(f"launch_mla.CLUSTER_MODE {CLUSTER_MODE!r} (auto, always or never)")
+    if CLUSTER_MODE == "never":
+        return 1
+    if (CLUSTER_MODE == "auto" and tiles_per_split is not None
+            and tiles_per_split < CLUSTER_MIN_TILES_PER_SPLIT):
+        return 1
+    m_blocks = -(-(num_heads * lq_new) // TILE_M)
+    if m_blocks < 2 or m_blocks % 2:
+        return 1
+    if causal and lq_new > 1 and num_heads % (2 * TILE_M):
+        return 1
+    return 2
+
+
+def mla_decode_geometry_sm90(num_heads: int, lq_new: int, page_size: Optional[int], batch: int,
+                             max_seqlen: int, num_sms: int = 132) -> dict:
+    """The tiling of the sm90 MLA decode kernel: exactly what the reference needs.
+
+    Rows of a tile pack the H heads x lq_new new tokens of a sequence (one latent kv head);
+    max_seqlen = the cache capacity the split count is planned for (block_table.shape[1] *
+    page_size, or the contiguous cache's second dim), never cache_seqlens.
+    """
+    if page_size is not None and page_size not in SUPPORTED_PAGE_SIZES:
+        raise NotImplementedError(
+            f"blasst sm90 MLA decode: page_size {page_size} (supported: {SUPPORTED_PAGE_SIZES})")
+    m_blocks = -(-(num_heads * lq_new) // TILE_M)
+    n_tiles = -(-max(int(max_seqlen), 0) // TILE_N)
+    splits = mla_num_splits(batch * m_blocks, n_tiles, num_sms)
+    return dict(block_m=TILE_M, block_n=TILE_N, pack_gqa=True, order="forward",
+                num_splits=splits, rows_per_decision=TILE_M, split_tiles=None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compilation
+# ----------------------------------------------------------------------------------------------
+
+def _config_key(config: dict) -> tuple:
+    c = dict(config)
+    c["dtype"] = kernel_dtype(c.get("dtype", torch.bfloat16), "sm90 MLA decode")
+    c.setdefault("page_size", None)
+    c.setdefault("causal", True)
+    for k in ("has_skip", "factor_per_batch", "has_stats", "direct_out"):
+        c[k] = bool(c.get(k, False))
+    c["cluster_m"] = int(c.get("cluster_m", 1))
+    return tuple(sorted(c.items(), key=lambda kv: kv[0]))
+
+
+def _make_kernel(key: tuple) -> BlasstMlaDecodeSm90:
+    c = dict(key)
+    return BlasstMlaDecodeSm90(
+        TORCH_TO_CUTLASS[c["dtype"]], page_size=c["page_size"], causal=c["causal"],
+        has_skip=c["has_skip"], factor_per_batch=c["factor_per_batch"],
+        has_stats=c["has_stats"], direct_out=c["direct_out"], cluster_m=c["cluster_m"])
+
+
+def _fake_ptr(dtype, align=16):
+    return cute.runtime.make_ptr(dtype, 0, _GMEM, assumed_align=align)
+
+
+def _mkptr(dtype, addr, align):
+    return cute.runtime.make_ptr(dtype, addr, _GMEM, assumed_align=align)
+
+
+def _cuda_stream(h):
+    import cuda.bindings.driver as cuda
+
+    return cuda.CUstream(h)
+
+
+def _compile_args(c: dict, stream):
+    """Arguments of ``BlasstMlaDecodeSm90.launch_ptrs`` for compilation (placeholder values)."""
+    dt = TORCH_TO_CUTLASS[c["dtype"]]
+    paged = c["page_size"] is not None
+    o_dt = dt if c["direct_out"] else Float32
+    stats = [_fake_ptr(Int32, 4) for _ in range(2)] if c["has_stats"] else [None] * 2
+    return (
+        _fake_ptr(dt), _fake_ptr(dt), _fake_ptr(o_dt), _fake_ptr(Float32, 4),
+        _fake_ptr(Int32, 4), _fake_ptr(Int32, 4) if paged else None,
+        _fake_ptr(Float32, 4) if c["factor_per_batch"] else None, *stats,
+        Int32(1), Int32(1), Int32(1), Int32(1), Int32(c["page_size"] or 1),
+        cutlass.Int64(8), Int32(8), Int32(1), Int32(1),
+        Float32(1.0), Float32(0.0), Int32(1), stream,
+    )
+
+
+def compile_mla_decode_sm90(config: dict, options: Optional[str] = None):
+    """Compile one MLA decode configuration (no GPU needed; CUTE_DSL_ARCH=sm_90a on a CPU host).
+
+    config keys: dtype, page_size (None = contiguous cache), and optionally causal, has_skip,
+    factor_per_batch, has_stats, direct_out, cluster_m (1 or 2). Returns the compiled
+    ``launch_ptrs``.
+    """
+    key = _config_key(config)
+    args = _compile_args(dict(key), _cuda_stream(0))
+    fn = _make_kernel(key).launch_ptrs
+    if options:
+        return cute.compile(fn, *args, options=options)
+    return cute.compile(fn, *args)
+
+
+def _combine_args(dt):
+    return (_fake_ptr(Float32, 16), _fake_ptr(Float32, 4), _fake_ptr(dt), _fake_ptr(Float32, 4),
+            Int32(1), Int32(1), Int32(1), Int32(1), _cuda_stream(0))
+
+
+def _compiled(key: tuple, maker, args):
+    return compile_cache.get_or_compile(("sm90-mla-decode",) + tuple(key),
+                                        lambda: cute.compile(maker(), *args), disk=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch
+# ----------------------------------------------------------------------------------------------
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    n = _num_sms.get(idx)
+    if n is None:
+        n = _num_sms[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
+
+
+def plan_mla_decode_sm90(q, kv_cache, block_table=None, num_splits: Optional[int] = None) -> dict:
+    """The geometry ``run_mla_decode_sm90`` uses for these shapes (no device sync)."""
+    B, lq, H, _ = q.shape
+    if block_table is not None:
+        page_size = kv_cache.shape[1]
+        cap = block_table.shape[1] * page_size
+    else:
+        page_size, cap = None, kv_cache.shape[1]
+    geo = mla_decode_geometry_sm90(H, lq, page_size, B, cap, _sm_count(q.device))
+    if num_splits is not None:
+        geo["num_splits"] = int(num_splits)
+    return geo
+
+
+class _Plan:
+    """What does not change between calls of one signature: geometry, compiled kernels."""
+
+    __slots__ = ("geo", "splits", "direct", "fn", "cfn", "statics", "ws_o", "ws_numel")
+
+
+_plans: dict = {}
+_plans_lock = threading.Lock()
+
+
+def _factor_kind(threshold_scale_factor, has_stats):
+    """(has_skip, factor tensor or None, scalar factor)."""
+    if isinstance(threshold_scale_factor, torch.Tensor):
+        return True, threshold_scale_factor, 0.0
+    if threshold_scale_factor is None:
+        return has_stats, None, 0.0
+    factor = float(threshold_scale_factor)
+    return factor > 0.0 or has_stats, None, factor
+
+
+def _get_plan(q, kv_cache, block_table, causal, has_skip, fpb, has_stats, num_splits) -> _Plan:
+    key = (q.shape, q.dtype, q.get_device(), kv_cache.shape, kv_cache.stride(),
+           None if block_table is None else (block_table.shape, block_table.stride(0)),
+           causal, has_skip, fpb, has_stats, num_splits, CLUSTER_MODE)
+    plan = _plans.get(key)
+    if plan is not None:
+        return plan
+    with _plans_lock:
+        geo = plan_mla_decode_sm90(q, kv_cache, block_table, num_splits)
+        p = _Plan()
+        p.geo = geo
+        p.splits = splits = geo["num_splits"]
+        p.direct = splits == 1
+        paged = block_table is not None
+        cap = block_table.shape[1] * kv_cache.shape[1] if paged else kv_cache.shape[1]
+        tiles_per_split = -(-(-(-cap // TILE_N)) // splits)
+        config = dict(dtype=q.dtype, page_size=kv_cache.shape[1] if paged else None,
+                      causal=bool(causal), has_skip=has_skip, factor_per_batch=fpb,
+                      has_stats=has_stats, direct_out=p.direct,
+                      cluster_m=mla_cluster_m(q.shape[2], q.shape[1], bool(causal),
+                                              tiles_per_split))
+        ck = _config_key(config)
+        p.fn = _compiled(ck, lambda: _make_kernel(ck).launch_ptrs,
+                         _compile_args(dict(ck), _cuda_stream(0)))
+        B, lq, H, _ = q.shape
+        ks = kv_cache.stride()
+        p.statics = (B, lq, H, kv_cache.shape[0], kv_cache.shape[1], ks[0], ks[1],
+                     block_table.shape[1] if paged else 1, block_table.stride(0) if paged else 1)
+        p.ws_o = splits * B * lq * H * HEAD_DIM_V
+        p.ws_numel = p.ws_o + splits * B * H * lq
+        p.cfn = None
+        if not p.direct:
+            dt = TORCH_TO_CUTLASS[q.dtype]
+            p.cfn = _compiled(("combine", q.dtype, HEAD_DIM_V),
+                              lambda: BlasstDecodeCombineSm90(dt, HEAD_DIM_V).launch_ptrs,
+                              _combine_args(dt))
+        _plans[key] = p
+        return p
+
+
+def run_mla_decode_sm90(q, kv_cache, out, lse, *, cache_seqlens, block_table=None,
+                        softmax_scale: float, threshold_scale_factor=None, visited=None,
+                        skipped=None, causal: bool = True, num_splits: Optional[int] = None,
+                        workspace=None) -> dict:
+    """Launch the sm90 MLA decode kernel (and the combine when split) on torch's current stream.
+
+    q [B, Lq_new, H, 576] contiguous; kv_cache paged [num_pages, page_size, 576] with block_table
+    [B, max_pages] int32 (rows may be strided), or contiguous [B, capacity, 576]; last dim
+    contiguous, 16-byte aligned rows. cache_seqlens [B] int32 contiguous. out [B, Lq_new, H, 512]
+    (q dtype, contiguous) and lse [B, H, Lq_new] float32 preallocated. visited/skipped: int32 [B]
+    (contiguous, zeroed by the caller) or None. threshold_scale_factor: None/0 (dense), a number,
+    or a float32 tensor [B]. workspace: optional (out_partial [S, B, Lq, H, 512] fp32,
+    lse_partial [S, B, H, Lq] fp32) with S >= num_splits, for allocation-free graph replays.
+    Returns the geometry used (pass it to the reference).
+    """
+    has_stats = visited is not None
+    if has_stats != (skipped is not None):
+        raise NotImplementedError("blasst sm90 MLA decode: visited and skipped go together")
+    has_skip, factor_t, factor = _factor_kind(threshold_scale_factor, has_stats)
+    plan = _get_plan(q, kv_cache, block_table, causal, has_skip, factor_t is not None, has_stats,
+                     num_splits)
+    B, lq, H, _ = q.shape
+    if B == 0 or lq == 0 or H == 0:
+        return plan.geo
+    if factor_t is not None and (factor_t.dtype != torch.float32 or factor_t.numel() != B
+                                 or not factor_t.is_contiguous()):
+        factor_t = factor_t.to(device=q.device, dtype=torch.float32).reshape(-1)
+        factor_t = factor_t.expand(B).contiguous() if factor_t.numel() == 1 else factor_t.contiguous()
+    dt = TORCH_TO_CUTLASS[q.dtype]
+    if plan.direct:
+        o_p, lse_p = out.data_ptr(), lse.data_ptr()
+    elif workspace is not None:
+        o_p, lse_p = workspace[0].data_ptr(), workspace[1].data_ptr()
+    else:
+        ws = torch.empty(plan.ws_numel, dtype=torch.float32, device=q.device)
+        o_p = ws.data_ptr()
+        lse_p = o_p + 4 * plan.ws_o
+    stream = _cuda_stream(torch.cuda.current_stream(q.device).cuda_stream)
+    s = plan.statics
+    plan.fn(
+        _mkptr(dt, q.data_ptr(), 16), _mkptr(dt, kv_cache.data_ptr(), 16),
+        _mkptr(dt if plan.direct else Float32, o_p, 16), _mkptr(Float32, lse_p, 4),
+        _mkptr(Int32, cache_seqlens.data_ptr(), 4),
+        _mkptr(Int32, block_table.data_ptr(), 4) if block_table is not None else None,
+        _mkptr(Float32, factor_t.data_ptr(), 4) if factor_t is not None else None,
+        _mkptr(Int32, visited.data_ptr(), 4) if has_stats else None,
+        _mkptr(Int32, skipped.data_ptr(), 4) if has_stats else None,
+        Int32(s[0]), Int32(s[1]), Int32(s[2]), Int32(s[3]), Int32(s[4]), cutlass.Int64(s[5]),
+        Int32(s[6]), Int32(s[7]), Int32(s[8]),
+        Float32(softmax_scale), Float32(factor), Int32(plan.splits), stream)
+    if not plan.direct and _RUN_COMBINE:
+        plan.cfn(_mkptr(Float32, o_p, 16), _mkptr(Float32, lse_p, 4), _mkptr(dt, out.data_ptr(), 16),
+                 _mkptr(Float32, lse.data_ptr(), 4), Int32(plan.splits), Int32(B), Int32(lq),
+                 Int32(H), stream)
+    return plan.geo
+
+
+def mla_decode_sm90(q, kv_cache, *, cache_seqlens, block_table=None, softmax_scale: float,
+                    threshold_scale_factor=None, visited=None, skipped=None, causal: bool = True):
+    """Like :func:`run_mla_decode_sm90`, but allocates and returns (out, lse)."""
+    B, lq, H, _ = q.shape
+    out = torch.empty(B, lq, H, HEAD_DIM_V, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, lq, dtype=torch.float32, device=q.device)
+    run_mla_decode_sm90(q, kv_cache, out, lse, cache_seqlens=cache_seqlens, block_table=block_table,
+                        softmax_scale=softmax_scale, threshold_scale_factor=threshold_scale_factor,
+                        visited=visited, skipped=skipped, causal=causal)
+    return out, lse
+
+
+def supported_configs():
+    """Every configuration the CPU test compiles (code-changing parameters only)."""
+    cfgs = []
+    for page_size in (64, None, 16):
+        for has_skip, fpb, stats in ((False, False, False), (True, False, False), (True, True, True)):
+            for direct in (False, True):
+                cfgs.append(dict(dtype=torch.bfloat16, page_size=page_size, has_skip=has_skip,
+                                 factor_per_batch=fpb, has_stats=stats, direct_out=direct))
+    return cfgs
+
+
+def supported_cluster_configs():
+    """The 2-CTA cluster variant: each page-size class (one copy, four 16-row copies, contiguous)
+    and both epilogues."""
+    bf = torch.bfloat16
+    return [dict(dtype=bf, page_size=64, has_skip=True, factor_per_batch=True, has_stats=True,
+                 cluster_m=2),
+            dict(dtype=bf, page_size=64, direct_out=True, cluster_m=2),
+            dict(dtype=bf, page_size=16, has_skip=True, cluster_m=2),
+            dict(dtype=bf, page_size=None, has_skip=True, direct_out=True, cluster_m=2)]
+
+
+def clear_cache() -> None:
+    compile_cache.clear_memory()
+    _plans.clear()
+
+
+__all__ = ["mla_decode_geometry_sm90", "plan_mla_decode_sm90", "compile_mla_decode_sm90",
+           "run_mla_decode_sm90", "mla_decode_sm90", "supported_configs", "supported_cluster_configs",
+           "mla_cluster_m", "clear_cache",
+           "HEAD_DIM", "HEAD_DIM_V", "SUPPORTED_PAGE_SIZES"]

@@ -1,0 +1,671 @@
+# blasst_cute: Hopper (sm_90a) absorbed-MLA decode (DeepSeek-style latent attention) with BLASST
+# tile skipping, paged or contiguous latent cache, split-KV.
+#
+# Shapes: q [B, Lq_new, H, 576] (512 latent + 64 rope dims), one latent row per cached token,
+# K = the whole 576-dim row, V = its first 512 dims. One CTA per (q-tile of 64 packed rows, split,
+# batch); rows r = pos * H + h (the H heads x Lq_new new tokens all share the one latent head, so
+# a tile's rows are contiguous rows of q). Key tiles of 64 tokens. 384 threads:
+#   warps 0-7 (two consumer warpgroups, one 256-thread tiled MMA split along N):
+#       S = Q K^T: warpgroup w computes the 64 x 32 scores of keys [32w, 32w + 32) (K-depth 576);
+#       O += P V: warpgroup w owns O[:, 256w : 256w + 256] (128 fp32 accumulators per thread),
+#       both read the whole 64 x 64 P tile from smem.
+#   warpgroup 2 (producer; only its first warp works, the group exists for setmaxnreg 240/24):
+#       TMA of the 64 x 576 K tiles, page by page through the block table, into a 2-stage ring
+#       (full/empty mbarriers). V needs no load: it is the first 512 columns of the K stage,
+#       viewed transposed (MN-major) as the B operand of the PV wgmma. A K stage is released
+#       after the PV product of its tile (or right after QK^T when the tile is skipped).
+# Smem: Q 72 KiB + 2 x K 72 KiB + P 8 KiB = 224 KiB, plus ~1.6 KiB of barriers and exchange slots,
+# so one CTA per SM.
+# Cluster variant (cluster_m=2; launch_mla picks it, see CLUSTER_MODE there): the two q-tiles of a
+# (split, batch) run as one 2-CTA cluster (q-tile the fastest grid index). Each CTA's producer
+# loads half the rows of every K copy and multicasts it, so each K tile leaves DRAM/L2 once; each
+# full barrier expects the whole tile, each empty barrier collects the 8 consumer warps of both
+# CTAs (remote arrive), and cluster barriers after the mbarrier init and before exit keep the
+# peer's barriers alive. Skip decisions stay per CTA (same geometry and reference; outputs and
+# counters are bitwise those of cluster_m=1); the shared ring only keeps the pair in lock-step.
+# Without it, skipping lets the pair drift apart and with long key ranges the second q-tile
+# re-reads K from DRAM (H100 B=64/128 L=32k: 8-9% faster at 53% sparsity, 3-5% dense, 3% at
+# 90%, where the kernel streams the unique latent cache at ~2.65 TB/s, near the DRAM roof: MLA
+# skipping never saves K bytes). Requires the pair to see the same key tiles.
+# Skipping saves the exp/rescale and the PV product (512/1088 of the FLOPs),
+# never the K/V bytes (one shared latent row): memory-bound shapes (small H) gain little.
+# Tried and dropped (H200, same runs): issuing QK^T of tile i+1 before waiting for PV of tile i
+# (slower: the stage release then waits behind the next tile's load), and an L2 prefetch of the
+# next tile by the producer (no gain, slower at B >= 64 with 32k keys).
+#
+# Row maxima and the BLASST vote across the two warpgroups: a row skips a tile iff
+# (max(m_0, m_1) - m_run) * s < log2(lambda), which is the AND of the same test on each half's
+# partial max m_w. So each warpgroup votes on its own half, and one bar.red.and over the 256
+# consumer threads gives the tile decision; the same barrier orders the partial maxima each
+# warpgroup parked in smem (double-buffered by tile parity), from which a kept tile's full max is
+# read. Both warpgroups therefore hold identical running maxima, take the same branch, and run
+# the same barrier sequence (skip path: vote only; keep path: vote, P-ready). Row sums stay
+# per-warpgroup partials (same max) and are added through smem at the end.
+#
+# Output: with one split, O (q dtype) and lse directly; otherwise fp32 O / l and lse per split,
+# merged by blasst_cute.kernels.sm90.combine. The skip rule and online softmax are
+# blasst_cute.kernels.common.softmax_skip; idioms follow blasst_cute's GQA decode kernel
+# (kernels/sm90/decode.py), FlashAttention-4's SM90 forward and CUTLASS's CuTe DSL examples.
+
+import enum
+from typing import Optional
+
+import cuda.bindings.driver as cuda
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.memory
+import cutlass.utils.hopper_helpers as sm90_helpers
+from cutlass import Boolean, Float32, Int32, const_expr
+from cutlass.cute.nvgpu import cpasync, warpgroup
+from cutlass.tensor_utils import LayoutEnum
+
+from blasst_cute.kernels.common.layout import acc_rows_cols, assume_rows_aligned, select_modes
+from blasst_cute.kernels.common.pipelines import elem_ptr, wgmma
+from blasst_cute.kernels.common.softmax_skip import (
+    LN_2,
+    LOG2_E,
+    OnlineSoftmax,
+    convert_f32_to_16bit,
+    group_all,
+    quad_allreduce_sum,
+    rescale_rows,
+    threshold_log2,
+)
+
+HEAD_DIM = 576  # latent (512) + rope (64)
+HEAD_DIM_V = 512
+TILE_M = 64  # packed rows (heads x new tokens) per CTA
+TILE_N = 64  # keys per tile
+SUPPORTED_PAGE_SIZES = (16, 32, 64, 128, 256)
+NUM_STAGES = 2
+SMEM_LIMIT = 227 * 1024  # opt-in dynamic smem per block on sm_90
+
+
+class MlaBarrier(enum.IntEnum):
+    """Named-barrier ids (0 is __syncthreads); all over the 256 consumer threads."""
+
+    Consumers = 1  # plain sync (Q loaded, row-max exchange in the dense variant, row sums)
+    Vote = 2  # bar.red.and of the BLASST vote (also orders the row-max exchange)
+    PReady = 3  # the P tile is complete in smem
+
+
+class BlasstMlaDecodeSm90:
+    """Static configuration of one compiled MLA decode kernel (see the module comment).
+
+    Dynamic: batch, Lq_new, heads, cache lengths, pages, splits, softmax scale, factor.
+    """
+
+    def __init__(
+        self,
+        dtype,
+        page_size: Optional[int] = None,
+        causal: bool = True,
+        has_skip: bool = False,
+        factor_per_batch: bool = False,
+        has_stats: bool = False,
+        direct_out: bool = False,
+        cluster_m: int = 1,
+    ):
+        if dtype not in (cutlass.BFloat16, cutlass.Float16):
+            raise NotImplementedError(f"blasst sm90 MLA decode: dtype {dtype} (bf16/fp16 only)")
+        if page_size is not None and page_size not in SUPPORTED_PAGE_SIZES:
+            raise NotImplementedError(
+                f"blasst sm90 MLA decode: page_size {page_size} (supported: {SUPPORTED_PAGE_SIZES})")
+        if has_stats and not has_skip:
+            raise NotImplementedError("blasst sm90 MLA decode: stats need the skip variant")
+        if factor_per_batch and not has_skip:
+            raise NotImplementedError("blasst sm90 MLA decode: a factor tensor needs the skip variant")
+        if cluster_m not in (1, 2):
+            raise NotImplementedError(f"blasst sm90 MLA decode: cluster_m {cluster_m} (1 or 2)")
+        self.dtype = dtype
+        self.paged = page_size is not None
+        self.page_size = page_size
+        self.causal = causal
+        self.has_skip = has_skip
+        self.factor_per_batch = factor_per_batch
+        self.has_stats = has_stats
+        self.direct_out = direct_out
+        # Rows per TMA copy: a whole page, or a 64-row slice of a larger one.
+        self.rows_per_copy = min(page_size, TILE_N) if self.paged else TILE_N
+        self.copies_per_tile = TILE_N // self.rows_per_copy
+        # Cluster of the q-tiles of one (split, batch): each CTA loads half the rows of every copy
+        # and multicasts it, so both receive the whole tile; a stage is refilled only after the
+        # consumers of every CTA of the cluster released it.
+        self.cluster_m = cluster_m
+        self.rows_per_tma = self.rows_per_copy // cluster_m
+        self.num_stages = NUM_STAGES
+        self.num_consumer_threads = 256
+        self.producer_warp = 8  # first warp of the producer warpgroup (the only one working)
+        self.num_threads = self.num_consumer_threads + 128
+        # Register split (setmaxnreg): 128 O accumulators per consumer thread need the room. The
+        # launch pool is 384 x 168 (ptxas cap for 384 threads): 240 x 256 + 24 x 128 must fit it,
+        # else setmaxnreg.inc waits forever.
+        self.num_mma_regs = 240
+        self.num_producer_regs = 24
+
+    # ------------------------------------------------------------------ host-side derivations
+    def _smem_layout(self, rows: int, cols: int, stages: Optional[int] = None):
+        atom = warpgroup.make_smem_layout_atom(
+            sm90_helpers.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, self.dtype, cols), self.dtype
+        )
+        if stages is None:
+            return cute.tile_to_shape(atom, (rows, cols), order=(0, 1))
+        return cute.tile_to_shape(atom, (rows, cols, stages), order=(0, 1, 2))
+
+    def _tiled_mmas(self):
+        # Two warpgroups side by side along N: QK^T atoms of 64 x 32, PV atoms of 64 x 256.
+        K = cute.nvgpu.OperandMajorMode.K
+        MN = cute.nvgpu.OperandMajorMode.MN
+        mma_qk = sm90_helpers.make_trivial_tiled_mma(
+            self.dtype, self.dtype, K, K, Float32,
+            atom_layout_mnk=(1, 2, 1), tiler_mn=(TILE_M, TILE_N // 2),
+        )
+        mma_pv = sm90_helpers.make_trivial_tiled_mma(
+            self.dtype, self.dtype, K, MN, Float32,
+            atom_layout_mnk=(1, 2, 1), tiler_mn=(TILE_M, HEAD_DIM_V // 2),
+        )
+        return mma_qk, mma_pv
+
+    # ------------------------------------------------------------------ host launch
+    @cute.jit
+    def launch_ptrs(
+        self,
+        q_ptr: cute.Pointer,  # (b, lq, h, 576) contiguous
+        kv_ptr: cute.Pointer,  # paged (pages, page_size, 576) / contiguous (b, cap, 576)
+        o_ptr: cute.Pointer,  # direct: (b, lq, h, 512) q dtype; else fp32 (splits, b, lq, h, 512)
+        lse_ptr: cute.Pointer,  # direct: fp32 (b, h, lq); else (splits, b, h, lq)
+        seqlens_ptr: cute.Pointer,  # int32 (b,)
+        bt_ptr: Optional[cute.Pointer],  # int32 (b, max_pages), row stride bt_stride
+        factor_ptr: Optional[cute.Pointer],  # float32 (b,)
+        visited_ptr: Optional[cute.Pointer],  # int32 (b,)
+        skipped_ptr: Optional[cute.Pointer],
+        batch: Int32, seqlen_q: Int32, num_heads: Int32,
+        kv_rows: Int32,  # num_pages (paged) or batch (contiguous)
+        kv_len: Int32,  # page_size (paged) or capacity (contiguous)
+        kv_stride_0: cutlass.Int64, kv_stride_1: Int32,
+        max_pages: Int32, bt_stride: Int32,
+        softmax_scale: Float32,
+        threshold_scale_factor: Float32,
+        num_splits: Int32,
+        stream: cuda.CUstream,
+    ):
+        """Pointer entry point (low host overhead): builds the tensors, then ``__call__``."""
+        d, dv = HEAD_DIM, HEAD_DIM_V
+        mQ = cute.make_tensor(q_ptr, cute.make_layout(
+            (batch, seqlen_q, num_heads, d), stride=(seqlen_q * num_heads * d, num_heads * d, d, 1)))
+        mKV = cute.make_tensor(kv_ptr, cute.make_layout(
+            (kv_rows, kv_len, d),
+            stride=(cute.assume(kv_stride_0, divby=8), cute.assume(kv_stride_1, divby=8), 1)))
+        if const_expr(self.direct_out):
+            mO = cute.make_tensor(o_ptr, cute.make_layout(
+                (batch, seqlen_q, num_heads, dv),
+                stride=(seqlen_q * num_heads * dv, num_heads * dv, dv, 1)))
+            mLSE = cute.make_tensor(lse_ptr, cute.make_layout(
+                (batch, num_heads, seqlen_q), stride=(num_heads * seqlen_q, seqlen_q, 1)))
+        else:
+            per_split = batch * seqlen_q * num_heads * dv
+            mO = cute.make_tensor(o_ptr, cute.make_layout(
+                (num_splits, batch, seqlen_q, num_heads, dv),
+                stride=(per_split, seqlen_q * num_heads * dv, num_heads * dv, dv, 1)))
+            mLSE = cute.make_tensor(lse_ptr, cute.make_layout(
+                (num_splits, batch, num_heads, seqlen_q),
+                stride=(batch * num_heads * seqlen_q, num_heads * seqlen_q, seqlen_q, 1)))
+        mSeqlens = cute.make_tensor(seqlens_ptr, cute.make_layout((batch,)))
+        mBlockTable = None
+        if const_expr(bt_ptr is not None):
+            mBlockTable = cute.make_tensor(
+                bt_ptr, cute.make_layout((batch, max_pages), stride=(bt_stride, 1)))
+        mFactor = None
+        if const_expr(factor_ptr is not None):
+            mFactor = cute.make_tensor(factor_ptr, cute.make_layout((batch,)))
+        mVisited = mSkipped = None
+        if const_expr(visited_ptr is not None):
+            mVisited = cute.make_tensor(visited_ptr, cute.make_layout((batch,)))
+            mSkipped = cute.make_tensor(skipped_ptr, cute.make_layout((batch,)))
+        self.__call__(mQ, mKV, mO, mLSE, mSeqlens, mBlockTable, softmax_scale,
+                      threshold_scale_factor, mFactor, mVisited, mSkipped, num_splits, stream)
+
+    @cute.jit
+    def __call__(
+        self,
+        mQ: cute.Tensor,  # (b, lq, h, 576)
+        mKV: cute.Tensor,  # paged (pages, page_size, 576) or contiguous (b, cap, 576)
+        mO: cute.Tensor,
+        mLSE: cute.Tensor,
+        mSeqlens: cute.Tensor,
+        mBlockTable: Optional[cute.Tensor],
+        softmax_scale: Float32,
+        threshold_scale_factor: Float32,
+        mFactor: Optional[cute.Tensor],
+        mVisited: Optional[cute.Tensor],
+        mSkipped: Optional[cute.Tensor],
+        num_splits: Int32,
+        stream: cuda.CUstream,
+    ):
+        for t in (mQ, mKV):
+            if const_expr(t.element_type != self.dtype):
+                raise TypeError(f"expected {self.dtype}, got {t.element_type}")
+        # Latent cache in CuTe order (rows, d, page-or-batch); d contiguous.
+        mKc = select_modes(assume_rows_aligned(mKV), [1, 2, 0])
+
+        tiled_mma_qk, tiled_mma_pv = self._tiled_mmas()
+        NS = self.num_stages
+        sQ_layout = self._smem_layout(TILE_M, HEAD_DIM)
+        sK_layout = self._smem_layout(TILE_N, HEAD_DIM, NS)
+        sP_layout = self._smem_layout(TILE_M, TILE_N)
+
+        rpt = self.rows_per_tma
+        copy_tiler = (cute.make_layout(rpt), cute.make_layout(HEAD_DIM))
+        sK_copy = cute.composition(cute.select(sK_layout, mode=[0, 1]), copy_tiler)
+        tma_op = cpasync.CopyBulkTensorTileG2SOp()
+        if const_expr(self.cluster_m > 1):
+            # The box is already this CTA's share: the multicast factor of the atom stays 1.
+            tma_op = cpasync.CopyBulkTensorTileG2SMulticastOp()
+        tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(tma_op, mKc, sK_copy, (rpt, HEAD_DIM), 1)
+        self.tx_bytes_K = cute.size_in_bytes(self.dtype, cute.select(sK_layout, mode=[0, 1]))
+
+        # Big buffers first (1024-aligned for the 128B swizzle), the small ones after them.
+        @cute.struct
+        class SharedStorage:
+            sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sQ_layout)], 1024]
+            sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
+            sP: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sP_layout)], 1024]
+            mbar_full: cute.struct.MemRange[cutlass.Int64, NS]
+            mbar_empty: cute.struct.MemRange[cutlass.Int64, NS]
+            row_max: cute.struct.MemRange[Float32, 2 * 2 * TILE_M]  # (parity, warpgroup, row)
+            row_sum: cute.struct.MemRange[Float32, 2 * TILE_M]  # (warpgroup, row)
+
+        self.shared_storage = SharedStorage
+        if const_expr(SharedStorage.size_in_bytes() > SMEM_LIMIT):
+            raise ValueError(f"MLA decode smem {SharedStorage.size_in_bytes()} > {SMEM_LIMIT}")
+
+        num_batch = mQ.shape[0]
+        seqlen_q = mQ.shape[1]
+        num_heads = mQ.shape[2]
+        num_m_blocks = (seqlen_q * num_heads + TILE_M - 1) // TILE_M
+        scale_log2 = softmax_scale * LOG2_E
+        self.kernel(
+            mQ, tma_K, mO, mLSE, mSeqlens, mBlockTable, tma_atom_K,
+            scale_log2, threshold_scale_factor, mFactor, mVisited, mSkipped, num_splits,
+            sQ_layout, sK_layout, sP_layout, tiled_mma_qk, tiled_mma_pv,
+        ).launch(
+            grid=[num_m_blocks * num_splits, 1, num_batch],
+            block=[self.num_threads, 1, 1],
+            cluster=[self.cluster_m, 1, 1],
+            stream=stream,
+            min_blocks_per_mp=1,
+        )
+
+    # ------------------------------------------------------------------ device entry
+    @cute.kernel
+    def kernel(
+        self,
+        mQ: cute.Tensor,
+        mK: cute.Tensor,
+        mO: cute.Tensor,
+        mLSE: cute.Tensor,
+        mSeqlens: cute.Tensor,
+        mBlockTable: Optional[cute.Tensor],
+        tma_atom_K: cute.CopyAtom,
+        scale_log2: Float32,
+        threshold_scale_factor: Float32,
+        mFactor: Optional[cute.Tensor],
+        mVisited: Optional[cute.Tensor],
+        mSkipped: Optional[cute.Tensor],
+        num_splits: Int32,
+        sQ_layout: cute.ComposedLayout,
+        sK_layout: cute.ComposedLayout,
+        sP_layout: cute.ComposedLayout,
+        tiled_mma_qk: cute.TiledMma,
+        tiled_mma_pv: cute.TiledMma,
+    ):
+        NS = self.num_stages
+        warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, batch_idx = cute.arch.block_idx()
+        cta_rank = Int32(0)
+        if const_expr(self.cluster_m > 1):
+            # q-tile fastest, so a cluster = consecutive q-tiles of one (split, batch); the host
+            # only picks this variant when the q-tile count is even and all q-tiles of a
+            # sequence see the same key tiles.
+            num_m_blocks = cute.arch.grid_dim()[0] // num_splits
+            split_idx = bidx // num_m_blocks
+            m_block = bidx - split_idx * num_m_blocks
+            cta_rank = cute.arch.block_idx_in_cluster()
+        else:
+            m_block = bidx // num_splits
+            split_idx = bidx - m_block * num_splits
+
+        if warp_idx == self.producer_warp:
+            cpasync.prefetch_descriptor(tma_atom_K)
+
+        smem = cutlass.memory.SmemAllocator()
+        storage = smem.allocate(self.shared_storage)
+        mbar_full = storage.mbar_full.data_ptr()
+        mbar_empty = storage.mbar_empty.data_ptr()
+        if warp_idx == 0:
+            with cute.arch.elect_one():
+                for s in cutlass.range_constexpr(NS):
+                    cute.arch.mbarrier_init(mbar_full + s, 1)
+                    # one arrival per consumer warp of every CTA of the cluster
+                    cute.arch.mbarrier_init(mbar_empty + s, 8 * self.cluster_m)
+            cute.arch.mbarrier_init_fence()
+
+        sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
+        sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
+        sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
+        sRowMax = storage.row_max.get_tensor(cute.make_layout((2, 2, TILE_M), stride=(2 * TILE_M, TILE_M, 1)))
+        sRowSum = storage.row_sum.get_tensor(cute.make_layout((2, TILE_M), stride=(TILE_M, 1)))
+
+        # ---- key tiles of this CTA: the split's slice of the tiles the q-tile sees
+        seqlen_k = mSeqlens[batch_idx]
+        seqlen_q = mQ.shape[1]
+        num_heads = mQ.shape[2]
+        num_rows = seqlen_q * num_heads
+        n_visit = (seqlen_k + TILE_N - 1) // TILE_N
+        if const_expr(self.causal):
+            # Last key seen by the q-tile's last valid row (bottom-right aligned).
+            pos_max = cutlass.min((m_block * TILE_M + TILE_M - 1) // num_heads, seqlen_q - 1)
+            last_key = pos_max + seqlen_k - seqlen_q
+            n_visit = cutlass.max(last_key + TILE_N, 0) // TILE_N
+        split_len = cutlass.max((n_visit + num_splits - 1) // num_splits, 1)
+        tile_lo = split_idx * split_len
+        tile_hi = cutlass.min(tile_lo + split_len, n_visit)
+        n_local = cutlass.max(tile_hi - tile_lo, 0)
+
+        if const_expr(self.cluster_m > 1):
+            # mbarrier init visible to the peer CTA (its multicasts and remote arrivals)
+            cute.arch.cluster_arrive_relaxed()
+            cute.arch.cluster_wait()
+        else:
+            cute.arch.sync_threads()  # mbarrier init visible
+
+        if warp_idx >= self.producer_warp:
+            cute.arch.setmaxregister_decrease(self.num_producer_regs)
+            if warp_idx == self.producer_warp:
+                self.load(mK, sK, tma_atom_K, mBlockTable, mbar_full, mbar_empty,
+                          batch_idx, seqlen_k, tile_lo, n_local, cta_rank)
+        else:
+            cute.arch.setmaxregister_increase(self.num_mma_regs)
+            self.mma(
+                mQ, mO, mLSE, sQ, sK, sP, sRowMax, sRowSum, mbar_full, mbar_empty,
+                tiled_mma_qk, tiled_mma_pv, tidx, m_block, split_idx, batch_idx, num_heads,
+                num_rows, seqlen_q, seqlen_k, tile_lo, n_local,
+                scale_log2, threshold_scale_factor, mFactor, mVisited, mSkipped, cta_rank,
+            )
+        if const_expr(self.cluster_m > 1):
+            # No CTA exits while its peer may still arrive on its empty barriers.
+            cute.arch.cluster_arrive()
+            cute.arch.cluster_wait()
+
+    # ------------------------------------------------------------------ pages
+    @cute.jit
+    def copy_coords(self, tile: Int32, c: int, seqlen_k: Int32):
+        """(page slot in the block table, row block inside the page) of copy c of a key tile."""
+        if const_expr(self.paged):
+            key0 = tile * TILE_N + c * self.rows_per_copy
+            last_page = cutlass.max((seqlen_k + self.page_size - 1) // self.page_size - 1, 0)
+            # Copies past the sequence's last page re-read that page (finite data, masked out).
+            slot = cutlass.min(key0 // self.page_size, last_page)
+            rb = (key0 % self.page_size) // self.rows_per_copy
+            return slot, rb
+        return Int32(0), tile
+
+    # ------------------------------------------------------------------ producer
+    @cute.jit
+    def load(
+        self,
+        mK: cute.Tensor, sK: cute.Tensor, tma_atom_K: cute.CopyAtom,
+        mBlockTable: Optional[cute.Tensor], mbar_full, mbar_empty,
+        batch_idx: Int32, seqlen_k: Int32, tile_lo: Int32, n_local: Int32, cta_rank: Int32,
+    ):
+        NS = self.num_stages
+        cpt = self.copies_per_tile
+        ncl = self.cluster_m
+        rpt = self.rows_per_tma
+        lane = cute.arch.lane_idx()
+        # Per-TMA partitions: gmem (vals, row_block, 1, page) and smem (vals, stage) per row slice
+        # of rows_per_tma rows; slice ncl * c + r of a tile is CTA r's share of copy c.
+        gK = cute.flat_divide(mK, (rpt, HEAD_DIM))
+        sKd = cute.flat_divide(sK, (rpt, HEAD_DIM))  # (rpt, d, slices, 1, stages)
+        tKsK = []
+        tKgK = None
+        for j in cutlass.range_constexpr(cpt * ncl):
+            tKsK_j, tKgK = cpasync.tma_partition(
+                tma_atom_K, 0, cute.make_layout(1),
+                cute.group_modes(sKd[None, None, j, 0, None], 0, 2),
+                cute.group_modes(gK, 0, 2),
+            )
+            tKsK.append(tKsK_j)
+        mcast_mask = cutlass.Int16((1 << ncl) - 1)
+        # Page ids: lane c < cpt holds copy c's page; the next tile's are read before waiting for
+        # a free stage, so the block-table load latency hides behind that wait.
+        page_next = Int32(0)
+        if const_expr(self.paged):
+            if n_local > 0:
+                slot, _ = self.copy_coords(tile_lo, lane % cpt, seqlen_k)
+                page_next = mBlockTable[batch_idx, slot]
+        for i in cutlass.range(n_local, unroll=1):
+            tile = tile_lo + i
+            stage = i % NS
+            page_cur = page_next
+            if const_expr(self.paged):
+                if i + 1 < n_local:
+                    slot, _ = self.copy_coords(tile + 1, lane % cpt, seqlen_k)
+                    page_next = mBlockTable[batch_idx, slot]
+            cute.arch.mbarrier_wait(mbar_empty + stage, ((i // NS) % 2) ^ 1)
+            with cute.arch.elect_one():
+                cute.arch.mbarrier_arrive_and_expect_tx(mbar_full + stage, self.tx_bytes_K)
+            for c in cutlass.range_constexpr(cpt):
+                _, rb = self.copy_coords(tile, c, seqlen_k)
+                pg = batch_idx
+                if const_expr(self.paged):
+                    pg = cute.arch.shuffle_sync(page_cur, c)
+                if const_expr(ncl == 1):
+                    cute.copy(tma_atom_K, tKgK[None, rb, 0, pg], tKsK[c][None, stage],
+                              tma_bar_ptr=mbar_full + stage)
+                else:
+                    # This CTA's row slice of copy c, multicast to every CTA of the cluster
+                    # (the smem slice is static, so one branch per rank).
+                    for r in cutlass.range_constexpr(ncl):
+                        if cta_rank == r:
+                            cute.copy(tma_atom_K, tKgK[None, ncl * rb + r, 0, pg],
+                                      tKsK[ncl * c + r][None, stage],
+                                      tma_bar_ptr=mbar_full + stage, mcast_mask=mcast_mask)
+
+    # ------------------------------------------------------------------ consumer warpgroups
+    @cute.jit
+    def mma(
+        self,
+        mQ: cute.Tensor, mO: cute.Tensor, mLSE: cute.Tensor,
+        sQ: cute.Tensor, sK: cute.Tensor, sP: cute.Tensor,
+        sRowMax: cute.Tensor, sRowSum: cute.Tensor,
+        mbar_full, mbar_empty,
+        tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma,
+        tidx: Int32, m_block: Int32, split_idx: Int32, batch_idx: Int32, num_heads: Int32,
+        num_rows: Int32, seqlen_q: Int32, seqlen_k: Int32, tile_lo: Int32, n_local: Int32,
+        scale_log2: Float32, threshold_scale_factor: Float32, mFactor: Optional[cute.Tensor],
+        mVisited: Optional[cute.Tensor], mSkipped: Optional[cute.Tensor], cta_rank: Int32,
+    ):
+        NS = self.num_stages
+        nthr = self.num_consumer_threads
+        wg = cute.arch.make_warp_uniform(tidx // 128)
+        H = num_heads
+
+        # ---- Q: 64 packed rows (contiguous rows of q for one sequence) -> smem; rows past
+        # H * Lq_new are zero.
+        vec = 8
+        chunks = HEAD_DIM // vec
+        mQrows = cute.make_tensor(
+            mQ[batch_idx, 0, 0, None].iterator,
+            cute.make_layout((num_rows, HEAD_DIM), stride=(HEAD_DIM, 1)))
+        for it in cutlass.range_constexpr(TILE_M * chunks // nthr):
+            idx = it * nthr + tidx
+            r = idx // chunks
+            ch = idx - r * chunks
+            grow = m_block * TILE_M + r
+            frag = cute.make_rmem_tensor((vec,), self.dtype)
+            frag.fill(0.0)
+            if grow < num_rows:
+                cute.autovec_copy(cute.local_tile(mQrows[grow, None], (vec,), (ch,)), frag)
+            cute.autovec_copy(frag, cute.local_tile(sQ[r, None], (vec,), (ch,)))
+        cute.arch.fence_proxy("async.shared", space="cta")
+        cute.arch.barrier(barrier_id=int(MlaBarrier.Consumers), number_of_threads=nthr)
+
+        # ---- MMA fragments. V^T = the first 512 columns of the K stage, viewed (d, key, stage):
+        # element (j, n, s) of the view is element (n, j, s) of sK (index n + 64 j + 64*576 s).
+        thr_mma_qk = tiled_mma_qk.get_slice(tidx)
+        thr_mma_pv = tiled_mma_pv.get_slice(tidx)
+        sVt = cute.composition(
+            sK, cute.make_layout((HEAD_DIM_V, TILE_N, NS), stride=(TILE_N, 1, TILE_N * HEAD_DIM)))
+        tSrQ = thr_mma_qk.make_fragment_A(thr_mma_qk.partition_A(sQ))
+        tSrK = thr_mma_qk.make_fragment_B(thr_mma_qk.partition_B(sK))
+        tOrP = thr_mma_pv.make_fragment_A(thr_mma_pv.partition_A(sP))
+        tOrVt = thr_mma_pv.make_fragment_B(thr_mma_pv.partition_B(sVt))
+        acc_S_shape = thr_mma_qk.partition_shape_C((TILE_M, TILE_N))
+        acc_O = cute.make_rmem_tensor(thr_mma_pv.partition_shape_C((TILE_M, HEAD_DIM_V)), Float32)
+        acc_O.fill(0.0)
+        cS = cute.make_identity_tensor((TILE_M, TILE_N))
+        tScS = thr_mma_qk.partition_C(cS)
+        tScS_mn = acc_rows_cols(tScS)
+        n_rows_thr = cute.size(tScS_mn, mode=[0])
+        st_atom = cute.make_copy_atom(
+            cute.nvgpu.warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4), self.dtype
+        )
+        thr_st = cute.make_tiled_copy_C(st_atom, tiled_mma_qk).get_slice(tidx)
+        tPsP = thr_st.partition_D(sP)
+
+        # Per-row key limits (exclusive) and validity.
+        row_valid = cute.make_rmem_tensor(n_rows_thr, Boolean)
+        row_limit = cute.make_rmem_tensor(n_rows_thr, Int32)
+        for r in cutlass.range_constexpr(n_rows_thr):
+            grow = m_block * TILE_M + tScS_mn[r, 0][0]
+            row_valid[r] = grow < num_rows
+            lim = seqlen_k
+            if const_expr(self.causal):
+                lim = cutlass.min(lim, grow // H + seqlen_k - seqlen_q + 1)
+            row_limit[r] = lim
+        mask_from = seqlen_k
+        if const_expr(self.causal):
+            mask_from = cutlass.min(seqlen_k, seqlen_k - seqlen_q + 1)
+        quad_leader = tidx % 4 == 0
+
+        softmax = OnlineSoftmax(scale_log2, n_rows_thr)
+        softmax.reset()
+        log2_lambda = Float32(0.0)
+        skip_enabled = Boolean(False)
+        if const_expr(self.has_skip):
+            factor = threshold_scale_factor
+            if const_expr(self.factor_per_batch):
+                factor = mFactor[batch_idx]
+            log2_lambda, skip_enabled = threshold_log2(factor, seqlen_k)
+
+        num_kept = Int32(0)
+        for i in cutlass.range(n_local, unroll=1):
+            tile = tile_lo + i
+            stage = i % NS
+            parity = i % 2
+            # ---- S = Q K^T (this warpgroup: 32 of the 64 keys)
+            acc_S = cute.make_rmem_tensor(acc_S_shape, Float32)
+            cute.arch.mbarrier_wait(mbar_full + stage, (i // NS) % 2)
+            wgmma(tiled_mma_qk, acc_S, tSrQ, tSrK[None, None, None, stage], True)
+            warpgroup.wait_group(0)
+            # ---- mask (key length, causality among the new tokens)
+            if tile * TILE_N + TILE_N > mask_from:
+                s_mn = acc_rows_cols(acc_S)
+                c_mn = acc_rows_cols(tScS)
+                for r in cutlass.range_constexpr(n_rows_thr):
+                    lim = row_limit[r] - tile * TILE_N
+                    for c in cutlass.range_constexpr(cute.size(s_mn, mode=[1])):
+                        if c_mn[r, c][1] >= lim:
+                            s_mn[r, c] = -Float32.inf
+            # ---- partial row max over this warpgroup's keys, parked for the other warpgroup
+            m_tile = softmax.tile_row_max(acc_S)
+            if quad_leader:
+                for r in cutlass.range_constexpr(n_rows_thr):
+                    sRowMax[parity, wg, tScS_mn[r, 0][0]] = m_tile[r]
+            # ---- keep / skip: AND of the per-half votes over both warpgroups (first tile of a
+            # split always kept); the barrier also publishes the partial maxima.
+            keep = Boolean(True)
+            if const_expr(self.has_skip):
+                vote = softmax.rows_vote_skip(m_tile, row_valid, log2_lambda)
+                vote = vote and skip_enabled and i > 0
+                keep = not group_all(vote, int(MlaBarrier.Vote), nthr)
+            else:
+                cute.arch.barrier(barrier_id=int(MlaBarrier.Consumers), number_of_threads=nthr)
+            if keep:
+                for r in cutlass.range_constexpr(n_rows_thr):
+                    m_tile[r] = cute.arch.fmax(m_tile[r], sRowMax[parity, 1 - wg, tScS_mn[r, 0][0]])
+                if i == 0:
+                    softmax.update(acc_S, m_tile, True)
+                else:
+                    rescale_rows(acc_O, softmax.update(acc_S, m_tile, False))
+                # P (this warpgroup's 32 columns) -> smem. Both warpgroups finished the previous
+                # tile's PV before the vote barrier above, so P is free to overwrite.
+                rP = cute.make_rmem_tensor(acc_S.layout, self.dtype)
+                convert_f32_to_16bit(acc_S, rP)
+                cute.copy(st_atom, thr_st.retile(rP), tPsP)
+                cute.arch.fence_proxy("async.shared", space="cta")
+                cute.arch.barrier(barrier_id=int(MlaBarrier.PReady), number_of_threads=nthr)
+                # ---- O[:, 256 wg : 256 wg + 256] += P V
+                wgmma(tiled_mma_pv, acc_O, tOrP, tOrVt[None, None, None, stage], False)
+                warpgroup.wait_group(0)
+                num_kept += 1
+            # The K stage (and V inside it) is no longer read by this warp: release it to the
+            # producer of every CTA of the cluster (each refills its share of both copies).
+            with cute.arch.elect_one():
+                cute.arch.mbarrier_arrive(mbar_empty + stage)
+                for r in cutlass.range_constexpr(1, self.cluster_m):
+                    cute.arch.mbarrier_arrive(mbar_empty + stage, (cta_rank + r) % self.cluster_m)
+
+        # ---- counters: one thread per CTA
+        if const_expr(self.has_stats):
+            if tidx == 0 and n_local > 0:
+                cute.arch.atomic_add(elem_ptr(mVisited, (batch_idx,)), n_local)
+                cute.arch.atomic_add(elem_ptr(mSkipped, (batch_idx,)), n_local - num_kept)
+
+        # ---- row sums: per-warpgroup partials (same running max) added through smem
+        l_own = cute.make_rmem_tensor(n_rows_thr, Float32)
+        for r in cutlass.range_constexpr(n_rows_thr):
+            l_own[r] = quad_allreduce_sum(softmax.row_sum[r])
+            if quad_leader:
+                sRowSum[wg, tScS_mn[r, 0][0]] = l_own[r]
+        cute.arch.barrier(barrier_id=int(MlaBarrier.Consumers), number_of_threads=nthr)
+        inv_l = cute.make_rmem_tensor(n_rows_thr, Float32)
+        lse = cute.make_rmem_tensor(n_rows_thr, Float32)
+        for r in cutlass.range_constexpr(n_rows_thr):
+            l = l_own[r] + sRowSum[1 - wg, tScS_mn[r, 0][0]]
+            empty = l == 0.0 or l != l
+            inv_l[r] = cute.arch.rcp_approx(Float32(1.0) if empty else l)
+            lse[r] = (
+                -Float32.inf
+                if empty
+                else (softmax.row_max[r] * scale_log2 + cute.math.log2(l, fastmath=True)) * LN_2
+            )
+        rescale_rows(acc_O, inv_l)
+
+        # ---- epilogue: this warpgroup's 256 columns of O, lse from warpgroup 0
+        cO = cute.make_identity_tensor((TILE_M, HEAD_DIM_V))
+        tOcO_mn = acc_rows_cols(thr_mma_pv.partition_C(cO))
+        acc_O_mn = acc_rows_cols(acc_O)
+        for r in cutlass.range_constexpr(n_rows_thr):
+            grow = m_block * TILE_M + tOcO_mn[r, 0][0]
+            if grow < num_rows:
+                pos = grow // H
+                head = grow - pos * H
+                if const_expr(self.direct_out):
+                    gO = mO[batch_idx, pos, head, None]
+                else:
+                    gO = mO[split_idx, batch_idx, pos, head, None]
+                for c in cutlass.range_constexpr(cute.size(acc_O_mn, mode=[1])):
+                    val = acc_O_mn[r, c]
+                    if const_expr(self.direct_out):
+                        gO[tOcO_mn[r, c][1]] = val.to(self.dtype)
+                    else:
+                        gO[tOcO_mn[r, c][1]] = val
+                if tOcO_mn[r, 0][1] == 0:
+                    if const_expr(self.direct_out):
+                        mLSE[batch_idx, head, pos] = lse[r]
+                    else:
+                        mLSE[split_idx, batch_idx, head, pos] = lse[r]
