@@ -49,3 +49,46 @@ def lse_err(a: torch.Tensor, b: torch.Tensor) -> float:
     if not bool(fin.any()):
         return 0.0
     return float((a[fin].double() - b[fin].double()).abs().max())
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU timing (the check scripts under tests/kernels and the perf scripts); CUDA needed only when
+# called.
+# ---------------------------------------------------------------------------------------------
+
+def time_per_call(fn, iters: int = 20, warmup: int = 3) -> float:
+    """Seconds per call of ``fn`` run back to back on the current stream (CUDA events), after
+    ``warmup`` untimed calls and a device sync."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(iters):
+        fn()
+    e1.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1) / iters * 1e-3
+
+
+def capture_graph(fn, eager_first: bool = True) -> torch.cuda.CUDAGraph:
+    """``fn`` captured once in a CUDA graph: (optionally an eager call and a sync), one warm-up
+    call on a side stream, then the capture."""
+    if eager_first:
+        fn()
+        torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
+def time_graph(fn, iters: int = 20, warmup: int = 3) -> float:
+    """Device seconds per call: ``fn`` captured once in a CUDA graph (:func:`capture_graph`),
+    the graph replayed back to back (:func:`time_per_call`)."""
+    return time_per_call(capture_graph(fn).replay, iters, warmup)

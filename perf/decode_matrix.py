@@ -33,6 +33,7 @@ sys.path.insert(0, HERE)
 
 import blasst_cute  # noqa: E402
 from blasst_cute.kernels import launch_decode  # noqa: E402
+from blasst_cute.testing import capture_graph, time_per_call  # noqa: E402
 from blasst_cute.workloads import WorkloadSpec, synthetic_qkv, to_paged  # noqa: E402
 from bench import bench_ms, n_rotations, stamp  # noqa: E402
 
@@ -127,27 +128,19 @@ def sparsity(s, factor):
     return st.sparsity
 
 
+def target_factors(sp, grid, targets=(0.7, 0.9)):
+    """[(factor, sparsity)]: the grid factor whose measured sparsity sp[f] is closest to each
+    target."""
+    out = []
+    for target in targets:
+        f = min(grid, key=lambda x: abs(sp[x] - target))
+        out.append((float(f), sp[f]))
+    return out
+
+
 def graph_ms(fn, iters=20):
-    """Device time per call: the call captured in a CUDA graph, replayed back to back."""
-    fn()
-    torch.cuda.synchronize()
-    st = torch.cuda.Stream()
-    st.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(st):
-        fn()
-    torch.cuda.current_stream().wait_stream(st)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(iters):
-        g.replay()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) / iters
+    """Device time per call (ms): the call captured in a CUDA graph, replayed back to back."""
+    return time_per_call(capture_graph(fn).replay, iters, warmup=1) * 1e3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,9 +198,15 @@ def dense_matrix(peer_fns, bw_copy, iters, quick=False, rows=None, save=None):
                     skip0 = bench_ms([blasst_fn(s, 1e-6) for s in sets], iters=iters)
                     sp0 = sparsity(sets[0], 1e-6)
                     gbps = kv_bytes / (dense * 1e-3) / 1e9
+                    # Device time alone (the call replayed from a CUDA graph): the kernel's own
+                    # K+V bandwidth, without the host time a synced single call includes.
+                    kernel_ms = graph_ms(blasst_fn(sets[0], None))
+                    kernel_gbps = kv_bytes / (kernel_ms * 1e-3) / 1e9
                     row = dict(shape, peers=pr, best_peer=bname, best_peer_ms=bms, dense_ms=dense,
                                dense_gbps=gbps, dense_vs_best=(bms / dense) if bms else None,
-                               dense_of_copy=gbps * 1e9 / bw_copy, skip0_ms=skip0,
+                               dense_of_copy=gbps * 1e9 / bw_copy, kernel_ms=kernel_ms,
+                               kernel_gbps=kernel_gbps, kernel_of_copy=kernel_gbps * 1e9 / bw_copy,
+                               skip0_ms=skip0,
                                skip0_sparsity=sp0, skip0_vs_dense=dense / skip0,
                                splits=launch_decode.plan_decode_sm90(
                                    sets[0]["q"], sets[0]["kc"], sets[0]["bt"])["num_splits"])
@@ -255,9 +254,7 @@ def sparse_points(peer_fns, iters, quick=False):
             bname, bms = best_peer(pr)
             sp = {f: sparsity(s, float(f)) for f in grid}
             variants = [("dense", None, 0.0), ("skip f=1e-6", 1e-6, sparsity(s, 1e-6))]
-            for target in (0.7, 0.9):
-                f = min(grid, key=lambda x: abs(sp[x] - target))
-                variants.append((f"skip f={f:g}", float(f), sp[f]))
+            variants += [(f"skip f={f:g}", f, spv) for f, spv in target_factors(sp, grid)]
             pts = []
             for name, f, spv in variants:
                 ms = bench_ms([blasst_fn(s, f)], iters=iters)
@@ -359,9 +356,7 @@ def tile_experiment(peer_fns, iters):
             try:
                 sp = {f: sparsity(s, float(f)) for f in grid}
                 pts = [("dense", None, 0.0)]
-                for target in (0.7, 0.9):
-                    f = min(grid, key=lambda x: abs(sp[x] - target))
-                    pts.append((f"f={f:g}", float(f), sp[f]))
+                pts += [(f"f={f:g}", f, spv) for f, spv in target_factors(sp, grid)]
                 cells = []
                 for name, f, spv in pts:
                     ms = bench_ms([blasst_fn(s, f)], iters=iters)
@@ -428,12 +423,12 @@ def markdown(data):
             f"{k} {v:.1f} us" for k, v in data["host"].items()), ""]
     if data.get("dense"):
         L += ["## Dense", "", "| B | L | Hq/Hk | splits | best peer | peer us | BLASST dense us | "
-              "K+V GB/s | vs best peer | of copy BW | skip on (0%) us | skip0 vs dense | "
-              "all peers (us) |", "|" + "---|" * 13]
+              "K+V GB/s | vs best peer | of copy BW | kernel us (graph) | kernel of copy BW | "
+              "skip on (0%) us | skip0 vs dense | all peers (us) |", "|" + "---|" * 15]
         for r in data["dense"]:
             if "error" in r:
                 L.append(f"| {r['batch']} | {r['seqlen']} | {r['heads_q']}/{r['heads_kv']} | "
-                         f"error: {r['error'][:80]} |" + " |" * 10)
+                         f"error: {r['error'][:80]} |" + " |" * 12)
                 continue
             peers_s = ", ".join(f"{n} {p['ms'] * 1e3:.1f}" if "ms" in p else f"{n} n/a"
                                 for n, p in r["peers"].items())
@@ -441,6 +436,7 @@ def markdown(data):
                 f"| {r['batch']} | {r['seqlen']} | {r['heads_q']}/{r['heads_kv']} | {r['splits']} | "
                 f"{r['best_peer']} | {r['best_peer_ms'] * 1e3:.1f} | {r['dense_ms'] * 1e3:.1f} | "
                 f"{r['dense_gbps']:.0f} | {r['dense_vs_best']:.2f}x | {r['dense_of_copy'] * 100:.0f}% | "
+                f"{r['kernel_ms'] * 1e3:.1f} | {r['kernel_of_copy'] * 100:.0f}% | "
                 f"{r['skip0_ms'] * 1e3:.1f} | {r['skip0_vs_dense']:.2f}x | {peers_s} |")
         L.append("")
     if data.get("sparse"):

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "kernels"))
 
 import gpu_mla_decode_smoke as smoke  # noqa: E402
 from blasst_cute.kernels import launch_mla  # noqa: E402
+from blasst_cute.testing import capture_graph, time_per_call  # noqa: E402
 
 D, DV = 576, 512
 OUT = os.environ.get("OUT", ".")
@@ -63,31 +64,6 @@ def checks():
         f"{launch_mla.mla_cluster_m(64, 2)}, H=192 lq=1: {launch_mla.mla_cluster_m(192, 1)}")
     log(f"checks {'PASS' if ok else 'FAIL'}")
     return ok
-
-
-def _graph(fn):
-    fn()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
-
-
-def _time(g, iters):
-    g.replay()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(iters):
-        g.replay()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) / iters * 1e-3
 
 
 def ab(cfgs, rounds=5):
@@ -150,13 +126,13 @@ def ab(cfgs, rounds=5):
             all_equal &= same and fin
             if not (same and fin):
                 log(f"  MISMATCH B={B} L={L} {name}: counters/outputs differ (finite={fin})")
-        graphs = {(v, p[0]): _graph(lambda v=v, f=p[1]: launch(v, f))
+        graphs = {(v, p[0]): capture_graph(lambda v=v, f=p[1]: launch(v, f))
                   for p in points for v in (False, True)}
         iters = max(5, min(50, int(0.05 / (2.0 * B * H * L * 1088 / 5e14 + 1e-5))))
         times = {k: [] for k in graphs}
         for _ in range(rounds):
             for k, g in graphs.items():
-                times[k].append(_time(g, iters))
+                times[k].append(time_per_call(g.replay, iters, warmup=1))
         t = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
         for name, f, s_ in points:
             t0, t1 = t[(False, name)], t[(True, name)]

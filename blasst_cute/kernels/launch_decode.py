@@ -27,6 +27,16 @@ from cutlass import Float32, Int32
 
 from blasst_cute.kernels import compile_cache
 from blasst_cute.kernels.dtypes import TORCH_TO_CUTLASS, kernel_dtype
+from blasst_cute.kernels.launch_common import (
+    combine_compile_args,
+    compiled,
+    cuda_stream,
+    factor_kind,
+    factor_tensor,
+    fake_ptr,
+    make_ptr,
+    sm_count,
+)
 from blasst_cute.kernels.sm90.combine import BlasstDecodeCombineSm90
 from blasst_cute.kernels.sm90.decode import (
     SUPPORTED_PAGE_SIZES,
@@ -39,7 +49,6 @@ MIN_TILES_PER_SPLIT = 4
 MAX_SPLITS = 128
 DEFAULT_TILE_N = 128
 
-_num_sms: dict = {}
 # Split-KV partials merged inside the decode launch (last split CTA per q-tile) instead of by
 # the separate combine kernel: one launch per call. BLASST_DECODE_FUSED_MERGE=0 restores the
 # combine kernel (comparisons; per call: tuning={"fused_merge": False}).
@@ -107,25 +116,18 @@ def _make_kernel(key: tuple) -> BlasstDecodeSm90:
     )
 
 
-_GMEM = cute.AddressSpace.gmem
-
-
-def _fake_ptr(dtype, align=16):
-    return cute.runtime.make_ptr(dtype, 0, _GMEM, assumed_align=align)
-
-
 def _decode_compile_args(c: dict, stream):
     """Arguments of ``BlasstDecodeSm90.launch_ptrs`` for compilation (placeholder values)."""
     dt = TORCH_TO_CUTLASS[c["dtype"]]
     paged = c["page_size"] is not None
     o_dt = dt if c["direct_out"] else Float32
-    stats = [_fake_ptr(Int32, 4) for _ in range(3)] if c["has_stats"] else [None] * 3
-    merge = [_fake_ptr(dt), _fake_ptr(Float32, 4), _fake_ptr(Int32, 4)] if c["fused_merge"] \
+    stats = [fake_ptr(Int32, 4) for _ in range(3)] if c["has_stats"] else [None] * 3
+    merge = [fake_ptr(dt), fake_ptr(Float32, 4), fake_ptr(Int32, 4)] if c["fused_merge"] \
         else [None] * 3
     return (
-        _fake_ptr(dt), _fake_ptr(dt), _fake_ptr(dt), _fake_ptr(o_dt), _fake_ptr(Float32, 4),
-        _fake_ptr(Int32, 4), _fake_ptr(Int32, 4) if paged else None,
-        _fake_ptr(Float32, 4) if c["factor_per_batch"] else None, *stats, *merge,
+        fake_ptr(dt), fake_ptr(dt), fake_ptr(dt), fake_ptr(o_dt), fake_ptr(Float32, 4),
+        fake_ptr(Int32, 4), fake_ptr(Int32, 4) if paged else None,
+        fake_ptr(Float32, 4) if c["factor_per_batch"] else None, *stats, *merge,
         Int32(1), Int32(1), Int32(1), Int32(1), Int32(1), Int32(c["page_size"] or 1),
         cutlass.Int64(8), Int32(8), Int32(8), Int32(1), Int32(1),
         Float32(1.0), Float32(0.0), Int32(1), stream,
@@ -140,32 +142,19 @@ def compile_decode_sm90(config: dict, options: Optional[str] = None):
     num_v_stages.
     Returns the compiled callable of ``BlasstDecodeSm90.launch_ptrs``.
     """
-    import cuda.bindings.driver as cuda
-
     key = _config_key(config)
     kern = _make_kernel(key)
-    args = _decode_compile_args(dict(key), cuda.CUstream(0))
+    args = _decode_compile_args(dict(key), cuda_stream(0))
     if options:
         return cute.compile(kern.launch_ptrs, *args, options=options)
     return cute.compile(kern.launch_ptrs, *args)
-
-
-def _combine_compile_args(dt):
-    return (_fake_ptr(Float32, 16), _fake_ptr(Float32, 4), _fake_ptr(dt), _fake_ptr(Float32, 4),
-            Int32(1), Int32(1), Int32(1), Int32(1), _cuda_stream(0))
-
-
-def _cuda_stream(h):
-    import cuda.bindings.driver as cuda
-
-    return cuda.CUstream(h)
 
 
 def compile_combine_sm90(dtype, head_dim: int, options: Optional[str] = None):
     """Compile the split-KV combine kernel (no GPU needed)."""
     dt = TORCH_TO_CUTLASS[kernel_dtype(dtype, "sm90 decode")]
     kern = BlasstDecodeCombineSm90(dt, head_dim)
-    args = _combine_compile_args(dt)
+    args = combine_compile_args(dt)
     if options:
         return cute.compile(kern.launch_ptrs, *args, options=options)
     return cute.compile(kern.launch_ptrs, *args)
@@ -174,15 +163,6 @@ def compile_combine_sm90(dtype, head_dim: int, options: Optional[str] = None):
 # ----------------------------------------------------------------------------------------------
 # Launch
 # ----------------------------------------------------------------------------------------------
-
-def _sm_count(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    n = _num_sms.get(idx)
-    if n is None:
-        n = torch.cuda.get_device_properties(idx).multi_processor_count
-        _num_sms[idx] = n
-    return n
-
 
 _geo_cache: dict = {}
 
@@ -203,17 +183,11 @@ def plan_decode_sm90(q, k_cache, block_table=None, num_splits: Optional[int] = N
         cap = block_table.shape[1] * page_size
     else:
         page_size, cap = None, k_cache.shape[1]
-    geo = decode_geometry_sm90(hq // hk, lq, page_size, B, hk, cap, _sm_count(q.device), tile_n)
+    geo = decode_geometry_sm90(hq // hk, lq, page_size, B, hk, cap, sm_count(q.device), tile_n)
     if num_splits is not None:
         geo["num_splits"] = int(num_splits)
     _geo_cache[key] = geo
     return geo
-
-
-def _ptr(dtype, t: Optional[torch.Tensor], align: int):
-    if t is None:
-        return None
-    return cute.runtime.make_ptr(dtype, t.data_ptr(), _GMEM, assumed_align=align)
 
 
 class _FastCall:
@@ -323,10 +297,7 @@ def _current_stream(device) -> int:
 
 
 def _compiled(key, compile_args, maker):
-    # Memory only: the fast launch path reads attributes of a freshly compiled function, which a
-    # kernel loaded from the disk cache has not been checked to carry.
-    return compile_cache.get_or_compile(("sm90-decode",) + tuple(key),
-                                        lambda: cute.compile(maker(), *compile_args), disk=False)
+    return compiled("sm90-decode", key, maker, compile_args)
 
 
 class _Plan:
@@ -382,8 +353,6 @@ _CPOS = (0, 1, 2, 3, 8)  # combine: the dynamic slots (pointers, stream)
 
 def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, num_splits,
                tuning) -> _Plan:
-    import cuda.bindings.driver as cuda
-
     tile_n = None
     if tuning:
         tuning = dict(tuning)
@@ -409,7 +378,7 @@ def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, n
     ck = _config_key(config)
     fkey = ("decode", q.dtype, d, page_size, geo["block_n"], bool(causal), has_skip, fpb,
             has_stats, direct, fused, geo["order"], tkey)
-    compile_args = _decode_compile_args(dict(ck), cuda.CUstream(0))
+    compile_args = _decode_compile_args(dict(ck), cuda_stream(0))
     p.fn = _compiled(fkey, compile_args, lambda: _make_kernel(ck).launch_ptrs)
     ks = k_cache.stride()
     p.statics = [B, lq, hq, k_cache.shape[2], k_cache.shape[0], k_cache.shape[1], ks[0], ks[1],
@@ -436,25 +405,15 @@ def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, n
     p.cfn = p.cfast = None
     if not direct and not fused:
         ckey = ("combine", q.dtype, d)
-        p.cfn = _compiled(ckey, _combine_compile_args(TORCH_TO_CUTLASS[q.dtype]),
+        p.cfn = _compiled(ckey, combine_compile_args(TORCH_TO_CUTLASS[q.dtype]),
                           lambda: BlasstDecodeCombineSm90(TORCH_TO_CUTLASS[q.dtype], d).launch_ptrs)
         p.cstatics = [splits, B, lq, hq]
         if USE_FAST_CALL:
-            fc = _FastCall(p.cfn, _combine_compile_args(TORCH_TO_CUTLASS[q.dtype]))
+            fc = _FastCall(p.cfn, combine_compile_args(TORCH_TO_CUTLASS[q.dtype]))
             if fc.ok:
                 p.cfast = fc.preset((4, 5, 6, 7), p.cstatics)
     p.lock = threading.Lock()
     return p
-
-
-def _factor_kind(threshold_scale_factor, has_stats):
-    """(has_skip, factor tensor or None, scalar factor)."""
-    if isinstance(threshold_scale_factor, torch.Tensor):
-        return True, threshold_scale_factor, 0.0
-    if threshold_scale_factor is None:
-        return has_stats, None, 0.0
-    factor = float(threshold_scale_factor)
-    return factor > 0.0 or has_stats, None, factor
 
 
 # torch.cuda.is_current_stream_capturing without its Python wrapper (host time per call).
@@ -475,7 +434,7 @@ def _launch(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, softmax_s
     has_stats = visited is not None
     if has_stats != (skipped is not None):
         raise NotImplementedError("blasst sm90 decode: visited and skipped go together")
-    has_skip, factor_t, factor = _factor_kind(threshold_scale_factor, has_stats)
+    has_skip, factor_t, factor = factor_kind(threshold_scale_factor, has_stats)
     if plan_key is None:
         plan_key = (q.shape, q.dtype, q.get_device(), k_cache.shape, k_cache.stride(),
                     None if block_table is None else (block_table.shape, block_table.stride(0)))
@@ -493,10 +452,7 @@ def _launch(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, softmax_s
         return plan, out, lse
     if has_stats and v_loaded is None:
         v_loaded = torch.zeros_like(visited)
-    if factor_t is not None and (factor_t.dtype != torch.float32 or factor_t.numel() != B
-                                 or not factor_t.is_contiguous()):
-        factor_t = factor_t.to(device=q.device, dtype=torch.float32).reshape(-1)
-        factor_t = factor_t.expand(B).contiguous() if factor_t.numel() == 1 else factor_t.contiguous()
+    factor_t = factor_tensor(factor_t, B, q.device)
     if softmax_scale is None:
         softmax_scale = d ** -0.5
     stream_h = _raw_stream(q.get_device()) if _raw_stream is not None else \
@@ -560,14 +516,10 @@ def _launch(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, softmax_s
             plan.cfast.call_dyn(_CPOS, cvals)
         else:
             dt = TORCH_TO_CUTLASS[q.dtype]
-            plan.cfn(_mkptr(Float32, o_p, 16), _mkptr(Float32, lse_p, 4), _mkptr(dt, cvals[2], 16),
-                     _mkptr(Float32, cvals[3], 4), *[Int32(x) for x in plan.cstatics],
-                     _cuda_stream(stream_h))
+            plan.cfn(make_ptr(Float32, o_p, 16), make_ptr(Float32, lse_p, 4), make_ptr(dt, cvals[2], 16),
+                     make_ptr(Float32, cvals[3], 4), *[Int32(x) for x in plan.cstatics],
+                     cuda_stream(stream_h))
     return plan, out, lse
-
-
-def _mkptr(dtype, addr, align):
-    return cute.runtime.make_ptr(dtype, addr, _GMEM, assumed_align=align)
 
 
 def _slow_decode_call(plan, q, ptrs, softmax_scale, factor, stream_h, block_table, factor_t,
@@ -575,20 +527,20 @@ def _slow_decode_call(plan, q, ptrs, softmax_scale, factor, stream_h, block_tabl
     """The DSL's generic call (used only when the fast path could not verify its storage)."""
     dt = TORCH_TO_CUTLASS[q.dtype]
     it = iter(ptrs)
-    qp, kp, vp = (_mkptr(dt, next(it), 16) for _ in range(3))
-    op = _mkptr(dt if plan.direct else Float32, next(it), 16)
-    lp = _mkptr(Float32, next(it), 4)
-    sp = _mkptr(Int32, next(it), 4)
-    btp = _mkptr(Int32, next(it), 4) if block_table is not None else None
-    fp = _mkptr(Float32, next(it), 4) if factor_t is not None else None
-    st = [_mkptr(Int32, next(it), 4) for _ in range(3)] if has_stats else [None] * 3
-    mg = [_mkptr(dt, next(it), 16), _mkptr(Float32, next(it), 4), _mkptr(Int32, next(it), 4)] \
+    qp, kp, vp = (make_ptr(dt, next(it), 16) for _ in range(3))
+    op = make_ptr(dt if plan.direct else Float32, next(it), 16)
+    lp = make_ptr(Float32, next(it), 4)
+    sp = make_ptr(Int32, next(it), 4)
+    btp = make_ptr(Int32, next(it), 4) if block_table is not None else None
+    fp = make_ptr(Float32, next(it), 4) if factor_t is not None else None
+    st = [make_ptr(Int32, next(it), 4) for _ in range(3)] if has_stats else [None] * 3
+    mg = [make_ptr(dt, next(it), 16), make_ptr(Float32, next(it), 4), make_ptr(Int32, next(it), 4)] \
         if plan.fused else [None] * 3
     s = plan.statics
     plan.fn(qp, kp, vp, op, lp, sp, btp, fp, *st, *mg,
             Int32(s[0]), Int32(s[1]), Int32(s[2]), Int32(s[3]), Int32(s[4]), Int32(s[5]),
             cutlass.Int64(s[6]), Int32(s[7]), Int32(s[8]), Int32(s[9]), Int32(s[10]),
-            Float32(softmax_scale), Float32(factor), Int32(plan.splits), _cuda_stream(stream_h))
+            Float32(softmax_scale), Float32(factor), Int32(plan.splits), cuda_stream(stream_h))
 
 
 def run_decode_sm90(q, k_cache, v_cache, out, lse, *, cache_seqlens, block_table=None,

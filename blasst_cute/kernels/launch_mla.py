@@ -25,6 +25,16 @@ from cutlass import Float32, Int32
 
 from blasst_cute.kernels import compile_cache
 from blasst_cute.kernels.dtypes import TORCH_TO_CUTLASS, kernel_dtype
+from blasst_cute.kernels.launch_common import (
+    combine_compile_args,
+    compiled,
+    cuda_stream,
+    factor_kind,
+    fake_ptr,
+    factor_tensor,
+    make_ptr,
+    sm_count,
+)
 from blasst_cute.kernels.sm90.combine import BlasstDecodeCombineSm90
 from blasst_cute.kernels.sm90.mla_decode import (
     HEAD_DIM,
@@ -41,8 +51,6 @@ from blasst_cute.kernels.sm90.mla_decode import (
 MIN_TILES_PER_SPLIT = 4
 MAX_SPLITS = 32
 
-_GMEM = cute.AddressSpace.gmem
-_num_sms: dict = {}
 _RUN_COMBINE = True  # benchmarks only: False times the split kernel without its merge
 # The q-tiles of a sequence as one 2-CTA cluster sharing each K tile by TMA multicast (see
 # mla_decode.py): "auto" = where a CTA walks >= CLUSTER_MIN_TILES_PER_SPLIT key tiles, "always"
@@ -127,30 +135,16 @@ def _make_kernel(key: tuple) -> BlasstMlaDecodeSm90:
         has_stats=c["has_stats"], direct_out=c["direct_out"], cluster_m=c["cluster_m"])
 
 
-def _fake_ptr(dtype, align=16):
-    return cute.runtime.make_ptr(dtype, 0, _GMEM, assumed_align=align)
-
-
-def _mkptr(dtype, addr, align):
-    return cute.runtime.make_ptr(dtype, addr, _GMEM, assumed_align=align)
-
-
-def _cuda_stream(h):
-    import cuda.bindings.driver as cuda
-
-    return cuda.CUstream(h)
-
-
 def _compile_args(c: dict, stream):
     """Arguments of ``BlasstMlaDecodeSm90.launch_ptrs`` for compilation (placeholder values)."""
     dt = TORCH_TO_CUTLASS[c["dtype"]]
     paged = c["page_size"] is not None
     o_dt = dt if c["direct_out"] else Float32
-    stats = [_fake_ptr(Int32, 4) for _ in range(2)] if c["has_stats"] else [None] * 2
+    stats = [fake_ptr(Int32, 4) for _ in range(2)] if c["has_stats"] else [None] * 2
     return (
-        _fake_ptr(dt), _fake_ptr(dt), _fake_ptr(o_dt), _fake_ptr(Float32, 4),
-        _fake_ptr(Int32, 4), _fake_ptr(Int32, 4) if paged else None,
-        _fake_ptr(Float32, 4) if c["factor_per_batch"] else None, *stats,
+        fake_ptr(dt), fake_ptr(dt), fake_ptr(o_dt), fake_ptr(Float32, 4),
+        fake_ptr(Int32, 4), fake_ptr(Int32, 4) if paged else None,
+        fake_ptr(Float32, 4) if c["factor_per_batch"] else None, *stats,
         Int32(1), Int32(1), Int32(1), Int32(1), Int32(c["page_size"] or 1),
         cutlass.Int64(8), Int32(8), Int32(1), Int32(1),
         Float32(1.0), Float32(0.0), Int32(1), stream,
@@ -165,34 +159,20 @@ def compile_mla_decode_sm90(config: dict, options: Optional[str] = None):
     ``launch_ptrs``.
     """
     key = _config_key(config)
-    args = _compile_args(dict(key), _cuda_stream(0))
+    args = _compile_args(dict(key), cuda_stream(0))
     fn = _make_kernel(key).launch_ptrs
     if options:
         return cute.compile(fn, *args, options=options)
     return cute.compile(fn, *args)
 
 
-def _combine_args(dt):
-    return (_fake_ptr(Float32, 16), _fake_ptr(Float32, 4), _fake_ptr(dt), _fake_ptr(Float32, 4),
-            Int32(1), Int32(1), Int32(1), Int32(1), _cuda_stream(0))
-
-
 def _compiled(key: tuple, maker, args):
-    return compile_cache.get_or_compile(("sm90-mla-decode",) + tuple(key),
-                                        lambda: cute.compile(maker(), *args), disk=False)
+    return compiled("sm90-mla-decode", key, maker, args)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launch
 # ----------------------------------------------------------------------------------------------
-
-def _sm_count(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    n = _num_sms.get(idx)
-    if n is None:
-        n = _num_sms[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return n
-
 
 def plan_mla_decode_sm90(q, kv_cache, block_table=None, num_splits: Optional[int] = None) -> dict:
     """The geometry ``run_mla_decode_sm90`` uses for these shapes (no device sync)."""
@@ -202,7 +182,7 @@ def plan_mla_decode_sm90(q, kv_cache, block_table=None, num_splits: Optional[int
         cap = block_table.shape[1] * page_size
     else:
         page_size, cap = None, kv_cache.shape[1]
-    geo = mla_decode_geometry_sm90(H, lq, page_size, B, cap, _sm_count(q.device))
+    geo = mla_decode_geometry_sm90(H, lq, page_size, B, cap, sm_count(q.device))
     if num_splits is not None:
         geo["num_splits"] = int(num_splits)
     return geo
@@ -216,16 +196,6 @@ class _Plan:
 
 _plans: dict = {}
 _plans_lock = threading.Lock()
-
-
-def _factor_kind(threshold_scale_factor, has_stats):
-    """(has_skip, factor tensor or None, scalar factor)."""
-    if isinstance(threshold_scale_factor, torch.Tensor):
-        return True, threshold_scale_factor, 0.0
-    if threshold_scale_factor is None:
-        return has_stats, None, 0.0
-    factor = float(threshold_scale_factor)
-    return factor > 0.0 or has_stats, None, factor
 
 
 def _get_plan(q, kv_cache, block_table, causal, has_skip, fpb, has_stats, num_splits) -> _Plan:
@@ -251,7 +221,7 @@ def _get_plan(q, kv_cache, block_table, causal, has_skip, fpb, has_stats, num_sp
                                               tiles_per_split))
         ck = _config_key(config)
         p.fn = _compiled(ck, lambda: _make_kernel(ck).launch_ptrs,
-                         _compile_args(dict(ck), _cuda_stream(0)))
+                         _compile_args(dict(ck), cuda_stream(0)))
         B, lq, H, _ = q.shape
         ks = kv_cache.stride()
         p.statics = (B, lq, H, kv_cache.shape[0], kv_cache.shape[1], ks[0], ks[1],
@@ -263,7 +233,7 @@ def _get_plan(q, kv_cache, block_table, causal, has_skip, fpb, has_stats, num_sp
             dt = TORCH_TO_CUTLASS[q.dtype]
             p.cfn = _compiled(("combine", q.dtype, HEAD_DIM_V),
                               lambda: BlasstDecodeCombineSm90(dt, HEAD_DIM_V).launch_ptrs,
-                              _combine_args(dt))
+                              combine_compile_args(dt))
         _plans[key] = p
         return p
 
@@ -286,16 +256,13 @@ def run_mla_decode_sm90(q, kv_cache, out, lse, *, cache_seqlens, block_table=Non
     has_stats = visited is not None
     if has_stats != (skipped is not None):
         raise NotImplementedError("blasst sm90 MLA decode: visited and skipped go together")
-    has_skip, factor_t, factor = _factor_kind(threshold_scale_factor, has_stats)
+    has_skip, factor_t, factor = factor_kind(threshold_scale_factor, has_stats)
     plan = _get_plan(q, kv_cache, block_table, causal, has_skip, factor_t is not None, has_stats,
                      num_splits)
     B, lq, H, _ = q.shape
     if B == 0 or lq == 0 or H == 0:
         return plan.geo
-    if factor_t is not None and (factor_t.dtype != torch.float32 or factor_t.numel() != B
-                                 or not factor_t.is_contiguous()):
-        factor_t = factor_t.to(device=q.device, dtype=torch.float32).reshape(-1)
-        factor_t = factor_t.expand(B).contiguous() if factor_t.numel() == 1 else factor_t.contiguous()
+    factor_t = factor_tensor(factor_t, B, q.device)
     dt = TORCH_TO_CUTLASS[q.dtype]
     if plan.direct:
         o_p, lse_p = out.data_ptr(), lse.data_ptr()
@@ -305,22 +272,22 @@ def run_mla_decode_sm90(q, kv_cache, out, lse, *, cache_seqlens, block_table=Non
         ws = torch.empty(plan.ws_numel, dtype=torch.float32, device=q.device)
         o_p = ws.data_ptr()
         lse_p = o_p + 4 * plan.ws_o
-    stream = _cuda_stream(torch.cuda.current_stream(q.device).cuda_stream)
+    stream = cuda_stream(torch.cuda.current_stream(q.device).cuda_stream)
     s = plan.statics
     plan.fn(
-        _mkptr(dt, q.data_ptr(), 16), _mkptr(dt, kv_cache.data_ptr(), 16),
-        _mkptr(dt if plan.direct else Float32, o_p, 16), _mkptr(Float32, lse_p, 4),
-        _mkptr(Int32, cache_seqlens.data_ptr(), 4),
-        _mkptr(Int32, block_table.data_ptr(), 4) if block_table is not None else None,
-        _mkptr(Float32, factor_t.data_ptr(), 4) if factor_t is not None else None,
-        _mkptr(Int32, visited.data_ptr(), 4) if has_stats else None,
-        _mkptr(Int32, skipped.data_ptr(), 4) if has_stats else None,
+        make_ptr(dt, q.data_ptr(), 16), make_ptr(dt, kv_cache.data_ptr(), 16),
+        make_ptr(dt if plan.direct else Float32, o_p, 16), make_ptr(Float32, lse_p, 4),
+        make_ptr(Int32, cache_seqlens.data_ptr(), 4),
+        make_ptr(Int32, block_table.data_ptr(), 4) if block_table is not None else None,
+        make_ptr(Float32, factor_t.data_ptr(), 4) if factor_t is not None else None,
+        make_ptr(Int32, visited.data_ptr(), 4) if has_stats else None,
+        make_ptr(Int32, skipped.data_ptr(), 4) if has_stats else None,
         Int32(s[0]), Int32(s[1]), Int32(s[2]), Int32(s[3]), Int32(s[4]), cutlass.Int64(s[5]),
         Int32(s[6]), Int32(s[7]), Int32(s[8]),
         Float32(softmax_scale), Float32(factor), Int32(plan.splits), stream)
     if not plan.direct and _RUN_COMBINE:
-        plan.cfn(_mkptr(Float32, o_p, 16), _mkptr(Float32, lse_p, 4), _mkptr(dt, out.data_ptr(), 16),
-                 _mkptr(Float32, lse.data_ptr(), 4), Int32(plan.splits), Int32(B), Int32(lq),
+        plan.cfn(make_ptr(Float32, o_p, 16), make_ptr(Float32, lse_p, 4), make_ptr(dt, out.data_ptr(), 16),
+                 make_ptr(Float32, lse.data_ptr(), 4), Int32(plan.splits), Int32(B), Int32(lq),
                  Int32(H), stream)
     return plan.geo
 

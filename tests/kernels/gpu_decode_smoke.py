@@ -26,7 +26,8 @@ sys.path.insert(0, os.environ.get("BLASST_ROOT")
 
 from blasst_cute import reference  # noqa: E402
 from blasst_cute.kernels import launch_decode  # noqa: E402
-from blasst_cute.testing import dense_attention, lse_err, rel_err  # noqa: E402
+from blasst_cute.testing import capture_graph, dense_attention, lse_err, rel_err  # noqa: E402
+from blasst_cute.testing import time_graph, time_per_call  # noqa: E402
 
 LOG = []
 GEO_KEYS = ("block_m", "block_n", "pack_gqa", "order", "num_splits", "rows_per_decision",
@@ -175,14 +176,7 @@ def graph_check(B=3, lq=2, hq=16, hk=4, L=3000, page_size=64):
                                       visited=cnt[0], skipped=cnt[1], v_loaded=cnt[2],
                                       workspace=ws)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        call()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        call()
+    g = capture_graph(call, eager_first=False)
     res = []
     for f in (5.0, 300.0):
         fac.fill_(f)
@@ -270,38 +264,10 @@ def run_checks(quick=False, sweep=0):
 # benchmark
 # ---------------------------------------------------------------------------------------------
 
-def _time(fn, iters=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(iters):
-        fn()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) / iters * 1e-3
-
-
-def _time_graph(fn, iters=20):
-    """Device time per call: the call captured once in a CUDA graph, replayed."""
-    fn()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return _time(g.replay, iters)
-
-
 def copy_bandwidth():
     src = torch.empty(2 * 1024 ** 3, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    t = _time(lambda: dst.copy_(src), 10)
+    t = time_per_call(lambda: dst.copy_(src), 10)
     return 2 * 2 * 1024 ** 3 / t
 
 
@@ -358,7 +324,7 @@ def bench(configs, page_size=64, with_n64=False):
         peers = sdpa_peers(q, k, v, scale)
         best = None
         for name, fn in peers.items():
-            t = _time(fn)
+            t = time_per_call(fn)
             best = t if best is None else min(best, t)
             log(f"{B:>3} {L:>7} {hq}/{hk:<3} {'sdpa-' + name:<14} {'':>8} {t * 1e6:>9.1f} "
                 f"{kv_bytes / t / 1e12:>9.2f} {'':>12}")
@@ -396,8 +362,8 @@ def bench(configs, page_size=64, with_n64=False):
             variants.append((f"skip n64 f={f:g}", f, sparsity(f, t64), t64))
         t_dense = None
         for name, f, s, tun in variants:
-            t_eager = _time(mk(f, tun))
-            t = _time_graph(mk(f, tun))
+            t_eager = time_per_call(mk(f, tun))
+            t = time_graph(mk(f, tun))
             if f is None:
                 t_dense = t
             rel = f"{best / t:.2f}x" if best else "-"
@@ -420,7 +386,7 @@ def bench(configs, page_size=64, with_n64=False):
             launch_decode.run_decode_sm90(
                 q, kc, vc, out, lse, cache_seqlens=lens, block_table=bt, softmax_scale=0.088,
                 threshold_scale_factor=1e-6, workspace=ws)
-        t_dev = _time_graph(fn)
+        t_dev = time_graph(fn)
         fn()
         torch.cuda.synchronize()
         n = 200
@@ -492,7 +458,7 @@ def api_bench(iters=30):
             geo = launch_decode.plan_decode_sm90(s0[0], s0[3], s0[5])
             S = geo["num_splits"]
             ws = (torch.empty(S, B, 1, hq, 128, device="cuda"), torch.empty(S, B, hq, 1, device="cuda"))
-            tk = _time_graph(lambda: launch_decode.run_decode_sm90(
+            tk = time_graph(lambda: launch_decode.run_decode_sm90(
                 s0[0], s0[3], s0[4], out, lse, cache_seqlens=lens, block_table=s0[5],
                 threshold_scale_factor=f or None, workspace=ws)) * 1e3
             rel = f"{best / ms:.2f}x" if best else "-"
@@ -575,9 +541,9 @@ def diag_long(B=1, L=131072, hq=32, hk=8, factors=(0, 60000, 120000, 300000), pr
         sp = _sparsity(q, kc, vc, lens, bt, f)
         fn = _api_fn(q, kc, vc, lens, bt, f)
         synced = pb.bench_ms([fn], iters=30) * 1e3
-        b2b = _time(fn, 30) * 1e6
-        graph = _time_graph(fn, 30) * 1e6
-        kern = _time_graph(lambda: launch_decode.run_decode_sm90(
+        b2b = time_per_call(fn, 30) * 1e6
+        graph = time_graph(fn, 30) * 1e6
+        kern = time_graph(lambda: launch_decode.run_decode_sm90(
             q, kc, vc, out, lse, cache_seqlens=lens, block_table=bt,
             threshold_scale_factor=f or None, workspace=ws), 30) * 1e6
         log(f"diag f={f:g} sparsity {sp:.3f} splits {S}: api synced {synced:.1f} us, "

@@ -28,7 +28,8 @@ sys.path.insert(0, os.environ.get("BLASST_ROOT")
 
 from blasst_cute import reference  # noqa: E402
 from blasst_cute.kernels import launch_mla  # noqa: E402
-from blasst_cute.testing import dense_attention, lse_err, rel_err  # noqa: E402
+from blasst_cute.testing import capture_graph, dense_attention, lse_err, rel_err  # noqa: E402
+from blasst_cute.testing import time_graph, time_per_call  # noqa: E402
 
 D, DV = 576, 512
 LOG = []
@@ -194,14 +195,7 @@ def graph_check(B=3, lq=1, H=128, L=3000, page_size=64):
                                        softmax_scale=D ** -0.5, threshold_scale_factor=fac,
                                        visited=cnt[0], skipped=cnt[1], workspace=ws)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        call()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        call()
+    g = capture_graph(call, eager_first=False)
     res = []
     for f in (5.0, 300.0):  # lambda = f / L must stay < 1 for skipping to be on
         fac.fill_(f)
@@ -285,34 +279,6 @@ def run_checks():
 # benchmark
 # ---------------------------------------------------------------------------------------------
 
-def _time(fn, iters=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(iters):
-        fn()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) / iters * 1e-3
-
-
-def _time_graph(fn, iters=20):
-    """Device time per call: the call captured once in a CUDA graph, replayed."""
-    fn()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return _time(g.replay, iters)
-
-
 def sdpa_expanded(q, kv, scale):
     """(name, fn) of the fastest torch SDPA backend that runs the expanded form: the H heads of
     the one new token folded into the query length of one head (Lq_new = 1: no mask)."""
@@ -331,7 +297,7 @@ def sdpa_expanded(q, kv, scale):
         try:
             fn()
             torch.cuda.synchronize()
-            t = _time(fn, 5)
+            t = time_per_call(fn, 5)
         except Exception as e:  # noqa: BLE001
             log(f"  (sdpa {name} unavailable: {str(e).splitlines()[0][:90]})")
             continue
@@ -361,7 +327,7 @@ def bench(cfgs, page_size=64, out_dir="."):
         try:
             sd = sdpa_expanded(q, kv, scale)
             if sd is not None:
-                t_sdpa = _time(sd[1])
+                t_sdpa = time_per_call(sd[1])
                 line = (f"| {B} | {L} | {H} | sdpa-{sd[0]} | dense | | {t_sdpa * 1e6:.1f} | "
                         f"{flops / t_sdpa / 1e12:.0f} | {nbytes / t_sdpa / 1e9:.0f} | | |")
                 log(line)
@@ -392,10 +358,23 @@ def bench(cfgs, page_size=64, out_dir="."):
         points = [("dense", None, 0.0)]
         for target in (0.7, 0.9):
             f = min(grid, key=lambda x: abs(sp[x] - target))
-            points.append((f"skip f={f:g}", f, sp[f]))
+            # Sparsity grows with the factor until λ = f / L reaches 1 (then skipping is off):
+            # bisect (geometrically) between the grid points that bracket the target below
+            # that, so the row lands near ~70% / ~90%.
+            hi = min([x for x in grid if sp[x] >= target], default=None)
+            lo = None if hi is None else max([x for x in grid if x < hi and sp[x] <= target],
+                                             default=None)
+            for _ in range(4 if lo is not None and hi is not None else 0):
+                if abs(sp[f] - target) < 0.02:
+                    break
+                mid = (lo * hi) ** 0.5
+                sp[mid] = sparsity(mid)
+                lo, hi = (mid, hi) if sp[mid] <= target else (lo, mid)
+                f = min(sp, key=lambda x: abs(sp[x] - target))
+            points.append((f"skip f={f:.4g}", f, sp[f]))
         t_dense = None
         for name, f, s_ in points:
-            t = _time_graph(mk(f))
+            t = time_graph(mk(f))
             if f is None:
                 t_dense = t
             ideal = 1.0 / (1.0 - s_ * DV / (D + DV))
@@ -437,12 +416,12 @@ def split_sweep(cfgs, page_size=64):
             fn = lambda ns=ns, ws=ws: launch_mla.run_mla_decode_sm90(  # noqa: E731
                 q, kvc, out, lse, cache_seqlens=lens, block_table=bt, softmax_scale=scale,
                 num_splits=ns, workspace=ws)
-            t = _time_graph(fn)
+            t = time_graph(fn)
             tk = t
             if ns > 1:
                 launch_mla._RUN_COMBINE = False
                 try:
-                    tk = _time_graph(fn)
+                    tk = time_graph(fn)
                 finally:
                     launch_mla._RUN_COMBINE = True
             mark = " (default)" if ns == default else ""

@@ -1,7 +1,22 @@
 """Layout views of wgmma fragments (SM90) used by softmax, masking and the epilogue."""
 
+from typing import Optional
+
 import cutlass.cute as cute
+import cutlass.utils.hopper_helpers as sm90_helpers
 from cutlass import const_expr
+from cutlass.cute.nvgpu import warpgroup
+from cutlass.tensor_utils import LayoutEnum
+
+
+def smem_layout(dtype, rows: int, cols: int, stages: Optional[int] = None):
+    """Row-major (rows, cols[, stages]) smem layout with the widest wgmma swizzle atom for cols."""
+    atom = warpgroup.make_smem_layout_atom(
+        sm90_helpers.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, dtype, cols), dtype
+    )
+    if stages is None:
+        return cute.tile_to_shape(atom, (rows, cols), order=(0, 1))
+    return cute.tile_to_shape(atom, (rows, cols, stages), order=(0, 1, 2))
 
 
 def select_modes(t: cute.Tensor, modes) -> cute.Tensor:

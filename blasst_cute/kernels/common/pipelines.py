@@ -3,6 +3,8 @@
 import enum
 
 import cutlass.cute as cute
+import cutlass.utils.hopper_helpers as sm90_helpers
+from cutlass import Float32
 from cutlass.cute.nvgpu import warpgroup
 
 
@@ -32,3 +34,19 @@ def wgmma(tiled_mma: cute.TiledMma, acc: cute.Tensor, tCrA: cute.Tensor, tCrB: c
 def elem_ptr(t: cute.Tensor, coord):
     """Pointer to one element of a gmem tensor (for atomics)."""
     return t.iterator + cute.crd2idx(coord, t.layout)
+
+
+def qk_pv_tiled_mmas(dtype, atom_layout_mnk, qk_tiler_mn, pv_tiler_mn,
+                     pv_a_source=warpgroup.OperandSource.SMEM):
+    """(S = Q K^T, O += P V) tiled wgmmas with fp32 accumulators: Q, K and P K-major, V MN-major
+    (row-major V read as the transposed B operand); P from smem or (RMEM) registers."""
+    K = cute.nvgpu.OperandMajorMode.K
+    MN = cute.nvgpu.OperandMajorMode.MN
+    mma_qk = sm90_helpers.make_trivial_tiled_mma(
+        dtype, dtype, K, K, Float32, atom_layout_mnk=atom_layout_mnk, tiler_mn=qk_tiler_mn,
+    )
+    mma_pv = sm90_helpers.make_trivial_tiled_mma(
+        dtype, dtype, K, MN, Float32, atom_layout_mnk=atom_layout_mnk, tiler_mn=pv_tiler_mn,
+        a_source=pv_a_source,
+    )
+    return mma_qk, mma_pv

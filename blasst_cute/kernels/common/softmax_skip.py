@@ -207,6 +207,20 @@ def threshold_log2(factor: Float32, seqlen_k: Int32):
     return log2_lambda, enabled
 
 
+def sequence_threshold_log2(has_skip: bool, factor_per_batch: bool, threshold_scale_factor,
+                            mFactor, batch_idx, seqlen_k):
+    """(log2(lambda), skip enabled) of one sequence: the scalar factor, or the sequence's entry
+    of mFactor with factor_per_batch; (0, False) without skipping (plain Python, traced inline)."""
+    log2_lambda = Float32(0.0)
+    skip_enabled = Boolean(False)
+    if has_skip:
+        factor = threshold_scale_factor
+        if factor_per_batch:
+            factor = mFactor[batch_idx]
+        log2_lambda, skip_enabled = threshold_log2(factor, seqlen_k)
+    return log2_lambda, skip_enabled
+
+
 @dsl_user_op
 def _bar_red_and(pred: Int32, barrier_id: Int32, num_threads: int, *, loc=None, ip=None) -> Int32:
     return Int32(

@@ -26,7 +26,9 @@
 # the merging CTA resets it, so the counters stay zero between launches).
 #
 # The skip rule and the online softmax are blasst_cute.kernels.common.softmax_skip; layout helpers
-# from blasst_cute.kernels.common.layout. Idioms follow FlashAttention-4's SM90 forward and
+# from blasst_cute.kernels.common.layout; with the MLA decode kernel it shares the gmem tensors and
+# epilogue stores (common.decode_io), the split's key tiles and their page coordinates
+# (common.kv_tiles) and the per-row key limits (common.masking). Idioms follow FlashAttention-4's SM90 forward and
 # CUTLASS's CuTe DSL Hopper examples; the code here is written for blasst_cute.
 
 import enum
@@ -37,25 +39,34 @@ import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 import cutlass.memory
-import cutlass.utils.hopper_helpers as sm90_helpers
 from cutlass import Boolean, Float32, Int32, const_expr
 from cutlass.cute.nvgpu import cpasync, warpgroup
-from cutlass.tensor_utils import LayoutEnum
 
+from blasst_cute.kernels.common.decode_io import (
+    block_table_tensor,
+    bshd_tensor,
+    lse_tensor,
+    out_lse_tensors,
+    store_out_lse,
+    vector_tensor,
+)
+from blasst_cute.kernels.common.kv_tiles import page_copy_coords, split_tile_range
 from blasst_cute.kernels.common.layout import (
     acc_rows_cols,
     assume_rows_aligned,
     select_modes,
+    smem_layout,
     transpose_mn,
 )
-from blasst_cute.kernels.common.pipelines import elem_ptr, wgmma
+from blasst_cute.kernels.common.masking import packed_row_limits
+from blasst_cute.kernels.common.pipelines import elem_ptr, qk_pv_tiled_mmas, wgmma
 from blasst_cute.kernels.common.softmax_skip import (
     LOG2_E,
     OnlineSoftmax,
     convert_f32_to_16bit,
     group_all,
     rescale_rows,
-    threshold_log2,
+    sequence_threshold_log2,
 )
 from blasst_cute.kernels.sm90.combine import merge_split_row
 
@@ -150,25 +161,11 @@ class BlasstDecodeSm90:
 
     # ------------------------------------------------------------------ host-side derivations
     def _smem_layout(self, rows: int, cols: int, stages: Optional[int] = None):
-        atom = warpgroup.make_smem_layout_atom(
-            sm90_helpers.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, self.dtype, cols), self.dtype
-        )
-        if stages is None:
-            return cute.tile_to_shape(atom, (rows, cols), order=(0, 1))
-        return cute.tile_to_shape(atom, (rows, cols, stages), order=(0, 1, 2))
+        return smem_layout(self.dtype, rows, cols, stages)
 
     def _tiled_mmas(self):
-        K = cute.nvgpu.OperandMajorMode.K
-        MN = cute.nvgpu.OperandMajorMode.MN
-        mma_qk = sm90_helpers.make_trivial_tiled_mma(
-            self.dtype, self.dtype, K, K, Float32,
-            atom_layout_mnk=(1, 1, 1), tiler_mn=(TILE_M, self.tile_n),
-        )
-        mma_pv = sm90_helpers.make_trivial_tiled_mma(
-            self.dtype, self.dtype, K, MN, Float32,
-            atom_layout_mnk=(1, 1, 1), tiler_mn=(TILE_M, self.head_dim),
-        )
-        return mma_qk, mma_pv
+        return qk_pv_tiled_mmas(self.dtype, (1, 1, 1), (TILE_M, self.tile_n),
+                                (TILE_M, self.head_dim))
 
     # ------------------------------------------------------------------ host launch
     @cute.jit
@@ -200,36 +197,18 @@ class BlasstDecodeSm90:
     ):
         """Pointer entry point (low host overhead): builds the tensors, then ``__call__``."""
         d = self.head_dim
-        mQ = cute.make_tensor(q_ptr, cute.make_layout(
-            (batch, seqlen_q, num_heads, d), stride=(seqlen_q * num_heads * d, num_heads * d, d, 1)))
+        mQ = bshd_tensor(q_ptr, batch, seqlen_q, num_heads, d)
         kv_layout = cute.make_layout(
             (kv_rows, kv_len, num_heads_kv, d),
             stride=(cute.assume(kv_stride_0, divby=8), cute.assume(kv_stride_1, divby=8),
                     cute.assume(kv_stride_2, divby=8), 1))
         mK = cute.make_tensor(k_ptr, kv_layout)
         mV = cute.make_tensor(v_ptr, kv_layout)
-        if const_expr(self.direct_out):
-            mO = cute.make_tensor(o_ptr, cute.make_layout(
-                (batch, seqlen_q, num_heads, d),
-                stride=(seqlen_q * num_heads * d, num_heads * d, d, 1)))
-            mLSE = cute.make_tensor(lse_ptr, cute.make_layout(
-                (batch, num_heads, seqlen_q), stride=(num_heads * seqlen_q, seqlen_q, 1)))
-        else:
-            row = batch * seqlen_q * num_heads * d
-            mO = cute.make_tensor(o_ptr, cute.make_layout(
-                (num_splits, batch, seqlen_q, num_heads, d),
-                stride=(row, seqlen_q * num_heads * d, num_heads * d, d, 1)))
-            mLSE = cute.make_tensor(lse_ptr, cute.make_layout(
-                (num_splits, batch, num_heads, seqlen_q),
-                stride=(batch * num_heads * seqlen_q, num_heads * seqlen_q, seqlen_q, 1)))
-        mSeqlens = cute.make_tensor(seqlens_ptr, cute.make_layout((batch,)))
-        mBlockTable = None
-        if const_expr(bt_ptr is not None):
-            mBlockTable = cute.make_tensor(
-                bt_ptr, cute.make_layout((batch, max_pages), stride=(bt_stride, 1)))
-        mFactor = None
-        if const_expr(factor_ptr is not None):
-            mFactor = cute.make_tensor(factor_ptr, cute.make_layout((batch,)))
+        mO, mLSE = out_lse_tensors(o_ptr, lse_ptr, batch, seqlen_q, num_heads, d, num_splits,
+                                   self.direct_out)
+        mSeqlens = vector_tensor(seqlens_ptr, batch)
+        mBlockTable = block_table_tensor(bt_ptr, batch, max_pages, bt_stride)
+        mFactor = vector_tensor(factor_ptr, batch)
         cnt_layout = cute.make_layout((batch, num_heads_kv), stride=(num_heads_kv, 1))
         mVisited = mSkipped = mVLoaded = None
         if const_expr(visited_ptr is not None):
@@ -238,11 +217,8 @@ class BlasstDecodeSm90:
             mVLoaded = cute.make_tensor(v_loaded_ptr, cnt_layout)
         mOFinal = mLSEFinal = mArrivals = None
         if const_expr(self.fused_merge):
-            mOFinal = cute.make_tensor(final_o_ptr, cute.make_layout(
-                (batch, seqlen_q, num_heads, d),
-                stride=(seqlen_q * num_heads * d, num_heads * d, d, 1)))
-            mLSEFinal = cute.make_tensor(final_lse_ptr, cute.make_layout(
-                (batch, num_heads, seqlen_q), stride=(num_heads * seqlen_q, seqlen_q, 1)))
+            mOFinal = bshd_tensor(final_o_ptr, batch, seqlen_q, num_heads, d)
+            mLSEFinal = lse_tensor(final_lse_ptr, batch, num_heads, seqlen_q)
             m_blocks = (seqlen_q * (num_heads // num_heads_kv) + TILE_M - 1) // TILE_M
             mArrivals = cute.make_tensor(arrivals_ptr, cute.make_layout(
                 (batch, num_heads_kv, m_blocks), stride=(num_heads_kv * m_blocks, m_blocks, 1)))
@@ -402,16 +378,9 @@ class BlasstDecodeSm90:
         seqlen_k = mSeqlens[batch_idx]
         seqlen_q = mQ.shape[1]
         num_rows = seqlen_q * qhead_per_kvhead
-        n_visit = (seqlen_k + self.tile_n - 1) // self.tile_n
-        if const_expr(self.causal):
-            # Last key seen by the q-tile's last valid row (bottom-right aligned).
-            pos_max = cutlass.min((m_block * TILE_M + TILE_M - 1) // qhead_per_kvhead, seqlen_q - 1)
-            last_key = pos_max + seqlen_k - seqlen_q
-            n_visit = cutlass.max(last_key + self.tile_n, 0) // self.tile_n
-        split_len = cutlass.max((n_visit + num_splits - 1) // num_splits, 1)
-        tile_lo = split_idx * split_len
-        tile_hi = cutlass.min(tile_lo + split_len, n_visit)
-        n_local = cutlass.max(tile_hi - tile_lo, 0)
+        tile_lo, tile_hi, n_local = split_tile_range(
+            seqlen_k, seqlen_q, m_block, qhead_per_kvhead, split_idx, num_splits,
+            TILE_M, self.tile_n, self.causal)
 
         cute.arch.sync_threads()  # mbarrier init visible
 
@@ -442,14 +411,8 @@ class BlasstDecodeSm90:
     @cute.jit
     def copy_coords(self, tile: Int32, c: int, seqlen_k: Int32):
         """(page slot in the block table, row block inside the page) of copy c of a key tile."""
-        if const_expr(self.paged):
-            key0 = tile * self.tile_n + c * self.rows_per_copy
-            last_page = cutlass.max((seqlen_k + self.page_size - 1) // self.page_size - 1, 0)
-            # Copies past the sequence's last page re-read that page (finite data, masked out).
-            slot = cutlass.min(key0 // self.page_size, last_page)
-            rb = (key0 % self.page_size) // self.rows_per_copy
-            return slot, rb
-        return Int32(0), tile
+        return page_copy_coords(tile, c, seqlen_k, self.tile_n, self.rows_per_copy,
+                                self.page_size, self.paged)
 
     @cute.jit
     def batch_page_ids(self, mBlockTable: cute.Tensor, batch_idx: Int32, seqlen_k: Int32,
@@ -599,28 +562,14 @@ class BlasstDecodeSm90:
         tVgV, tVsV = self.tma_views(tma_atom_V, mV, sV, head_kv)
 
         # Per-row key limits (exclusive, tile-relative offsets are applied per tile) and validity.
-        row_valid = cute.make_rmem_tensor(n_rows_thr, Boolean)
-        row_limit = cute.make_rmem_tensor(n_rows_thr, Int32)
-        for r in cutlass.range_constexpr(n_rows_thr):
-            grow = m_block * TILE_M + tScS_mn[r, 0][0]
-            row_valid[r] = grow < num_rows
-            lim = seqlen_k
-            if const_expr(self.causal):
-                lim = cutlass.min(lim, grow // G + seqlen_k - seqlen_q + 1)
-            row_limit[r] = lim
-        mask_from = seqlen_k
-        if const_expr(self.causal):
-            mask_from = cutlass.min(seqlen_k, seqlen_k - seqlen_q + 1)
+        row_valid, row_limit, mask_from = packed_row_limits(
+            tScS_mn, n_rows_thr, m_block, TILE_M, num_rows, G, seqlen_q, seqlen_k, self.causal)
 
         softmax = OnlineSoftmax(scale_log2, n_rows_thr)
         softmax.reset()
-        log2_lambda = Float32(0.0)
-        skip_enabled = Boolean(False)
-        if const_expr(self.has_skip):
-            factor = threshold_scale_factor
-            if const_expr(self.factor_per_batch):
-                factor = mFactor[batch_idx]
-            log2_lambda, skip_enabled = threshold_log2(factor, seqlen_k)
+        log2_lambda, skip_enabled = sequence_threshold_log2(
+            self.has_skip, self.factor_per_batch, threshold_scale_factor, mFactor, batch_idx,
+            seqlen_k)
 
         pages = cute.make_rmem_tensor(cpt, Int32)
         num_kept = Int32(0)
@@ -707,29 +656,8 @@ class BlasstDecodeSm90:
         # ---- epilogue: normalized O and lse for the valid rows
         inv_l, lse = softmax.finalize()
         rescale_rows(acc_O, inv_l)
-        cO = cute.make_identity_tensor((TILE_M, self.head_dim))
-        tOcO_mn = acc_rows_cols(thr_mma_pv.partition_C(cO))
-        acc_O_mn = acc_rows_cols(acc_O)
-        for r in cutlass.range_constexpr(n_rows_thr):
-            grow = m_block * TILE_M + tOcO_mn[r, 0][0]
-            if grow < num_rows:
-                pos = grow // G
-                head = head_kv * G + (grow - pos * G)
-                if const_expr(self.direct_out):
-                    gO = mO[batch_idx, pos, head, None]
-                else:
-                    gO = mO[split_idx, batch_idx, pos, head, None]
-                for c in cutlass.range_constexpr(cute.size(acc_O_mn, mode=[1])):
-                    val = acc_O_mn[r, c]
-                    if const_expr(self.direct_out):
-                        gO[tOcO_mn[r, c][1]] = val.to(self.dtype)
-                    else:
-                        gO[tOcO_mn[r, c][1]] = val
-                if tOcO_mn[r, 0][1] == 0:
-                    if const_expr(self.direct_out):
-                        mLSE[batch_idx, head, pos] = lse[r]
-                    else:
-                        mLSE[split_idx, batch_idx, head, pos] = lse[r]
+        store_out_lse(acc_O, lse, thr_mma_pv, mO, mLSE, m_block, num_rows, G, head_kv, batch_idx,
+                      split_idx, n_rows_thr, TILE_M, self.head_dim, self.direct_out, self.dtype)
 
         if const_expr(self.fused_merge):
             self.merge_if_last(mO, mLSE, mOFinal, mLSEFinal, mArrivals, tidx, m_block, head_kv,

@@ -46,6 +46,8 @@
 # merged by blasst_cute.kernels.sm90.combine. The skip rule and online softmax are
 # blasst_cute.kernels.common.softmax_skip; idioms follow blasst_cute's GQA decode kernel
 # (kernels/sm90/decode.py), FlashAttention-4's SM90 forward and CUTLASS's CuTe DSL examples.
+# Shared with that kernel: gmem tensors and epilogue stores (common.decode_io), the split's key
+# tiles and page coordinates (common.kv_tiles), per-row key limits (common.masking).
 
 import enum
 from typing import Optional
@@ -55,13 +57,25 @@ import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 import cutlass.memory
-import cutlass.utils.hopper_helpers as sm90_helpers
 from cutlass import Boolean, Float32, Int32, const_expr
 from cutlass.cute.nvgpu import cpasync, warpgroup
-from cutlass.tensor_utils import LayoutEnum
 
-from blasst_cute.kernels.common.layout import acc_rows_cols, assume_rows_aligned, select_modes
-from blasst_cute.kernels.common.pipelines import elem_ptr, wgmma
+from blasst_cute.kernels.common.decode_io import (
+    block_table_tensor,
+    bshd_tensor,
+    out_lse_tensors,
+    store_out_lse,
+    vector_tensor,
+)
+from blasst_cute.kernels.common.kv_tiles import page_copy_coords, split_tile_range
+from blasst_cute.kernels.common.layout import (
+    acc_rows_cols,
+    assume_rows_aligned,
+    select_modes,
+    smem_layout,
+)
+from blasst_cute.kernels.common.masking import packed_row_limits
+from blasst_cute.kernels.common.pipelines import elem_ptr, qk_pv_tiled_mmas, wgmma
 from blasst_cute.kernels.common.softmax_skip import (
     LN_2,
     LOG2_E,
@@ -70,7 +84,7 @@ from blasst_cute.kernels.common.softmax_skip import (
     group_all,
     quad_allreduce_sum,
     rescale_rows,
-    threshold_log2,
+    sequence_threshold_log2,
 )
 
 HEAD_DIM = 576  # latent (512) + rope (64)
@@ -146,26 +160,12 @@ class BlasstMlaDecodeSm90:
 
     # ------------------------------------------------------------------ host-side derivations
     def _smem_layout(self, rows: int, cols: int, stages: Optional[int] = None):
-        atom = warpgroup.make_smem_layout_atom(
-            sm90_helpers.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, self.dtype, cols), self.dtype
-        )
-        if stages is None:
-            return cute.tile_to_shape(atom, (rows, cols), order=(0, 1))
-        return cute.tile_to_shape(atom, (rows, cols, stages), order=(0, 1, 2))
+        return smem_layout(self.dtype, rows, cols, stages)
 
     def _tiled_mmas(self):
         # Two warpgroups side by side along N: QK^T atoms of 64 x 32, PV atoms of 64 x 256.
-        K = cute.nvgpu.OperandMajorMode.K
-        MN = cute.nvgpu.OperandMajorMode.MN
-        mma_qk = sm90_helpers.make_trivial_tiled_mma(
-            self.dtype, self.dtype, K, K, Float32,
-            atom_layout_mnk=(1, 2, 1), tiler_mn=(TILE_M, TILE_N // 2),
-        )
-        mma_pv = sm90_helpers.make_trivial_tiled_mma(
-            self.dtype, self.dtype, K, MN, Float32,
-            atom_layout_mnk=(1, 2, 1), tiler_mn=(TILE_M, HEAD_DIM_V // 2),
-        )
-        return mma_qk, mma_pv
+        return qk_pv_tiled_mmas(self.dtype, (1, 2, 1), (TILE_M, TILE_N // 2),
+                                (TILE_M, HEAD_DIM_V // 2))
 
     # ------------------------------------------------------------------ host launch
     @cute.jit
@@ -192,37 +192,19 @@ class BlasstMlaDecodeSm90:
     ):
         """Pointer entry point (low host overhead): builds the tensors, then ``__call__``."""
         d, dv = HEAD_DIM, HEAD_DIM_V
-        mQ = cute.make_tensor(q_ptr, cute.make_layout(
-            (batch, seqlen_q, num_heads, d), stride=(seqlen_q * num_heads * d, num_heads * d, d, 1)))
+        mQ = bshd_tensor(q_ptr, batch, seqlen_q, num_heads, d)
         mKV = cute.make_tensor(kv_ptr, cute.make_layout(
             (kv_rows, kv_len, d),
             stride=(cute.assume(kv_stride_0, divby=8), cute.assume(kv_stride_1, divby=8), 1)))
-        if const_expr(self.direct_out):
-            mO = cute.make_tensor(o_ptr, cute.make_layout(
-                (batch, seqlen_q, num_heads, dv),
-                stride=(seqlen_q * num_heads * dv, num_heads * dv, dv, 1)))
-            mLSE = cute.make_tensor(lse_ptr, cute.make_layout(
-                (batch, num_heads, seqlen_q), stride=(num_heads * seqlen_q, seqlen_q, 1)))
-        else:
-            per_split = batch * seqlen_q * num_heads * dv
-            mO = cute.make_tensor(o_ptr, cute.make_layout(
-                (num_splits, batch, seqlen_q, num_heads, dv),
-                stride=(per_split, seqlen_q * num_heads * dv, num_heads * dv, dv, 1)))
-            mLSE = cute.make_tensor(lse_ptr, cute.make_layout(
-                (num_splits, batch, num_heads, seqlen_q),
-                stride=(batch * num_heads * seqlen_q, num_heads * seqlen_q, seqlen_q, 1)))
-        mSeqlens = cute.make_tensor(seqlens_ptr, cute.make_layout((batch,)))
-        mBlockTable = None
-        if const_expr(bt_ptr is not None):
-            mBlockTable = cute.make_tensor(
-                bt_ptr, cute.make_layout((batch, max_pages), stride=(bt_stride, 1)))
-        mFactor = None
-        if const_expr(factor_ptr is not None):
-            mFactor = cute.make_tensor(factor_ptr, cute.make_layout((batch,)))
+        mO, mLSE = out_lse_tensors(o_ptr, lse_ptr, batch, seqlen_q, num_heads, dv, num_splits,
+                                   self.direct_out)
+        mSeqlens = vector_tensor(seqlens_ptr, batch)
+        mBlockTable = block_table_tensor(bt_ptr, batch, max_pages, bt_stride)
+        mFactor = vector_tensor(factor_ptr, batch)
         mVisited = mSkipped = None
         if const_expr(visited_ptr is not None):
-            mVisited = cute.make_tensor(visited_ptr, cute.make_layout((batch,)))
-            mSkipped = cute.make_tensor(skipped_ptr, cute.make_layout((batch,)))
+            mVisited = vector_tensor(visited_ptr, batch)
+            mSkipped = vector_tensor(skipped_ptr, batch)
         self.__call__(mQ, mKV, mO, mLSE, mSeqlens, mBlockTable, softmax_scale,
                       threshold_scale_factor, mFactor, mVisited, mSkipped, num_splits, stream)
 
@@ -363,16 +345,9 @@ class BlasstMlaDecodeSm90:
         seqlen_q = mQ.shape[1]
         num_heads = mQ.shape[2]
         num_rows = seqlen_q * num_heads
-        n_visit = (seqlen_k + TILE_N - 1) // TILE_N
-        if const_expr(self.causal):
-            # Last key seen by the q-tile's last valid row (bottom-right aligned).
-            pos_max = cutlass.min((m_block * TILE_M + TILE_M - 1) // num_heads, seqlen_q - 1)
-            last_key = pos_max + seqlen_k - seqlen_q
-            n_visit = cutlass.max(last_key + TILE_N, 0) // TILE_N
-        split_len = cutlass.max((n_visit + num_splits - 1) // num_splits, 1)
-        tile_lo = split_idx * split_len
-        tile_hi = cutlass.min(tile_lo + split_len, n_visit)
-        n_local = cutlass.max(tile_hi - tile_lo, 0)
+        tile_lo, _, n_local = split_tile_range(
+            seqlen_k, seqlen_q, m_block, num_heads, split_idx, num_splits,
+            TILE_M, TILE_N, self.causal)
 
         if const_expr(self.cluster_m > 1):
             # mbarrier init visible to the peer CTA (its multicasts and remote arrivals)
@@ -403,14 +378,8 @@ class BlasstMlaDecodeSm90:
     @cute.jit
     def copy_coords(self, tile: Int32, c: int, seqlen_k: Int32):
         """(page slot in the block table, row block inside the page) of copy c of a key tile."""
-        if const_expr(self.paged):
-            key0 = tile * TILE_N + c * self.rows_per_copy
-            last_page = cutlass.max((seqlen_k + self.page_size - 1) // self.page_size - 1, 0)
-            # Copies past the sequence's last page re-read that page (finite data, masked out).
-            slot = cutlass.min(key0 // self.page_size, last_page)
-            rb = (key0 % self.page_size) // self.rows_per_copy
-            return slot, rb
-        return Int32(0), tile
+        return page_copy_coords(tile, c, seqlen_k, TILE_N, self.rows_per_copy, self.page_size,
+                                self.paged)
 
     # ------------------------------------------------------------------ producer
     @cute.jit
@@ -537,29 +506,15 @@ class BlasstMlaDecodeSm90:
         tPsP = thr_st.partition_D(sP)
 
         # Per-row key limits (exclusive) and validity.
-        row_valid = cute.make_rmem_tensor(n_rows_thr, Boolean)
-        row_limit = cute.make_rmem_tensor(n_rows_thr, Int32)
-        for r in cutlass.range_constexpr(n_rows_thr):
-            grow = m_block * TILE_M + tScS_mn[r, 0][0]
-            row_valid[r] = grow < num_rows
-            lim = seqlen_k
-            if const_expr(self.causal):
-                lim = cutlass.min(lim, grow // H + seqlen_k - seqlen_q + 1)
-            row_limit[r] = lim
-        mask_from = seqlen_k
-        if const_expr(self.causal):
-            mask_from = cutlass.min(seqlen_k, seqlen_k - seqlen_q + 1)
+        row_valid, row_limit, mask_from = packed_row_limits(
+            tScS_mn, n_rows_thr, m_block, TILE_M, num_rows, H, seqlen_q, seqlen_k, self.causal)
         quad_leader = tidx % 4 == 0
 
         softmax = OnlineSoftmax(scale_log2, n_rows_thr)
         softmax.reset()
-        log2_lambda = Float32(0.0)
-        skip_enabled = Boolean(False)
-        if const_expr(self.has_skip):
-            factor = threshold_scale_factor
-            if const_expr(self.factor_per_batch):
-                factor = mFactor[batch_idx]
-            log2_lambda, skip_enabled = threshold_log2(factor, seqlen_k)
+        log2_lambda, skip_enabled = sequence_threshold_log2(
+            self.has_skip, self.factor_per_batch, threshold_scale_factor, mFactor, batch_idx,
+            seqlen_k)
 
         num_kept = Int32(0)
         for i in cutlass.range(n_local, unroll=1):
@@ -646,26 +601,5 @@ class BlasstMlaDecodeSm90:
         rescale_rows(acc_O, inv_l)
 
         # ---- epilogue: this warpgroup's 256 columns of O, lse from warpgroup 0
-        cO = cute.make_identity_tensor((TILE_M, HEAD_DIM_V))
-        tOcO_mn = acc_rows_cols(thr_mma_pv.partition_C(cO))
-        acc_O_mn = acc_rows_cols(acc_O)
-        for r in cutlass.range_constexpr(n_rows_thr):
-            grow = m_block * TILE_M + tOcO_mn[r, 0][0]
-            if grow < num_rows:
-                pos = grow // H
-                head = grow - pos * H
-                if const_expr(self.direct_out):
-                    gO = mO[batch_idx, pos, head, None]
-                else:
-                    gO = mO[split_idx, batch_idx, pos, head, None]
-                for c in cutlass.range_constexpr(cute.size(acc_O_mn, mode=[1])):
-                    val = acc_O_mn[r, c]
-                    if const_expr(self.direct_out):
-                        gO[tOcO_mn[r, c][1]] = val.to(self.dtype)
-                    else:
-                        gO[tOcO_mn[r, c][1]] = val
-                if tOcO_mn[r, 0][1] == 0:
-                    if const_expr(self.direct_out):
-                        mLSE[batch_idx, head, pos] = lse[r]
-                    else:
-                        mLSE[split_idx, batch_idx, head, pos] = lse[r]
+        store_out_lse(acc_O, lse, thr_mma_pv, mO, mLSE, m_block, num_rows, H, None, batch_idx,
+                      split_idx, n_rows_thr, TILE_M, HEAD_DIM_V, self.direct_out, self.dtype)

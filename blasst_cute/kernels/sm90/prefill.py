@@ -27,21 +27,25 @@ import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 import cutlass.pipeline as pipeline
-import cutlass.utils.hopper_helpers as sm90_helpers
 from cutlass import Boolean, Float32, Int32, const_expr
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.pipeline import pipeline_init_arrive, pipeline_init_wait
-from cutlass.tensor_utils import LayoutEnum
 
 from blasst_cute.kernels.common.layout import (
     acc_as_operand_a,
     acc_rows_cols,
     assume_rows_aligned,
     select_modes,
+    smem_layout,
     transpose_mn,
 )
 from blasst_cute.kernels.common.masking import apply_mask
-from blasst_cute.kernels.common.pipelines import NamedBarrierSm90, elem_ptr, wgmma
+from blasst_cute.kernels.common.pipelines import (
+    NamedBarrierSm90,
+    elem_ptr,
+    qk_pv_tiled_mmas,
+    wgmma,
+)
 from blasst_cute.kernels.common.softmax_skip import (
     LOG2_E,
     OnlineSoftmax,
@@ -170,26 +174,11 @@ class BlasstFwdSm90:
 
     # ------------------------------------------------------------------ host-side derivations
     def _smem_layout(self, rows: int, cols: int, stages: Optional[int] = None):
-        atom = warpgroup.make_smem_layout_atom(
-            sm90_helpers.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, self.dtype, cols), self.dtype
-        )
-        if stages is None:
-            return cute.tile_to_shape(atom, (rows, cols), order=(0, 1))
-        return cute.tile_to_shape(atom, (rows, cols, stages), order=(0, 1, 2))
+        return smem_layout(self.dtype, rows, cols, stages)
 
     def _tiled_mmas(self):
-        K = cute.nvgpu.OperandMajorMode.K
-        MN = cute.nvgpu.OperandMajorMode.MN
-        mma_qk = sm90_helpers.make_trivial_tiled_mma(
-            self.dtype, self.dtype, K, K, Float32,
-            atom_layout_mnk=(self.num_mma_wg, 1, 1), tiler_mn=(64, self.tile_n),
-        )
-        mma_pv = sm90_helpers.make_trivial_tiled_mma(
-            self.dtype, self.dtype, K, MN, Float32,
-            atom_layout_mnk=(self.num_mma_wg, 1, 1), tiler_mn=(64, self.head_dim_v),
-            a_source=warpgroup.OperandSource.RMEM,
-        )
-        return mma_qk, mma_pv
+        return qk_pv_tiled_mmas(self.dtype, (self.num_mma_wg, 1, 1), (64, self.tile_n),
+                                (64, self.head_dim_v), pv_a_source=warpgroup.OperandSource.RMEM)
 
     def _gmem_copy_O(self):
         vec = 128 // self.dtype.width
