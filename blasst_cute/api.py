@@ -387,6 +387,10 @@ def decode_mla(q, kv_cache, *, cache_seqlens: torch.Tensor, block_table: Optiona
                          f"{q.shape[-1]} and {kv_cache.shape[-1]}")
     if q.shape[2] < 1:
         raise ValueError(f"q must hold at least one head (dim 2), got shape {tuple(q.shape)}")
+    if block_table is None and kv_cache.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"without block_table, kv_cache must be [B, capacity, 576] with B={q.shape[0]}, "
+            f"got {tuple(kv_cache.shape)}")
     k_cache = kv_cache.unsqueeze(2)
     v_cache = kv_cache[..., :head_dim_v].unsqueeze(2)
     # Shapes, dtypes, devices, index tensors (the decode checks on the one-head expanded form).

@@ -82,3 +82,33 @@ def test_content_checks_switch():
         blasst_cute.decode(q, k, v, cache_seqlens=ok)
     finally:
         blasst_cute.set_content_checks(True)
+
+
+def test_decode_reused_plan_across_streams_and_lengths():
+    """One launch plan (same shapes) on two streams with different cache_seqlens, interleaved,
+    then back-to-back eager calls: each result equals a fresh single call (the per-stream
+    scratch and the fused merge's arrival counters are reused, never shared across streams)."""
+    B, L = 2, 9000  # several splits per kv head: the fused merge runs
+    q, k, v = synthetic_qkv(B, 1, L, 32, 8, 128, device="cuda", seed=23)
+    k_cache, v_cache, table = to_paged(k, v, 64, seed=4)
+    lens_a = torch.tensor([9000, 3001], dtype=torch.int32, device="cuda")
+    lens_b = torch.tensor([129, 8192], dtype=torch.int32, device="cuda")
+
+    def call(lens):
+        return blasst_cute.decode(q, k_cache, v_cache, cache_seqlens=lens, block_table=table,
+                                  threshold_scale_factor=30.0, return_lse=True)
+
+    want_a, want_b = call(lens_a), call(lens_b)
+    torch.cuda.synchronize()
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    got = []
+    for _ in range(3):
+        with torch.cuda.stream(s1):
+            ra = call(lens_a)
+        with torch.cuda.stream(s2):
+            rb = call(lens_b)
+        got += [(ra, want_a), (rb, want_b)]
+    got += [(call(lens_b), want_b), (call(lens_a), want_a)]
+    torch.cuda.synchronize()
+    for (out, lse), (w_out, w_lse) in got:
+        assert torch.equal(out, w_out) and torch.equal(lse, w_lse)

@@ -14,7 +14,6 @@ The reference reproduces the kernel's decisions with
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 import threading
 from typing import Optional
@@ -285,7 +284,6 @@ class _FastCall:
             self.fn._default_executor.run_compiled_program(self.addrs)
 
 
-_fast: dict = {}
 USE_FAST_CALL = True
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
@@ -348,6 +346,7 @@ class _Plan:
 
 
 _plans: dict = {}
+MAX_PLANS = 64
 _CPOS = (0, 1, 2, 3, 8)  # combine: the dynamic slots (pointers, stream)
 
 
@@ -444,8 +443,11 @@ def _launch(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, softmax_s
     if plan is None:
         plan = _make_plan(key, q, k_cache, block_table, causal, has_skip, factor_t is not None,
                           has_stats, num_splits, tuning)
-        if len(_plans) > 4096:  # signatures churn (e.g. the API's tokens after a reset)
-            _plans.clear()
+        # Bounded: a plan holds per-stream scratch (up to a few MB), and keys churn with the batch
+        # and block-table shape under continuous batching. Oldest first out (rebuilt on demand;
+        # the compiled kernels stay in compile_cache).
+        while len(_plans) >= MAX_PLANS:
+            _plans.pop(next(iter(_plans)))
         _plans[key] = plan
     B, lq, hq, d = q.shape
     if B == 0 or lq == 0 or hq == 0:
@@ -608,4 +610,3 @@ def clear_cache() -> None:
 
 __all__ = ["decode_geometry_sm90", "plan_decode_sm90", "compile_decode_sm90",
            "compile_combine_sm90", "run_decode_sm90", "decode_sm90", "supported_configs", "clear_cache"]
-del math

@@ -51,7 +51,6 @@ from blasst_cute.kernels.sm90.mla_decode import (
 MIN_TILES_PER_SPLIT = 4
 MAX_SPLITS = 32
 
-_RUN_COMBINE = True  # benchmarks only: False times the split kernel without its merge
 # The q-tiles of a sequence as one 2-CTA cluster sharing each K tile by TMA multicast (see
 # mla_decode.py): "auto" = where a CTA walks >= CLUSTER_MIN_TILES_PER_SPLIT key tiles, "always"
 # = wherever the q-tiles pair up, "never" = one CTA per q-tile, each loading every tile.
@@ -241,7 +240,7 @@ def _get_plan(q, kv_cache, block_table, causal, has_skip, fpb, has_stats, num_sp
 def run_mla_decode_sm90(q, kv_cache, out, lse, *, cache_seqlens, block_table=None,
                         softmax_scale: float, threshold_scale_factor=None, visited=None,
                         skipped=None, causal: bool = True, num_splits: Optional[int] = None,
-                        workspace=None) -> dict:
+                        workspace=None, merge_splits: bool = True) -> dict:
     """Launch the sm90 MLA decode kernel (and the combine when split) on torch's current stream.
 
     q [B, Lq_new, H, 576] contiguous; kv_cache paged [num_pages, page_size, 576] with block_table
@@ -251,6 +250,8 @@ def run_mla_decode_sm90(q, kv_cache, out, lse, *, cache_seqlens, block_table=Non
     (contiguous, zeroed by the caller) or None. threshold_scale_factor: None/0 (dense), a number,
     or a float32 tensor [B]. workspace: optional (out_partial [S, B, Lq, H, 512] fp32,
     lse_partial [S, B, H, Lq] fp32) with S >= num_splits, for allocation-free graph replays.
+    merge_splits=False (benchmarks only) skips the combine of a split launch: out and lse are
+    then left unwritten.
     Returns the geometry used (pass it to the reference).
     """
     has_stats = visited is not None
@@ -285,7 +286,7 @@ def run_mla_decode_sm90(q, kv_cache, out, lse, *, cache_seqlens, block_table=Non
         Int32(s[0]), Int32(s[1]), Int32(s[2]), Int32(s[3]), Int32(s[4]), cutlass.Int64(s[5]),
         Int32(s[6]), Int32(s[7]), Int32(s[8]),
         Float32(softmax_scale), Float32(factor), Int32(plan.splits), stream)
-    if not plan.direct and _RUN_COMBINE:
+    if not plan.direct and merge_splits:
         plan.cfn(make_ptr(Float32, o_p, 16), make_ptr(Float32, lse_p, 4), make_ptr(dt, out.data_ptr(), 16),
                  make_ptr(Float32, lse.data_ptr(), 4), Int32(plan.splits), Int32(B), Int32(lq),
                  Int32(H), stream)

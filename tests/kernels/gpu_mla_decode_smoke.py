@@ -413,17 +413,11 @@ def split_sweep(cfgs, page_size=64):
         default = launch_mla.plan_mla_decode_sm90(q, kvc, bt)["num_splits"]
         for ns in sorted(set(cands + [default])):
             ws = (torch.empty(ns, B, 1, H, DV, device="cuda"), torch.empty(ns, B, H, 1, device="cuda"))
-            fn = lambda ns=ns, ws=ws: launch_mla.run_mla_decode_sm90(  # noqa: E731
+            fn = lambda ns=ns, ws=ws, merge=True: launch_mla.run_mla_decode_sm90(  # noqa: E731
                 q, kvc, out, lse, cache_seqlens=lens, block_table=bt, softmax_scale=scale,
-                num_splits=ns, workspace=ws)
+                num_splits=ns, workspace=ws, merge_splits=merge)
             t = time_graph(fn)
-            tk = t
-            if ns > 1:
-                launch_mla._RUN_COMBINE = False
-                try:
-                    tk = time_graph(fn)
-                finally:
-                    launch_mla._RUN_COMBINE = True
+            tk = time_graph(lambda: fn(merge=False)) if ns > 1 else t
             mark = " (default)" if ns == default else ""
             log(f"| {B} | {L} | {H} | {ns}{mark} | {t * 1e6:.1f} | {tk * 1e6:.1f} |")
         kvc = q = None

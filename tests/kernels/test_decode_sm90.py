@@ -48,9 +48,10 @@ def test_compile_decode_variants_cpu(extra):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU compile check")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_compile_combine_cpu(dtype):
-    assert launch_decode.compile_combine_sm90(dtype, 128) is not None
+@pytest.mark.parametrize("dtype,head_dim", [(torch.bfloat16, 128), (torch.float16, 128),
+                                             (torch.bfloat16, 512)])  # 512: MLA decode's merge
+def test_compile_combine_cpu(dtype, head_dim):
+    assert launch_decode.compile_combine_sm90(dtype, head_dim) is not None
 
 
 def test_geometry_matches_reference_contract():

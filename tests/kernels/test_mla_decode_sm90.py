@@ -146,6 +146,19 @@ def test_api_errors():
     with pytest.raises(NotImplementedError, match="needs CUDA tensors"):
         blasst_cute.decode_mla(q, kvc, cache_seqlens=lens, block_table=table, softmax_scale=0.1,
                                backend="cute")
+    with pytest.raises(ValueError, match="head_dim_v must be an int"):
+        blasst_cute.decode_mla(q, kvc, cache_seqlens=lens, block_table=table, softmax_scale=0.1,
+                               head_dim_v=True)
+    with pytest.raises(ValueError, match="at least one head"):
+        blasst_cute.decode_mla(q[:, :, :0], kvc, cache_seqlens=lens, block_table=table,
+                               softmax_scale=0.1)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        blasst_cute.decode_mla(q, kvc, cache_seqlens=lens, block_table=table, softmax_scale=-1.0)
+    with pytest.raises(ValueError, match="backend"):
+        blasst_cute.decode_mla(q, kvc, cache_seqlens=lens, block_table=table, softmax_scale=0.1,
+                               backend="triton")
+    with pytest.raises(ValueError, match=r"without block_table, kv_cache must be \[B, capacity, 576\]"):
+        blasst_cute.decode_mla(q, kvc[:3], cache_seqlens=lens, softmax_scale=0.1)
 
 
 # ------------------------------------------------------------------------------------- GPU

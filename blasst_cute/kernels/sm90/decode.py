@@ -135,7 +135,7 @@ class BlasstDecodeSm90:
         if has_stats and not has_skip:
             raise NotImplementedError("blasst sm90 decode: stats need the skip variant")
         if fused_merge and direct_out:
-            raise ValueError("blasst sm90 decode: fused_merge merges split partials (not direct_out)")
+            raise NotImplementedError("blasst sm90 decode: fused_merge merges split partials (not direct_out)")
         self.dtype = dtype
         self.head_dim = head_dim
         self.paged = page_size is not None
