@@ -114,6 +114,16 @@ def decode_geometry(q_shape, k_cache_shape, block_table_shape=None, num_sms: Opt
     return Geometry(block_m=64, block_n=128, pack_gqa=True)
 
 
+def _sm90_unsupported(q: torch.Tensor, kernel: str) -> Optional[str]:
+    """What every sm90 kernel needs of q: a 16-bit float dtype and a Hopper device."""
+    if q.dtype not in KERNEL_DTYPES:
+        return f"dtype {q.dtype} (the kernels take float16 or bfloat16)"
+    major, minor = _capability(q)
+    if major != 9:
+        return f"compute capability {major}.{minor} (the {kernel} kernel targets sm_90a: H100/H200)"
+    return None
+
+
 # ----------------------------------------------------------------------------------------------
 # Prefill
 # ----------------------------------------------------------------------------------------------
@@ -121,11 +131,9 @@ def decode_geometry(q_shape, k_cache_shape, block_table_shape=None, num_sms: Opt
 def _prefill_unsupported(call: PrefillCall) -> Optional[str]:
     """Why the sm90 prefill kernel cannot run this call (None when it can)."""
     q, v = call.q, call.v
-    if q.dtype not in KERNEL_DTYPES:
-        return f"dtype {q.dtype} (the kernels take float16 or bfloat16)"
-    major, minor = _capability(q)
-    if major != 9:
-        return f"compute capability {major}.{minor} (the prefill kernel targets sm_90a: H100/H200)"
+    why = _sm90_unsupported(q, "prefill")
+    if why is not None:
+        return why
     launch, why = _kernel_module("launch")
     if launch is None:
         return why
@@ -198,11 +206,9 @@ _decode_ok: dict = {}
 def _decode_unsupported(call: DecodeCall) -> Optional[str]:
     """Why the sm90 decode kernel cannot run this call (None when it can)."""
     q, kc, vc = call.q, call.k_cache, call.v_cache
-    if q.dtype not in KERNEL_DTYPES:
-        return f"dtype {q.dtype} (the kernels take float16 or bfloat16)"
-    major, minor = _capability(q)
-    if major != 9:
-        return f"compute capability {major}.{minor} (the decode kernel targets sm_90a: H100/H200)"
+    why = _sm90_unsupported(q, "decode")
+    if why is not None:
+        return why
     if q.shape[-1] not in (64, 128) or vc.shape[-1] != q.shape[-1]:
         return f"head dims q/k={q.shape[-1]}, v={vc.shape[-1]} (supported: 64, 128 with Dv == D)"
     launch, why = _kernel_module("launch_decode")
@@ -327,11 +333,9 @@ def mla_decode_geometry(q_shape, kv_cache_shape, block_table_shape=None,
 def _mla_unsupported(call: DecodeMlaCall) -> Optional[str]:
     """Why the sm90 MLA decode kernel cannot run this call (None when it can)."""
     q, kv = call.q, call.kv_cache
-    if q.dtype not in KERNEL_DTYPES:
-        return f"dtype {q.dtype} (the kernels take float16 or bfloat16)"
-    major, minor = _capability(q)
-    if major != 9:
-        return f"compute capability {major}.{minor} (the MLA decode kernel targets sm_90a: H100/H200)"
+    why = _sm90_unsupported(q, "MLA decode")
+    if why is not None:
+        return why
     if q.shape[-1] != MLA_HEAD_DIM or call.head_dim_v != MLA_HEAD_DIM_V:
         return (f"head dims q/k={q.shape[-1]}, v={call.head_dim_v} (supported: "
                 f"{MLA_HEAD_DIM}/{MLA_HEAD_DIM_V})")
