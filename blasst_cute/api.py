@@ -252,6 +252,14 @@ def _decode_signature(q, k_cache, v_cache, cache_seqlens, block_table):
             (block_table.shape, block_table.stride(), block_table.dtype, block_table.device))
 
 
+def _check_kernel_alignment(**tensors):
+    """The kernels read q and the caches with 16-byte vector loads and TMA."""
+    for name, t in tensors.items():
+        if t.data_ptr() % 16:
+            raise ValueError(f"{name} must start at a 16-byte aligned address for the CUDA kernels, "
+                             f"got {t.data_ptr():#x} (a view with an element offset?)")
+
+
 def _check_decode_metadata(q, k_cache, v_cache, cache_seqlens, block_table) -> int:
     """The checks of :func:`decode` that need no tensor contents; returns the cache capacity."""
     _check_qkv(q, k_cache, v_cache, 4, "_cache")
@@ -307,6 +315,9 @@ def decode(q, k_cache, v_cache, *, cache_seqlens: torch.Tensor,
     themselves); the cache already holds their keys, ``cache_seqlens[b]`` keys in all.
     Paged (vLLM/FlashInfer convention): k_cache/v_cache [num_pages, page_size, Hk, D(v)],
     ``block_table`` [B, max_pages] int32. Contiguous: k_cache/v_cache [B, capacity, Hk, D(v)].
+    The caches may be strided views (head dim contiguous, other strides 16-byte multiples, k and
+    v with equal strides): transformers' [B, Hk, S, D] cache as ``.transpose(1, 2)``, or HND pages
+    [num_pages, Hk, page_size, D] as ``.transpose(1, 2)``, are read in place.
     λ = threshold_scale_factor / cache_seqlens[b]. Returns like :func:`prefill` (lse [B, Hq, Lq_new]).
     """
     # Common argument values are accepted inline (host time per decode step); anything else
@@ -340,7 +351,17 @@ def decode(q, k_cache, v_cache, *, cache_seqlens: torch.Tensor,
     f = threshold_scale_factor
     if not (f is None or (type(f) is float and 0.0 <= f < math.inf)):
         _check_factor(f, batch, q.device)
+    if (q.data_ptr() | k_cache.data_ptr() | v_cache.data_ptr()) & 15 and q.is_cuda \
+            and backend != "reference":
+        _check_kernel_alignment(q=q, k_cache=k_cache, v_cache=v_cache)
 
+    if token is not None and not return_stats and backend != "reference":
+        launch = dispatch.direct_decode_launcher(token)
+        if launch is not None:  # this signature ran the kernel before, with no fix-ups
+            out, lse = launch(q, k_cache, v_cache, cache_seqlens=cache_seqlens, block_table=block_table,
+                              softmax_scale=softmax_scale, threshold_scale_factor=f,
+                              want_lse=return_lse, plan_key=token)
+            return (out, lse) if return_lse else out
     call = dispatch.DecodeCall(
         q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, block_table=block_table,
         softmax_scale=softmax_scale, threshold_scale_factor=threshold_scale_factor,

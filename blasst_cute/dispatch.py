@@ -201,6 +201,15 @@ def _prefill_kernel(call: PrefillCall):
 
 # signature -> (None or why unsupported, make q / block_table / cache_seqlens contiguous?)
 _decode_ok: dict = {}
+# API signature token -> the kernel launcher, for signatures that need no fix-ups: later calls
+# with that signature (and no stats) go straight to it (host time per decode step).
+_decode_direct: dict = {}
+
+
+def direct_decode_launcher(signature):
+    """``launch_decode.decode_sm90`` when a validated signature is known to run the kernel as is
+    (no copies, no reference), else None."""
+    return _decode_direct.get(signature)
 
 
 def _decode_unsupported(call: DecodeCall) -> Optional[str]:
@@ -218,8 +227,13 @@ def _decode_unsupported(call: DecodeCall) -> Optional[str]:
         return f"page size {kc.shape[1]} (supported: {sorted(launch.SUPPORTED_PAGE_SIZES)})"
     if kc.stride() != vc.stride():
         return f"k_cache and v_cache with different strides ({kc.stride()} vs {vc.stride()})"
-    if kc.stride(2) != kc.shape[3] or (kc.stride(1) != kc.shape[2] * kc.shape[3]):
-        return f"a KV cache whose token rows are not packed (strides {kc.stride()})"
+    # Any token / head / page strides (e.g. transformers' [B, H, S, D] cache seen as [B, S, H, D],
+    # or FlashInfer's HND pages): the TMA descriptor takes them as long as they are 16-byte
+    # multiples (the kernel keeps the token and head strides in 32 bits).
+    if any(st % 8 for st in kc.stride()[:3]):
+        return f"a KV cache whose strides are not multiples of 16 bytes (strides {kc.stride()})"
+    if max(kc.stride(1), kc.stride(2)) >= 2 ** 31:
+        return f"a KV cache with token/head strides >= 2**31 elements (strides {kc.stride()})"
     return None
 
 
@@ -261,6 +275,10 @@ def run_decode(call: DecodeCall, backend: str):
         raise NotImplementedError(f"blasst_cute.decode has no CuTe DSL kernel for {why}; "
                                   "pass backend='reference' to run the (slow) reference explicitly")
     launch, _ = _kernel_module("launch_decode")
+    if call.signature is not None and not (fix_q or fix_table or fix_lens):
+        if len(_decode_direct) > 4096:
+            _decode_direct.clear()
+        _decode_direct[call.signature] = launch.decode_sm90
     if fix_q is None:
         fix_q = not q.is_contiguous()
         fix_table = call.block_table is not None and call.block_table.stride(-1) != 1

@@ -15,6 +15,8 @@ Semantics (one q-tile of ``block_m`` rows at a time):
   contiguous chunks of ``cs = ceil(n_visit / num_splits)`` tiles (chunk ``c`` holds tile indices
   ``[c·cs, (c+1)·cs)``), each with its own running state, merged by lse; inside a chunk the tiles
   are visited in ascending (``order="forward"``) or descending (``"reverse"``) index order.
+  ``interleave_splits=True`` instead deals the visited tiles out round-robin: chunk ``c`` of
+  ``num_splits`` holds tiles ``c, c + num_splits, c + 2·num_splits, ...`` (same visit orders).
 * ``rows_per_decision`` (default ``block_m``) divides the tile's rows into decision groups that
   decide independently (e.g. one 64-row consumer warpgroup of a 128-row tile).
 * ``λ = threshold_scale_factor / Lk`` per sequence. ``None``, ``0`` or ``λ >= 1`` mean no
@@ -59,12 +61,18 @@ class Geometry:
     num_splits: int = 1
     rows_per_decision: Optional[int] = None
     split_tiles: Optional[int] = None
+    interleave_splits: bool = False
 
     def kwargs(self) -> dict:
         return asdict(self)
 
 
-def _check_geometry(block_m, block_n, order, num_splits, rows_per_decision, split_tiles):
+def _check_geometry(block_m, block_n, order, num_splits, rows_per_decision, split_tiles,
+                    interleave_splits=False):
+    if not isinstance(interleave_splits, bool):
+        raise TypeError(f"interleave_splits must be a bool, got {interleave_splits!r}")
+    if interleave_splits and split_tiles is not None:
+        raise ValueError("interleave_splits deals tiles to num_splits chunks: split_tiles must be None")
     if not (isinstance(block_m, int) and block_m > 0):
         raise ValueError(f"block_m must be a positive int, got {block_m!r}")
     if not (isinstance(block_n, int) and block_n > 0):
@@ -154,7 +162,8 @@ def _score_chunks(qu, ku, row_pos, Lq, causal, scale, block_m, block_n, rpd):
         yield r0, r1, s, m_tile, n_visit, row_valid, row_valid.any(-1)
 
 
-def _decide(m_tile, n_visit, row_valid, grp_valid, ln_lam, order, num_splits, split_tiles):
+def _decide(m_tile, n_visit, row_valid, grp_valid, ln_lam, order, num_splits, split_tiles,
+            interleave_splits=False):
     """The BLASST scan: which (group, key tile) pairs are kept, and the visited/skipped counts.
 
     m_tile [B,U,nt,ng,rpd,n_kt]; ln_lam [B] (-inf = skipping off). Returns kept [B,U,nt,ng,n_kt]
@@ -167,22 +176,34 @@ def _decide(m_tile, n_visit, row_valid, grp_valid, ln_lam, order, num_splits, sp
     kept = torch.zeros(B, U, nt, n_grp, n_kt, dtype=torch.uint8, device=dev)
     skip_on = torch.isfinite(ln_lam).view(B, 1, 1, 1, 1)
     ln_lam_b = ln_lam.to(m_tile.dtype).view(B, 1, 1, 1, 1, 1)
-    # Chunks (splits) of the visited range: chunk c holds tiles [c*cs, (c+1)*cs).
-    if split_tiles is not None:
-        cs = torch.full_like(n_visit, split_tiles)
+    if interleave_splits:
+        # Chunk c holds tiles c, c + S, c + 2S, ... (S = num_splits).
+        n_chunk = min(num_splits, int(n_visit.max())) if nt else 0
+        if n_chunk == 0:
+            return kept.bool(), visited, skipped
+        c_idx = torch.arange(n_chunk, device=dev)[None, :]
+        c_start = c_idx.expand(nt, n_chunk)
+        c_step = num_splits
+        c_len = torch.div(n_visit[:, None] - c_idx + num_splits - 1, num_splits,
+                          rounding_mode="floor").clamp(min=0)
     else:
-        cs = torch.div(n_visit + num_splits - 1, num_splits, rounding_mode="floor").clamp_min(1)
-    n_chunk = int(torch.div(n_visit + cs - 1, cs, rounding_mode="floor").max()) if nt else 0
-    if n_chunk == 0:
-        return kept.bool(), visited, skipped
-    c_start = torch.arange(n_chunk, device=dev)[None, :] * cs[:, None]  # [nt, nc]
-    c_len = (n_visit[:, None] - c_start).clamp(min=0).minimum(cs[:, None])
+        # Chunks (splits) of the visited range: chunk c holds tiles [c*cs, (c+1)*cs).
+        if split_tiles is not None:
+            cs = torch.full_like(n_visit, split_tiles)
+        else:
+            cs = torch.div(n_visit + num_splits - 1, num_splits, rounding_mode="floor").clamp_min(1)
+        n_chunk = int(torch.div(n_visit + cs - 1, cs, rounding_mode="floor").max()) if nt else 0
+        if n_chunk == 0:
+            return kept.bool(), visited, skipped
+        c_start = torch.arange(n_chunk, device=dev)[None, :] * cs[:, None]  # [nt, nc]
+        c_step = 1
+        c_len = (n_visit[:, None] - c_start).clamp(min=0).minimum(cs[:, None])
     counted = grp_valid[None, None, :, None, :]  # [1,1,nt,1,ng]
     m_run = torch.full((B, U, nt, n_chunk, n_grp, rpd), -math.inf, dtype=m_tile.dtype, device=dev)
-    for j in range(int(cs.max())):
+    for j in range(int(c_len.max())):
         active = (j < c_len)[None, None, :, :, None]  # [1,1,nt,nc,1]
         step = j if order == "forward" else (c_len - 1 - j)
-        kt = (c_start + step).clamp(0, n_kt - 1)  # [nt, nc]; inactive steps clamp harmlessly
+        kt = (c_start + step * c_step).clamp(0, n_kt - 1)  # [nt, nc]; inactive steps clamp harmlessly
         idx = kt.view(1, 1, nt, 1, 1, n_chunk).expand(B, U, nt, n_grp, rpd, n_chunk)
         mt = torch.gather(m_tile, 5, idx).permute(0, 1, 2, 5, 3, 4)  # [B,U,nt,nc,ng,rpd]
         votes = (~row_valid[None, None, :, None]) | (mt == -math.inf) | ((mt - m_run) < ln_lam_b)
@@ -197,7 +218,7 @@ def _decide(m_tile, n_visit, row_valid, grp_valid, ln_lam, order, num_splits, sp
 
 
 def _attend_batch(q, k, v, *, causal, scale, ln_lam, block_m, block_n, pack_gqa, order,
-                  num_splits, rpd, split_tiles):
+                  num_splits, rpd, split_tiles, interleave_splits=False):
     """Equal-length batch. q [B,Lq,Hq,D], k [B,Lk,Hk,D], v [B,Lk,Hk,Dv]; ln_lam [B] float64.
 
     Returns out [B,U,R,Dv] and lse [B,U,R] in units/rows (see ``_units``), visited, skipped.
@@ -216,7 +237,7 @@ def _attend_batch(q, k, v, *, causal, scale, ln_lam, block_m, block_n, pack_gqa,
     for r0, r1, s, m_tile, n_visit, row_valid, grp_valid in _score_chunks(
             qu, ku, row_pos, Lq, causal, scale, block_m, block_n, rpd):
         kept, vis_c, skip_c = _decide(m_tile, n_visit, row_valid, grp_valid, ln_lam, order,
-                                      num_splits, split_tiles)
+                                      num_splits, split_tiles, interleave_splits)
         visited += vis_c
         skipped += skip_c
         # Softmax over the visible keys of the kept tiles.
@@ -239,7 +260,8 @@ def skip_counts(q, k, *, factors: Sequence[float], causal: bool = False,
                 softmax_scale: Optional[float] = None, block_m: int = 128, block_n: int = 128,
                 pack_gqa: bool = False, order: str = "forward", num_splits: int = 1,
                 rows_per_decision: Optional[int] = None, split_tiles: Optional[int] = None,
-                seqlens_k: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                seqlens_k: Optional[torch.Tensor] = None, interleave_splits: bool = False
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Skip decisions only, for many factors at once (calibration): scores are computed once.
 
     q [B, Lq, Hq, D], k [B, Lk, Hk, D]. Returns (visited, skipped), int64 [len(factors), B, U]
@@ -247,7 +269,8 @@ def skip_counts(q, k, *, factors: Sequence[float], causal: bool = False,
     for each factor.
     """
     _check_qkv(q, k, k, 2)
-    rpd = _check_geometry(block_m, block_n, order, num_splits, rows_per_decision, split_tiles)
+    rpd = _check_geometry(block_m, block_n, order, num_splits, rows_per_decision, split_tiles,
+                          interleave_splits)
     B, Lq = q.shape[:2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     lk = seqlens_k if seqlens_k is not None else torch.full((B,), k.shape[1], dtype=torch.int64)
@@ -263,7 +286,7 @@ def skip_counts(q, k, *, factors: Sequence[float], causal: bool = False,
         del s
         for i, ln_lam in enumerate(ln_lams):
             _, v_c, s_c = _decide(m_tile, n_visit, row_valid, grp_valid, ln_lam, order, num_splits,
-                                  split_tiles)
+                                  split_tiles, interleave_splits)
             visited[i] += v_c
             skipped[i] += s_c
     return visited, skipped
@@ -299,7 +322,7 @@ def blasst_attention(q, k, v, *, causal: bool = False, softmax_scale: Optional[f
                      threshold_scale_factor: Factor = None, block_m: int = 128, block_n: int = 128,
                      pack_gqa: bool = False, order: str = "forward", num_splits: int = 1,
                      rows_per_decision: Optional[int] = None, split_tiles: Optional[int] = None,
-                     seqlens_k: Optional[torch.Tensor] = None
+                     seqlens_k: Optional[torch.Tensor] = None, interleave_splits: bool = False
                      ) -> Tuple[torch.Tensor, torch.Tensor, BlasstStats]:
     """BLASST attention for an equal-length batch; see the module docstring for the semantics.
 
@@ -309,7 +332,8 @@ def blasst_attention(q, k, v, *, causal: bool = False, softmax_scale: Optional[f
     Returns ``(out [B, Lq, Hq, Dv] in q.dtype, lse [B, Hq, Lq] float32, BlasstStats)``.
     """
     _check_qkv(q, k, v, 2)
-    rpd = _check_geometry(block_m, block_n, order, num_splits, rows_per_decision, split_tiles)
+    rpd = _check_geometry(block_m, block_n, order, num_splits, rows_per_decision, split_tiles,
+                          interleave_splits)
     B, Lq, Hq, _ = q.shape
     Lk, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -317,7 +341,8 @@ def blasst_attention(q, k, v, *, causal: bool = False, softmax_scale: Optional[f
     ln_lam = log_threshold(threshold_scale_factor, lk.to(q.device))
     out_u, lse_u, visited, skipped = _attend_batch(
         q, k, v, causal=causal, scale=scale, ln_lam=ln_lam, block_m=block_m, block_n=block_n,
-        pack_gqa=pack_gqa, order=order, num_splits=num_splits, rpd=rpd, split_tiles=split_tiles)
+        pack_gqa=pack_gqa, order=order, num_splits=num_splits, rpd=rpd, split_tiles=split_tiles,
+        interleave_splits=interleave_splits)
     out, lse = _unpack(out_u, lse_u, B, Lq, Hq, Hk, Dv, pack_gqa)
     return out.to(q.dtype), lse.float(), BlasstStats(visited, skipped)
 

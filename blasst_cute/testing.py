@@ -92,3 +92,22 @@ def time_graph(fn, iters: int = 20, warmup: int = 3) -> float:
     """Device seconds per call: ``fn`` captured once in a CUDA graph (:func:`capture_graph`),
     the graph replayed back to back (:func:`time_per_call`)."""
     return time_per_call(capture_graph(fn).replay, iters, warmup)
+
+
+def time_graph_cycle(fns, calls: int = 16, iters: int = 10) -> float:
+    """Device seconds per call: ``calls`` calls cycling through ``fns`` (e.g. one per input set,
+    so that together they overflow the L2) captured in ONE CUDA graph and replayed; the launch
+    gaps are amortized over the calls, each kernel's ramp-up and tail are not."""
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fns[0]()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    return time_per_call(g.replay, iters, warmup=2) / calls

@@ -11,7 +11,10 @@ dense peer near 70% and 90% sparsity at B=64 L=32k and B=1 L=128k (synthetic LLM
 workloads; the sparsity is the kernel's own counters). Host time per call.
 
 Timing is perf/bench.py's: median of CUDA-event-bracketed single calls (a sync after each),
-rotating input sets past the L2 size. Dense inputs are random; the peers read the contiguous
+rotating input sets past the L2 size; dense and skip-on alternate (3 rounds). "kernel" columns:
+16 calls in one CUDA graph cycling the input sets (device time, launch gaps amortized), next to
+a device copy moving the same DRAM bytes timed the same way. At B=1 the sparse section also runs
+contiguous split chunks (the interleaved default's A/B) and 64-key tiles. Dense inputs are random; the peers read the contiguous
 [B, L, Hk, D] cache and BLASST reads the same memory as 64-token pages through a shuffled block
 table. Writes ``<tag>.json`` and ``<tag>.md`` to --out.
 """
@@ -33,7 +36,7 @@ sys.path.insert(0, HERE)
 
 import blasst_cute  # noqa: E402
 from blasst_cute.kernels import launch_decode  # noqa: E402
-from blasst_cute.testing import capture_graph, time_per_call  # noqa: E402
+from blasst_cute.testing import capture_graph, time_graph_cycle, time_per_call  # noqa: E402
 from blasst_cute.workloads import WorkloadSpec, synthetic_qkv, to_paged  # noqa: E402
 from bench import bench_ms, n_rotations, stamp  # noqa: E402
 
@@ -138,6 +141,25 @@ def target_factors(sp, grid, targets=(0.7, 0.9)):
     return out
 
 
+def same_size_copy_ms(kv_bytes, n_sets):
+    """Device ms of a copy that moves as many DRAM bytes as the kernel reads (read kv_bytes / 2,
+    write kv_bytes / 2), timed like the kernel (time_graph_cycle over n_sets buffers): what the
+    memory system gives a launch of this size."""
+    srcs = [torch.empty(kv_bytes // 2, dtype=torch.uint8, device="cuda") for _ in range(n_sets)]
+    dsts = [torch.empty_like(x) for x in srcs]
+    return time_graph_cycle([lambda a=a, b=b: b.copy_(a) for a, b in zip(srcs, dsts)]) * 1e3
+
+
+def interleaved_ms(variants, iters, rounds=3):
+    """Median ms of each variant (a list of per-input-set callables), the variants timed in
+    alternation ``rounds`` times (bench_ms medians, then the median over rounds)."""
+    res = [[] for _ in variants]
+    for _ in range(rounds):
+        for r, fns in zip(res, variants):
+            r.append(bench_ms(fns, iters=max(5, iters // rounds)))
+    return [sorted(r)[len(r) // 2] for r in res]
+
+
 def graph_ms(fn, iters=20):
     """Device time per call (ms): the call captured in a CUDA graph, replayed back to back."""
     return time_per_call(capture_graph(fn).replay, iters, warmup=1) * 1e3
@@ -194,18 +216,25 @@ def dense_matrix(peer_fns, bw_copy, iters, quick=False, rows=None, save=None):
                     sets, kv_bytes = dense_sets(B, L, hq, hk)
                     pr = time_peers(sets, peer_fns, iters)
                     bname, bms = best_peer(pr)
-                    dense = bench_ms([blasst_fn(s, None) for s in sets], iters=iters)
-                    skip0 = bench_ms([blasst_fn(s, 1e-6) for s in sets], iters=iters)
+                    # Dense and skip-on alternate (the card's clocks drift over long runs).
+                    dense, skip0 = interleaved_ms([[blasst_fn(s, None) for s in sets],
+                                                   [blasst_fn(s, 1e-6) for s in sets]], iters)
                     sp0 = sparsity(sets[0], 1e-6)
                     gbps = kv_bytes / (dense * 1e-3) / 1e9
                     # Device time alone (the call replayed from a CUDA graph): the kernel's own
                     # K+V bandwidth, without the host time a synced single call includes.
-                    kernel_ms = graph_ms(blasst_fn(sets[0], None))
+                    # Many calls in one graph, cycling the input sets (DRAM, not L2).
+                    kernel_ms = time_graph_cycle([blasst_fn(s, None) for s in sets]) * 1e3
+                    kernel_skip0_ms = time_graph_cycle([blasst_fn(s, 1e-6) for s in sets]) * 1e3
+                    copy_same_ms = same_size_copy_ms(kv_bytes, len(sets))
                     kernel_gbps = kv_bytes / (kernel_ms * 1e-3) / 1e9
                     row = dict(shape, peers=pr, best_peer=bname, best_peer_ms=bms, dense_ms=dense,
                                dense_gbps=gbps, dense_vs_best=(bms / dense) if bms else None,
                                dense_of_copy=gbps * 1e9 / bw_copy, kernel_ms=kernel_ms,
                                kernel_gbps=kernel_gbps, kernel_of_copy=kernel_gbps * 1e9 / bw_copy,
+                               kernel_skip0_ms=kernel_skip0_ms,
+                               kernel_skip0_vs_dense=kernel_ms / kernel_skip0_ms,
+                               copy_same_ms=copy_same_ms,
                                skip0_ms=skip0,
                                skip0_sparsity=sp0, skip0_vs_dense=dense / skip0,
                                splits=launch_decode.plan_decode_sm90(
@@ -232,10 +261,26 @@ SPARSE_CASES = [
      [100, 300, 500, 700, 1000, 1500, 2000, 3000, 5000, 10000, 20000]),
     (64, 32768, 64, 4, "default", WorkloadSpec(),
      [100, 300, 500, 700, 1000, 1500, 2000, 3000, 5000, 10000, 20000]),
-    (1, 131072, 32, 8, "default", WorkloadSpec(), [30000, 45000, 60000, 90000, 120000, 130000]),
+    (1, 131072, 32, 8, "default", WorkloadSpec(),
+     [30000, 45000, 60000, 90000, 130000, 200000, 300000, 500000]),
     (1, 131072, 32, 8, "local_logit=24", WorkloadSpec(local_logit=24.0),
-     [8000, 12000, 15000, 20000, 60000, 100000, 125000, 130000]),
+     [8000, 12000, 15000, 20000, 60000, 100000, 130000, 200000, 300000]),
 ]
+
+
+def variant_points(s, variants, label, short, bms, iters):
+    """Timed points of the (name, factor) variants under the current launch_decode settings."""
+    pts = []
+    for name, f, _ in variants:
+        spv = sparsity(s, f) if f else 0.0
+        ms = bench_ms([blasst_fn(s, f)], iters=iters)
+        gms = graph_ms(blasst_fn(s, f))
+        pts.append(dict(variant=f"{name} {label}", factor=f, sparsity=spv, ms=ms, graph_ms=gms,
+                        vs_best=(bms / ms) if bms else None, ideal=1 / (1 - spv / 2)))
+        log(f"{'':<22} {'':<15} {name + ' ' + short:<15} {spv * 100:>7.1f}% "
+            f"{ms * 1e3:>8.1f} {(bms / ms) if bms else 0:>11.2f}x "
+            f"{1 / (1 - spv / 2):>5.2f}x {gms * 1e3:>8.1f}")
+    return pts
 
 
 def sparse_points(peer_fns, iters, quick=False):
@@ -276,20 +321,21 @@ def sparse_points(peer_fns, iters, quick=False):
                                 vs_best=(bms / ms) if bms else None))
                 log(f"{'':<22} {'':<15} {'(combine kernel)':<15} {pts[2]['sparsity'] * 100:>7.1f}% "
                     f"{ms * 1e3:>8.1f} {(bms / ms) if bms else 0:>11.2f}x")
-                # Experiment: 64-key tiles (deeper K/V rings; the decisions change with the tile).
+                # A/B: contiguous split chunks instead of interleaved tiles, and 64-key tiles
+                # (deeper K/V rings); both change the decisions, so each measures its sparsity.
+                saved = launch_decode.INTERLEAVE_SPLITS
+                try:
+                    launch_decode.INTERLEAVE_SPLITS = False
+                    launch_decode._plans.clear()
+                    pts += variant_points(s, variants[2:], "contiguous splits", "contig", bms, iters)
+                finally:
+                    launch_decode.INTERLEAVE_SPLITS = saved
+                    launch_decode._plans.clear()
                 try:
                     launch_decode.DEFAULT_TUNING = {"tile_n": 64}
                     launch_decode._plans.clear()
-                    for name, f, _ in [variants[0]] + variants[2:]:
-                        spv = sparsity(s, f) if f else 0.0
-                        ms = bench_ms([blasst_fn(s, f)], iters=iters)
-                        gms = graph_ms(blasst_fn(s, f))
-                        pts.append(dict(variant=f"{name} tile_n=64", factor=f, sparsity=spv, ms=ms,
-                                        graph_ms=gms, vs_best=(bms / ms) if bms else None,
-                                        ideal=1 / (1 - spv / 2)))
-                        log(f"{'':<22} {'':<15} {name + ' n64':<15} {spv * 100:>7.1f}% "
-                            f"{ms * 1e3:>8.1f} {(bms / ms) if bms else 0:>11.2f}x "
-                            f"{1 / (1 - spv / 2):>5.2f}x {gms * 1e3:>8.1f}")
+                    pts += variant_points(s, [variants[0]] + variants[2:], "tile_n=64", "n64", bms,
+                                          iters)
                 finally:
                     launch_decode.DEFAULT_TUNING = None
                     launch_decode._plans.clear()
@@ -306,7 +352,7 @@ def sparse_points(peer_fns, iters, quick=False):
     return rows
 
 
-def b1_rounds(peer_fns, iters, rounds=3, factors=(60000.0, 130000.0)):
+def b1_rounds(peer_fns, iters, rounds=3, factors=(60000.0, 130000.0, 300000.0)):
     """B=1 L=128k 32/8 (default workload): peers and BLASST timed in alternation, ``rounds`` times
     (the synced single-call times of a 0.1-0.2 ms call move by ~10% between measurements)."""
     s = synthetic_set(1, 131072, 32, 8)
@@ -424,11 +470,13 @@ def markdown(data):
     if data.get("dense"):
         L += ["## Dense", "", "| B | L | Hq/Hk | splits | best peer | peer us | BLASST dense us | "
               "K+V GB/s | vs best peer | of copy BW | kernel us (graph) | kernel of copy BW | "
-              "skip on (0%) us | skip0 vs dense | all peers (us) |", "|" + "---|" * 15]
+              "same-size copy us | kernel vs same-size copy | "
+              "skip on (0%) us | skip0 vs dense | kernel skip0 us | kernel skip0 vs dense | "
+              "all peers (us) |", "|" + "---|" * 19]
         for r in data["dense"]:
             if "error" in r:
                 L.append(f"| {r['batch']} | {r['seqlen']} | {r['heads_q']}/{r['heads_kv']} | "
-                         f"error: {r['error'][:80]} |" + " |" * 12)
+                         f"error: {r['error'][:80]} |" + " |" * 16)
                 continue
             peers_s = ", ".join(f"{n} {p['ms'] * 1e3:.1f}" if "ms" in p else f"{n} n/a"
                                 for n, p in r["peers"].items())
@@ -437,7 +485,9 @@ def markdown(data):
                 f"{r['best_peer']} | {r['best_peer_ms'] * 1e3:.1f} | {r['dense_ms'] * 1e3:.1f} | "
                 f"{r['dense_gbps']:.0f} | {r['dense_vs_best']:.2f}x | {r['dense_of_copy'] * 100:.0f}% | "
                 f"{r['kernel_ms'] * 1e3:.1f} | {r['kernel_of_copy'] * 100:.0f}% | "
-                f"{r['skip0_ms'] * 1e3:.1f} | {r['skip0_vs_dense']:.2f}x | {peers_s} |")
+                f"{r['copy_same_ms'] * 1e3:.1f} | {r['copy_same_ms'] / r['kernel_ms']:.2f}x | "
+                f"{r['skip0_ms'] * 1e3:.1f} | {r['skip0_vs_dense']:.2f}x | "
+                f"{r['kernel_skip0_ms'] * 1e3:.1f} | {r['kernel_skip0_vs_dense']:.2f}x | {peers_s} |")
         L.append("")
     if data.get("sparse"):
         L += ["## Sparse", "", "| shape | workload | variant | sparsity | us | vs best peer | "

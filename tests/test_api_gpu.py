@@ -112,3 +112,56 @@ def test_decode_reused_plan_across_streams_and_lengths():
     torch.cuda.synchronize()
     for (out, lse), (w_out, w_lse) in got:
         assert torch.equal(out, w_out) and torch.equal(lse, w_lse)
+
+
+def test_decode_direct_launch_path_matches_dispatch():
+    """A decode signature that ran the kernel once goes straight to the launcher afterwards
+    (no stats, no fix-ups): same output and lse as the dispatched call; a q that needs a copy
+    (non-contiguous) keeps taking the dispatcher and gives the same result."""
+    from blasst_cute import dispatch
+    q, k, v = synthetic_qkv(2, 1, 5000, 32, 8, 128, device="cuda", seed=31)
+    k_cache, v_cache, table = to_paged(k, v, 64, seed=5)
+    lens = torch.tensor([5000, 777], dtype=torch.int32, device="cuda")
+    kw = dict(cache_seqlens=lens, block_table=table, threshold_scale_factor=20.0)
+    n_direct = len(dispatch._decode_direct)
+    out0, lse0, stats = blasst_cute.decode(q, k_cache, v_cache, return_lse=True, return_stats=True, **kw)
+    out1, lse1 = blasst_cute.decode(q, k_cache, v_cache, return_lse=True, **kw)  # registers
+    assert len(dispatch._decode_direct) == n_direct + 1
+    out2 = blasst_cute.decode(q, k_cache, v_cache, **kw)  # direct
+    out3, lse3 = blasst_cute.decode(q, k_cache, v_cache, return_lse=True, **kw)  # direct
+    assert torch.equal(out1, out0) and torch.equal(lse1, lse0)
+    assert torch.equal(out2, out0) and torch.equal(out3, out0) and torch.equal(lse3, lse0)
+    # non-contiguous q: copied by the dispatcher every time, never registered
+    q_strided = torch.empty(2, 1, 32, 256, dtype=q.dtype, device="cuda")[..., :128]
+    q_strided.copy_(q)
+    n_direct = len(dispatch._decode_direct)
+    for _ in range(2):
+        assert torch.equal(blasst_cute.decode(q_strided, k_cache, v_cache, **kw), out0)
+    assert len(dispatch._decode_direct) == n_direct
+    assert int(stats.visited.sum()) > 0
+
+
+def test_decode_head_major_caches_read_in_place():
+    """A [B, H, S, D] cache (transformers) seen as [B, S, H, D], and HND pages (FlashInfer's
+    [pages, H, page_size, D]) seen as [pages, page_size, H, D]: the kernel reads them through
+    their strides, bitwise equal to the token-major layouts; a cache stride that is not a
+    16-byte multiple is refused."""
+    B, S = 2, 3000
+    q, k, v = synthetic_qkv(B, 1, S, 32, 8, 128, device="cuda", seed=41)
+    lens = torch.tensor([3000, 1234], dtype=torch.int32, device="cuda")
+    kw = dict(cache_seqlens=lens, threshold_scale_factor=30.0, return_lse=True, return_stats=True)
+
+    def head_major(x):
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+    want = blasst_cute.decode(q, k, v, **kw)
+    got = blasst_cute.decode(q, head_major(k), head_major(v), **kw)
+    kc, vc, table = to_paged(k, v, 64, seed=6)
+    want_p = blasst_cute.decode(q, kc, vc, block_table=table, **kw)
+    got_p = blasst_cute.decode(q, head_major(kc), head_major(vc), block_table=table, **kw)
+    for (o, l, st), (wo, wl, wst) in ((got, want), (got_p, want_p)):
+        assert torch.equal(o, wo) and torch.equal(l, wl)
+        assert torch.equal(st.skipped, wst.skipped) and torch.equal(st.visited, wst.visited)
+    odd = torch.empty(B, 8, S * 128 + 4, dtype=k.dtype, device="cuda")[..., :S * 128].view(B, 8, S, 128)
+    with pytest.raises(NotImplementedError, match="16 bytes"):
+        blasst_cute.decode(q, odd.transpose(1, 2), odd.transpose(1, 2), cache_seqlens=lens)

@@ -101,6 +101,24 @@ def test_splits_reset_the_running_state():
     assert st.skipped.sum() == 0
 
 
+@pytest.mark.parametrize("num_splits,order,expected", [
+    (1, "forward", [2, 3, 5]),  # one chunk: the interleaved and contiguous forms coincide
+    (2, "forward", [2, 3, 5]),  # chunks {0, 2, 4} (max 0, then 6) and {1, 3, 5} (max 5)
+    (2, "reverse", [0, 2]),     # chunk {4, 2, 0} opens at 6; chunk {5, 3, 1} opens at -2
+    (3, "forward", []),         # chunks {0, 3}, {1, 4}, {2, 5}: no tile falls 2 below its max
+])
+def test_interleaved_splits_deal_tiles_round_robin(num_splits, order, expected):
+    # Tile scores 0, 5, -4, -1, 6, -2 with ln λ = -2.
+    q, k, v = scored([0, 0, 5, 5, -4, -4, -1, -1, 6, 6, -2, -2])
+    kw = dict(softmax_scale=1.0, threshold_scale_factor=factor_for(12), block_m=4, block_n=2)
+    out, lse, st = blasst_attention(q, k, v, num_splits=num_splits, interleave_splits=True,
+                                    order=order, **kw)
+    assert tiles_skipped(out[0, 0, 0]) == expected
+    assert st.visited.sum() == 6 and st.skipped.sum() == len(expected)
+    with pytest.raises(ValueError, match="split_tiles"):
+        blasst_attention(q, k, v, split_tiles=2, interleave_splits=True, **kw)
+
+
 def test_first_tile_is_never_skipped_even_if_tiny():
     q, k, v = scored([-50, -50, 0, 0])
     out, _, st = blasst_attention(q, k, v, softmax_scale=1.0, threshold_scale_factor=factor_for(4),

@@ -451,10 +451,9 @@ def _decode(q, k, v, mask, common):
         order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # valid keys first, in order
         k = torch.gather(k, 1, order[:, :, None, None].expand(-1, -1, *k.shape[2:]))
         v = torch.gather(v, 1, order[:, :, None, None].expand(-1, -1, *v.shape[2:]))
-    if q.is_cuda and k.stride(1) != k.shape[2] * k.shape[3]:
-        # transformers keeps the cache as [B, H, S, D]; the decode kernel reads token-major rows
-        # [B, S, H, D]. The copy costs a cache read+write per step: engines with a paged,
-        # token-major cache call blasst_cute.decode directly and avoid it.
+    # transformers keeps the cache as [B, H, S, D]: k and v are its [B, S, H, D] views, which the
+    # decode kernel reads in place (any 16-byte strides), so no per-step copy of the cache.
+    if k.stride() != v.stride():  # the kernel takes one set of strides for both
         k, v = k.contiguous(), v.contiguous()
     res = blasst_cute.decode(q, k, v, cache_seqlens=lens, **common)
     return _split(res, common["return_stats"])

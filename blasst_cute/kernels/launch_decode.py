@@ -53,6 +53,13 @@ DEFAULT_TILE_N = 128
 # combine kernel (comparisons; per call: tuning={"fused_merge": False}).
 FUSED_MERGE = os.environ.get("BLASST_DECODE_FUSED_MERGE", "1") != "0"
 
+# Splits take the key tiles round-robin (split s: tiles s, s + S, ...) rather than as contiguous
+# chunks: the kept tiles (sinks, recent keys) spread evenly over the CTAs of a sequence, so no
+# split keeps far more V tiles than the others. BLASST_DECODE_INTERLEAVE=0 restores chunks
+# (comparisons; per call: tuning={"interleave_splits": False}). Part of the geometry: the
+# reference takes the same decisions either way.
+INTERLEAVE_SPLITS = os.environ.get("BLASST_DECODE_INTERLEAVE", "1") != "0"
+
 
 
 
@@ -68,13 +75,15 @@ def decode_num_splits(work_units: int, n_tiles: int, num_sms: int) -> int:
 
 
 def decode_geometry_sm90(G: int, lq_new: int, page_size: Optional[int], batch: int, hk: int,
-                         max_seqlen: int, num_sms: int = 132, tile_n: Optional[int] = None) -> dict:
+                         max_seqlen: int, num_sms: int = 132, tile_n: Optional[int] = None,
+                         interleave_splits: Optional[bool] = None) -> dict:
     """The tiling of the sm90 decode kernel: exactly what the reference needs.
 
     G = Hq // Hk, lq_new new tokens, page_size None for a contiguous cache, max_seqlen = the
     cache capacity the split count is planned for (block_table.shape[1] * page_size, or the
     contiguous cache's second dim): splits are chosen without reading cache_seqlens, and each
-    sequence's visited tiles are cut into num_splits chunks of ceil(n_visit / num_splits).
+    sequence's visited tiles are dealt round-robin to num_splits splits (interleave_splits,
+    default INTERLEAVE_SPLITS) or cut into num_splits chunks of ceil(n_visit / num_splits).
     """
     if page_size is not None and page_size not in SUPPORTED_PAGE_SIZES:
         raise NotImplementedError(f"blasst sm90 decode: page_size {page_size}")
@@ -82,8 +91,11 @@ def decode_geometry_sm90(G: int, lq_new: int, page_size: Optional[int], batch: i
     m_blocks = -(-(G * lq_new) // TILE_M)
     n_tiles = -(-max(int(max_seqlen), 0) // block_n)
     splits = decode_num_splits(batch * hk * m_blocks, n_tiles, num_sms)
+    if interleave_splits is None:
+        interleave_splits = INTERLEAVE_SPLITS
     return dict(block_m=TILE_M, block_n=block_n, pack_gqa=True, order="forward",
-                num_splits=splits, rows_per_decision=TILE_M, split_tiles=None)
+                num_splits=splits, rows_per_decision=TILE_M, split_tiles=None,
+                interleave_splits=bool(interleave_splits))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,7 +109,8 @@ def _config_key(config: dict) -> tuple:
     c.setdefault("tile_n", DEFAULT_TILE_N)
     c.setdefault("causal", True)
     c.setdefault("order", "forward")
-    for k in ("has_skip", "factor_per_batch", "has_stats", "direct_out", "fused_merge"):
+    for k in ("has_skip", "factor_per_batch", "has_stats", "direct_out", "fused_merge",
+              "interleave_splits"):
         c[k] = bool(c.get(k, False))
     c.setdefault("num_k_stages", None)
     c.setdefault("num_v_stages", None)
@@ -112,6 +125,7 @@ def _make_kernel(key: tuple) -> BlasstDecodeSm90:
         has_stats=c["has_stats"], direct_out=c["direct_out"], fused_merge=c["fused_merge"],
         order=c["order"],
         num_k_stages=c["num_k_stages"], num_v_stages=c["num_v_stages"],
+        interleave_splits=c["interleave_splits"],
     )
 
 
@@ -167,11 +181,14 @@ _geo_cache: dict = {}
 
 
 def plan_decode_sm90(q, k_cache, block_table=None, num_splits: Optional[int] = None,
-                     tile_n: Optional[int] = None) -> dict:
+                     tile_n: Optional[int] = None, interleave_splits: Optional[bool] = None) -> dict:
     """The geometry ``run_decode_sm90`` will use for these shapes (no device sync; cached:
     treat the returned dict as read-only)."""
+    if interleave_splits is None:
+        interleave_splits = INTERLEAVE_SPLITS
     key = (tuple(q.shape), tuple(k_cache.shape),
-           None if block_table is None else tuple(block_table.shape), q.device, num_splits, tile_n)
+           None if block_table is None else tuple(block_table.shape), q.device, num_splits, tile_n,
+           interleave_splits)
     geo = _geo_cache.get(key)
     if geo is not None:
         return geo
@@ -182,7 +199,8 @@ def plan_decode_sm90(q, k_cache, block_table=None, num_splits: Optional[int] = N
         cap = block_table.shape[1] * page_size
     else:
         page_size, cap = None, k_cache.shape[1]
-    geo = decode_geometry_sm90(hq // hk, lq, page_size, B, hk, cap, sm_count(q.device), tile_n)
+    geo = decode_geometry_sm90(hq // hk, lq, page_size, B, hk, cap, sm_count(q.device), tile_n,
+                               interleave_splits)
     if num_splits is not None:
         geo["num_splits"] = int(num_splits)
     _geo_cache[key] = geo
@@ -352,11 +370,12 @@ _CPOS = (0, 1, 2, 3, 8)  # combine: the dynamic slots (pointers, stream)
 
 def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, num_splits,
                tuning) -> _Plan:
-    tile_n = None
+    tile_n = interleave = None
     if tuning:
         tuning = dict(tuning)
         tile_n = tuning.pop("tile_n", None)
-    geo = plan_decode_sm90(q, k_cache, block_table, num_splits, tile_n)
+        interleave = tuning.pop("interleave_splits", None)
+    geo = plan_decode_sm90(q, k_cache, block_table, num_splits, tile_n, interleave)
     p = _Plan()
     p.geo = geo
     p.splits = splits = geo["num_splits"]
@@ -368,7 +387,9 @@ def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, n
     config = dict(dtype=q.dtype, head_dim=d, page_size=page_size, tile_n=geo["block_n"],
                   causal=bool(causal), has_skip=has_skip, factor_per_batch=fpb,
                   has_stats=has_stats, direct_out=direct, fused_merge=FUSED_MERGE,
-                  order=geo["order"])
+                  order=geo["order"],
+                  # one split: the two tile orders coincide (one compiled kernel)
+                  interleave_splits=geo["interleave_splits"] and not direct)
     tkey = ()
     if tuning:
         config.update(tuning)  # experiments only: num_k_stages, num_v_stages, fused_merge
@@ -376,7 +397,7 @@ def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, n
     config["fused_merge"] = p.fused = fused = bool(config["fused_merge"]) and not direct
     ck = _config_key(config)
     fkey = ("decode", q.dtype, d, page_size, geo["block_n"], bool(causal), has_skip, fpb,
-            has_stats, direct, fused, geo["order"], tkey)
+            has_stats, direct, fused, geo["order"], config["interleave_splits"], tkey)
     compile_args = _decode_compile_args(dict(ck), cuda_stream(0))
     p.fn = _compiled(fkey, compile_args, lambda: _make_kernel(ck).launch_ptrs)
     ks = k_cache.stride()
@@ -414,6 +435,8 @@ def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, n
     p.lock = threading.Lock()
     return p
 
+
+_CONTIGUOUS = torch.contiguous_format
 
 # torch.cuda.is_current_stream_capturing without its Python wrapper (host time per call).
 _is_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing",
@@ -466,19 +489,33 @@ def _launch(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, softmax_s
     # memory with eager calls or with other graphs.
     need_scratch = (not direct and workspace is None) or (lse is None and not want_lse)
     scratch_p = arrivals_p = None
-    if need_scratch or fused:
+    ws_arrivals = workspace[2] if workspace is not None and len(workspace) > 2 else None
+    if ws_arrivals is not None and (ws_arrivals.dtype != torch.int32
+                                    or ws_arrivals.numel() < plan.n_arrivals):
+        raise ValueError(f"workspace[2] (merge arrival counters) must be int32 with >= "
+                         f"{plan.n_arrivals} elements, got {ws_arrivals.dtype} x {ws_arrivals.numel()}")
+    if fused and ws_arrivals is not None:
+        arrivals_p = ws_arrivals.data_ptr()
+        fused_needs = False
+    else:
+        fused_needs = fused
+    if need_scratch or fused_needs:
         if _is_capturing():
             scratch = torch.empty(plan.ws_numel + plan.lse_numel, dtype=torch.float32,
                                   device=plan.device) if need_scratch else None
             arrivals = torch.zeros(plan.n_arrivals, dtype=torch.int32,
-                                   device=plan.device) if fused else None
+                                   device=plan.device) if fused_needs else None
             scratch_p = scratch.data_ptr() if need_scratch else None
-            arrivals_p = arrivals.data_ptr() if fused else None
+            if fused_needs:
+                arrivals_p = arrivals.data_ptr()
         else:
-            scratch_p, arrivals_p = plan.buffers(stream_h)
+            scratch_p, plan_arrivals_p = plan.buffers(stream_h)
+            if fused_needs:
+                arrivals_p = plan_arrivals_p
     if direct or fused:  # the decode launch writes the final out / lse
         if out is None:
-            out = torch.empty(plan.out_shape, dtype=plan.dtype, device=plan.device)
+            # out has q's shape and dtype: empty_like skips the shape/dtype/device parsing.
+            out = torch.empty_like(q, memory_format=_CONTIGUOUS)
         if lse is None and want_lse:
             lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=plan.device)
     if direct:
@@ -509,7 +546,7 @@ def _launch(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, softmax_s
                           has_stats)
     if not direct and not fused:
         if out is None:
-            out = torch.empty(plan.out_shape, dtype=plan.dtype, device=plan.device)
+            out = torch.empty_like(q, memory_format=_CONTIGUOUS)
         if lse is None and want_lse:
             lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=plan.device)
         lse_out = lse.data_ptr() if lse is not None else scratch_p + 4 * plan.ws_numel
@@ -560,7 +597,9 @@ def run_decode_sm90(q, k_cache, v_cache, out, lse, *, cache_seqlens, block_table
     contiguous, zeroed by the caller, or None (v_loaded needs the other two).
     threshold_scale_factor: None/0 (dense), a number, or a float32 tensor [B] (one per
     sequence; CUDA-graph friendly). workspace: optional (out_partial [S, B, Lq, Hq, D] fp32,
-    lse_partial [S, B, Hq, Lq] fp32) with S >= num_splits, for allocation-free graph replays.
+    lse_partial [S, B, Hq, Lq] fp32[, arrivals]) with S >= num_splits, for allocation-free graph
+    captures; arrivals: int32 [>= B * Hk * ceil(G * Lq / 64)] zeroed once (the fused merge's
+    counters; every launch leaves them zero), else the plan's per-stream counters are used.
     Returns the geometry used (pass it to the reference).
     """
     plan, _, _ = _launch(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, softmax_scale,
@@ -598,7 +637,8 @@ def supported_configs():
             for direct in (False, True):
                 cfgs.append(dict(dtype=torch.bfloat16, head_dim=128, page_size=page_size,
                                  has_skip=has_skip, factor_per_batch=fpb, has_stats=stats,
-                                 direct_out=direct, fused_merge=FUSED_MERGE and not direct))
+                                 direct_out=direct, fused_merge=FUSED_MERGE and not direct,
+                                 interleave_splits=INTERLEAVE_SPLITS and not direct))
     return cfgs
 
 

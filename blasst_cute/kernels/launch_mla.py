@@ -14,6 +14,7 @@ The reference reproduces the kernel's decisions with
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Optional
 
@@ -62,6 +63,12 @@ MAX_SPLITS = 32
 CLUSTER_MODE = "auto"
 CLUSTER_MIN_TILES_PER_SPLIT = 128
 
+# Splits deal the key tiles round-robin (split s: tiles s, s + S, ...) instead of taking
+# contiguous chunks, as in the GQA decode kernel: each split's running max sees the whole
+# sequence, so split-KV (B=1) skips about as much as one pass would. Part of the geometry.
+# BLASST_MLA_INTERLEAVE=0 restores contiguous chunks (comparisons).
+INTERLEAVE_SPLITS = os.environ.get("BLASST_MLA_INTERLEAVE", "1") != "0"
+
 
 def mla_num_splits(work_units: int, n_tiles: int, num_sms: int) -> int:
     """Splits per (q-tile, batch): fill the SMs once (one CTA per SM: ~226 KiB of smem), i.e.
@@ -108,7 +115,8 @@ def mla_decode_geometry_sm90(num_heads: int, lq_new: int, page_size: Optional[in
     n_tiles = -(-max(int(max_seqlen), 0) // TILE_N)
     splits = mla_num_splits(batch * m_blocks, n_tiles, num_sms)
     return dict(block_m=TILE_M, block_n=TILE_N, pack_gqa=True, order="forward",
-                num_splits=splits, rows_per_decision=TILE_M, split_tiles=None)
+                num_splits=splits, rows_per_decision=TILE_M, split_tiles=None,
+                interleave_splits=INTERLEAVE_SPLITS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +128,7 @@ def _config_key(config: dict) -> tuple:
     c["dtype"] = kernel_dtype(c.get("dtype", torch.bfloat16), "sm90 MLA decode")
     c.setdefault("page_size", None)
     c.setdefault("causal", True)
-    for k in ("has_skip", "factor_per_batch", "has_stats", "direct_out"):
+    for k in ("has_skip", "factor_per_batch", "has_stats", "direct_out", "interleave_splits"):
         c[k] = bool(c.get(k, False))
     c["cluster_m"] = int(c.get("cluster_m", 1))
     return tuple(sorted(c.items(), key=lambda kv: kv[0]))
@@ -131,7 +139,8 @@ def _make_kernel(key: tuple) -> BlasstMlaDecodeSm90:
     return BlasstMlaDecodeSm90(
         TORCH_TO_CUTLASS[c["dtype"]], page_size=c["page_size"], causal=c["causal"],
         has_skip=c["has_skip"], factor_per_batch=c["factor_per_batch"],
-        has_stats=c["has_stats"], direct_out=c["direct_out"], cluster_m=c["cluster_m"])
+        has_stats=c["has_stats"], direct_out=c["direct_out"], cluster_m=c["cluster_m"],
+        interleave_splits=c["interleave_splits"])
 
 
 def _compile_args(c: dict, stream):
@@ -154,7 +163,7 @@ def compile_mla_decode_sm90(config: dict, options: Optional[str] = None):
     """Compile one MLA decode configuration (no GPU needed; CUTE_DSL_ARCH=sm_90a on a CPU host).
 
     config keys: dtype, page_size (None = contiguous cache), and optionally causal, has_skip,
-    factor_per_batch, has_stats, direct_out, cluster_m (1 or 2). Returns the compiled
+    factor_per_batch, has_stats, direct_out, cluster_m (1 or 2), interleave_splits. Returns the compiled
     ``launch_ptrs``.
     """
     key = _config_key(config)
@@ -200,7 +209,7 @@ _plans_lock = threading.Lock()
 def _get_plan(q, kv_cache, block_table, causal, has_skip, fpb, has_stats, num_splits) -> _Plan:
     key = (q.shape, q.dtype, q.get_device(), kv_cache.shape, kv_cache.stride(),
            None if block_table is None else (block_table.shape, block_table.stride(0)),
-           causal, has_skip, fpb, has_stats, num_splits, CLUSTER_MODE)
+           causal, has_skip, fpb, has_stats, num_splits, CLUSTER_MODE, INTERLEAVE_SPLITS)
     plan = _plans.get(key)
     if plan is not None:
         return plan
@@ -217,7 +226,9 @@ def _get_plan(q, kv_cache, block_table, causal, has_skip, fpb, has_stats, num_sp
                       causal=bool(causal), has_skip=has_skip, factor_per_batch=fpb,
                       has_stats=has_stats, direct_out=p.direct,
                       cluster_m=mla_cluster_m(q.shape[2], q.shape[1], bool(causal),
-                                              tiles_per_split))
+                                              tiles_per_split),
+                      # one split: both tile orders coincide (one compiled kernel)
+                      interleave_splits=geo["interleave_splits"] and not p.direct)
         ck = _config_key(config)
         p.fn = _compiled(ck, lambda: _make_kernel(ck).launch_ptrs,
                          _compile_args(dict(ck), cuda_stream(0)))
@@ -312,7 +323,8 @@ def supported_configs():
         for has_skip, fpb, stats in ((False, False, False), (True, False, False), (True, True, True)):
             for direct in (False, True):
                 cfgs.append(dict(dtype=torch.bfloat16, page_size=page_size, has_skip=has_skip,
-                                 factor_per_batch=fpb, has_stats=stats, direct_out=direct))
+                                 factor_per_batch=fpb, has_stats=stats, direct_out=direct,
+                                 interleave_splits=INTERLEAVE_SPLITS and not direct))
     return cfgs
 
 
@@ -321,7 +333,7 @@ def supported_cluster_configs():
     and both epilogues."""
     bf = torch.bfloat16
     return [dict(dtype=bf, page_size=64, has_skip=True, factor_per_batch=True, has_stats=True,
-                 cluster_m=2),
+                 cluster_m=2, interleave_splits=INTERLEAVE_SPLITS),
             dict(dtype=bf, page_size=64, direct_out=True, cluster_m=2),
             dict(dtype=bf, page_size=16, has_skip=True, cluster_m=2),
             dict(dtype=bf, page_size=None, has_skip=True, direct_out=True, cluster_m=2)]

@@ -31,7 +31,7 @@ from blasst_cute.testing import time_graph, time_per_call  # noqa: E402
 
 LOG = []
 GEO_KEYS = ("block_m", "block_n", "pack_gqa", "order", "num_splits", "rows_per_decision",
-            "split_tiles")
+            "split_tiles", "interleave_splits")
 
 
 def log(msg=""):
@@ -163,7 +163,9 @@ def graph_check(B=3, lq=2, hq=16, hk=4, L=3000, page_size=64):
     fac = torch.full((B,), 5.0, device=dev)
     geo = launch_decode.plan_decode_sm90(q, kc, bt)
     S = geo["num_splits"]
-    ws = (torch.empty(S, B, lq, hq, 128, device=dev), torch.empty(S, B, hq, lq, device=dev))
+    # partials + the fused merge's arrival counters: nothing allocated inside the captured call
+    ws = (torch.empty(S, B, lq, hq, 128, device=dev), torch.empty(S, B, hq, lq, device=dev),
+          torch.zeros(B * hk * 4, dtype=torch.int32, device=dev))
     out = torch.empty_like(q)
     lse = torch.empty(B, hq, lq, device=dev)
     cnt = [torch.zeros(B, hk, dtype=torch.int32, device=dev) for _ in range(3)]

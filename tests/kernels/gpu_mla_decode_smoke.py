@@ -34,7 +34,7 @@ from blasst_cute.testing import time_graph, time_per_call  # noqa: E402
 D, DV = 576, 512
 LOG = []
 GEO_KEYS = ("block_m", "block_n", "pack_gqa", "order", "num_splits", "rows_per_decision",
-            "split_tiles")
+            "split_tiles", "interleave_splits")
 
 
 def log(msg=""):
@@ -430,6 +430,8 @@ def main():
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep-splits", action="store_true")
+    ap.add_argument("--shapes", default=None,
+                    help="benchmark only these BxLxH shapes, comma-separated (e.g. 1x32768x128)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     log(f"torch {torch.__version__}, device {torch.cuda.get_device_name()}")
@@ -449,6 +451,8 @@ def main():
         cfgs += [(64, 32768, 16), (64, 32768, 64)]
         if args.quick:
             cfgs = [(16, 4096, 128), (64, 32768, 128)]
+        if args.shapes:
+            cfgs = [tuple(int(x) for x in sh.split("x")) for sh in args.shapes.split(",")]
         try:
             bench(cfgs, out_dir=args.out)
         except Exception:  # noqa: BLE001

@@ -58,6 +58,9 @@ def test_geometry_matches_reference_contract():
     geo = launch_decode.decode_geometry_sm90(4, 1, 64, 1, 8, 131072, 132)
     assert geo["block_m"] == 64 and geo["pack_gqa"] and geo["rows_per_decision"] == 64
     assert geo["num_splits"] == 16
+    assert geo["interleave_splits"] is launch_decode.INTERLEAVE_SPLITS
+    assert not launch_decode.decode_geometry_sm90(4, 1, 64, 1, 8, 131072, 132,
+                                                  interleave_splits=False)["interleave_splits"]
     assert launch_decode.decode_geometry_sm90(4, 1, 64, 64, 8, 32768, 132)["num_splits"] == 1
     assert launch_decode.decode_geometry_sm90(4, 1, 64, 8, 8, 32768, 132)["num_splits"] == 2
     # few tiles: at least MIN_TILES_PER_SPLIT tiles per split
@@ -69,7 +72,7 @@ def test_geometry_matches_reference_contract():
     blasst_attention_paged(q, k, k, cache_seqlens=torch.tensor([300]), threshold_scale_factor=1.0,
                            **{kk: g[kk] for kk in ("block_m", "block_n", "pack_gqa", "order",
                                                    "num_splits", "rows_per_decision",
-                                                   "split_tiles")})
+                                                   "split_tiles", "interleave_splits")})
 
 
 # ------------------------------------------------------------------------------------- GPU

@@ -23,7 +23,7 @@ from blasst_cute.reference import blasst_attention_paged  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 
 GEO_KEYS = ("block_m", "block_n", "pack_gqa", "order", "num_splits", "rows_per_decision",
-            "split_tiles")
+            "split_tiles", "interleave_splits")
 
 
 def _cfg_id(c):

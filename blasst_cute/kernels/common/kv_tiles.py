@@ -25,6 +25,19 @@ def split_tile_range(seqlen_k, seqlen_q, m_block, rows_per_pos, split_idx, num_s
     return tile_lo, tile_hi, n_local
 
 
+def split_tiles_interleaved(seqlen_k, seqlen_q, m_block, rows_per_pos, split_idx, num_splits,
+                            tile_m: int, tile_n: int, causal: bool):
+    """(first tile, tile step, n_local): the split's tiles when splits interleave, split s taking
+    tiles s, s + num_splits, s + 2 num_splits, ... of the visited range. Every split then samples
+    the whole sequence, so the kept tiles (clustered at the sinks and the recent keys) spread
+    evenly over the CTAs, and each split's running max sees the high-scoring regions early."""
+    # One split covering everything: (0, n_visit, n_visit).
+    _, n_visit, _ = split_tile_range(seqlen_k, seqlen_q, m_block, rows_per_pos, 0, 1, tile_m,
+                                     tile_n, causal)
+    n_local = cutlass.max((n_visit - split_idx + num_splits - 1) // num_splits, 0)
+    return split_idx, num_splits, n_local
+
+
 def page_copy_coords(tile, c: int, seqlen_k, tile_n: int, rows_per_copy: int, page_size,
                      paged: bool):
     """(page slot in the block table, row block inside the page) of copy c of a key tile.

@@ -1,13 +1,15 @@
 # blasst_cute: merge of split-KV decode partials by their log-sum-exp (any arch >= sm_80 code,
 # compiled for sm_90a here).
 #
-# One warp per output row (b, pos, head): lanes reduce the split lse values (max, then the sum of
-# exp(lse_s - max)), then accumulate O = sum_s exp(lse_s - lse) * O_s with each lane owning
-# head_dim / 32 contiguous columns. Splits with lse = -inf (no key, or no tile in the split) are
-# not read at all, so whatever their O slot holds cannot leak in; a row whose splits are all empty
-# gets O = 0 and lse = -inf.
+# One warp per output row (b, pos, head) and chunk of COLS_PER_WARP columns (wide rows, e.g.
+# MLA's 512, take several warps: more CTAs pull the partials in): lanes reduce the split lse
+# values (max, then the sum of exp(lse_s - max)), then accumulate O = sum_s exp(lse_s - lse) * O_s,
+# each lane owning contiguous columns of the chunk. Splits with lse = -inf (no key, or no tile in
+# the split) get no weight, so whatever their O slot holds cannot leak in; a row whose splits are
+# all empty gets O = 0 and lse = -inf.
 
 import math
+from typing import Optional
 
 import cuda.bindings.driver as cuda
 
@@ -17,7 +19,8 @@ from cutlass import Float32, Int32, const_expr
 
 LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
-ROWS_PER_CTA = 4
+ROWS_PER_CTA = 4  # warps per CTA
+COLS_PER_WARP = 128
 
 
 class BlasstDecodeCombineSm90:
@@ -28,7 +31,8 @@ class BlasstDecodeCombineSm90:
             raise NotImplementedError(f"blasst combine: head_dim {head_dim} (multiple of 32)")
         self.dtype = dtype
         self.head_dim = head_dim
-        self.per_lane = head_dim // 32
+        # Column chunks per row: one warp each when head_dim is a multiple of COLS_PER_WARP.
+        self.chunks = head_dim // COLS_PER_WARP if head_dim % COLS_PER_WARP == 0 else 1
 
     @cute.jit
     def launch_ptrs(
@@ -66,7 +70,7 @@ class BlasstDecodeCombineSm90:
     ):
         if const_expr(mO.element_type != self.dtype):
             raise TypeError(f"expected {self.dtype}, got {mO.element_type}")
-        total = mO.shape[0] * mO.shape[1] * mO.shape[2]
+        total = mO.shape[0] * mO.shape[1] * mO.shape[2] * self.chunks
         self.kernel(mOp, mLSEp, mO, mLSE, total).launch(
             grid=[(total + ROWS_PER_CTA - 1) // ROWS_PER_CTA, 1, 1],
             block=[32 * ROWS_PER_CTA, 1, 1],
@@ -79,15 +83,21 @@ class BlasstDecodeCombineSm90:
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         lane = tidx % 32
-        row = bidx * ROWS_PER_CTA + tidx // 32
-        if row < total:
+        item = bidx * ROWS_PER_CTA + tidx // 32
+        if item < total:
             num_heads = mO.shape[2]
             seqlen_q = mO.shape[1]
+            row = item // self.chunks
+            chunk = item - row * self.chunks
             head = row % num_heads
             t = row // num_heads
             pos = t % seqlen_q
             b = t // seqlen_q
-            merge_split_row(mOp, mLSEp, mO, mLSE, b, pos, head, lane)
+            if const_expr(self.chunks == 1):
+                merge_split_row(mOp, mLSEp, mO, mLSE, b, pos, head, lane)
+            else:
+                merge_split_rows(mOp, mLSEp, mO, mLSE, b, [pos], [head], None, lane,
+                                 per_lane=COLS_PER_WARP // 32, chunk=chunk)
 
 
 @cute.jit
@@ -96,37 +106,76 @@ def merge_split_row(mOp: cute.Tensor, mLSEp: cute.Tensor, mO: cute.Tensor, mLSE:
     """One warp merges output row (b, pos, head) from its split partials (see the module comment).
 
     mOp fp32 (splits, b, lq, hq, d), mLSEp fp32 (splits, b, hq, lq), mO (b, lq, hq, d) in the
-    output dtype, mLSE fp32 (b, hq, lq). Also used by the decode kernel's fused merge."""
-    per_lane = mO.shape[3] // 32
-    num_splits = mOp.shape[0]
-    m = -Float32.inf
-    for s in cutlass.range(lane, num_splits, 32, unroll=1):
-        m = cute.arch.fmax(m, mLSEp[s, b, head, pos])
-    m = cute.arch.warp_reduction_max(m)
-    m_safe = Float32(0.0) if m == -Float32.inf else m
-    total_w = Float32(0.0)
-    for s in cutlass.range(lane, num_splits, 32, unroll=1):
-        total_w += cute.math.exp2((mLSEp[s, b, head, pos] - m_safe) * LOG2_E, fastmath=True)
-    total_w = cute.arch.warp_reduction(total_w, lambda x, y: x + y)
-    lse = -Float32.inf
-    if total_w > Float32(0.0):
-        lse = m_safe + cute.math.log2(total_w, fastmath=False) * LN_2
+    output dtype, mLSE fp32 (b, hq, lq)."""
+    merge_split_rows(mOp, mLSEp, mO, mLSE, b, [pos], [head], None, lane)
 
-    acc = cute.make_rmem_tensor((per_lane,), Float32)
-    acc.fill(0.0)
-    part = cute.make_rmem_tensor((per_lane,), Float32)
+
+@cute.jit
+def merge_split_rows(mOp: cute.Tensor, mLSEp: cute.Tensor, mO: cute.Tensor, mLSE: cute.Tensor,
+                     b: Int32, pos: list, head: list, valid: Optional[list], lane: Int32,
+                     per_lane: cutlass.Constexpr = None, chunk: Int32 = 0):
+    """One warp merges the output rows (b, pos[i], head[i]) of sequence b together: every load of
+    a split serves all of them, so the warp waits for memory once per split batch instead of once
+    per row and split (the fused merge of a GQA tile has up to 16 rows per warp's share and up to
+    ~130 splits). valid[i] False: row i is not written (a duplicate padding the batch); None: all
+    rows are written. Lanes own head_dim / 32 contiguous columns, or, with per_lane, the warp
+    covers columns [chunk * 32 * per_lane, (chunk + 1) * 32 * per_lane) (chunk 0 writes lse)."""
+    n = len(pos)
+    if const_expr(per_lane is None):
+        per_lane = mO.shape[3] // 32
+    col_tile = chunk * 32 + lane
+    num_splits = mOp.shape[0]
+    # Pass 1 and 2: per-row max and sum of exp over the splits' lse (lanes stride the splits).
+    mx = cute.make_rmem_tensor((n,), Float32)
+    mx.fill(-Float32.inf)
+    for s in cutlass.range(lane, num_splits, 32, unroll=1):
+        for i in cutlass.range_constexpr(n):
+            mx[i] = cute.arch.fmax(mx[i], mLSEp[s, b, head[i], pos[i]])
+    m_safe = cute.make_rmem_tensor((n,), Float32)
+    for i in cutlass.range_constexpr(n):
+        m = cute.arch.warp_reduction_max(mx[i])
+        m_safe[i] = Float32(0.0) if m == -Float32.inf else m
+    tot = cute.make_rmem_tensor((n,), Float32)
+    tot.fill(0.0)
+    for s in cutlass.range(lane, num_splits, 32, unroll=1):
+        for i in cutlass.range_constexpr(n):
+            tot[i] += cute.math.exp2((mLSEp[s, b, head[i], pos[i]] - m_safe[i]) * LOG2_E, fastmath=True)
+    lse = cute.make_rmem_tensor((n,), Float32)
+    for i in cutlass.range_constexpr(n):
+        total_w = cute.arch.warp_reduction(tot[i], lambda x, y: x + y)
+        lse[i] = -Float32.inf
+        if total_w > Float32(0.0):
+            lse[i] = m_safe[i] + cute.math.log2(total_w, fastmath=False) * LN_2
+
+    accs = [cute.make_rmem_tensor((per_lane,), Float32) for _ in range(n)]
+    parts = [cute.make_rmem_tensor((per_lane,), Float32) for _ in range(n)]
+    for i in cutlass.range_constexpr(n):
+        accs[i].fill(0.0)
     # Unrolled so that several splits' loads are in flight at once (the loop is latency-bound
     # otherwise); an empty split's O slot is loaded but never used.
-    for s in cutlass.range(num_splits, unroll=4):
-        ls = mLSEp[s, b, head, pos]
-        src = cute.local_tile(mOp[s, b, pos, head, None], (per_lane,), (lane,))
-        cute.autovec_copy(src, part)
-        if ls > -Float32.inf:
-            w = cute.math.exp2((ls - lse) * LOG2_E, fastmath=True)
-            for j in cutlass.range_constexpr(per_lane):
-                acc[j] = acc[j] + w * part[j]
+    for s in cutlass.range(num_splits, unroll=8 if n * per_lane <= 8 else 4):
+        for i in cutlass.range_constexpr(n):
+            src = cute.local_tile(mOp[s, b, pos[i], head[i], None], (per_lane,), (col_tile,))
+            cute.autovec_copy(src, parts[i])
+        for i in cutlass.range_constexpr(n):
+            ls = mLSEp[s, b, head[i], pos[i]]
+            if ls > -Float32.inf:
+                w = cute.math.exp2((ls - lse[i]) * LOG2_E, fastmath=True)
+                for j in cutlass.range_constexpr(per_lane):
+                    accs[i][j] = accs[i][j] + w * parts[i][j]
+    for i in cutlass.range_constexpr(n):
+        if const_expr(valid is None):
+            _store_row(mO, mLSE, accs[i], lse[i], b, pos[i], head[i], lane, col_tile, per_lane)
+        else:
+            if valid[i]:
+                _store_row(mO, mLSE, accs[i], lse[i], b, pos[i], head[i], lane, col_tile, per_lane)
+
+
+@cute.jit
+def _store_row(mO: cute.Tensor, mLSE: cute.Tensor, acc: cute.Tensor, lse: Float32, b: Int32,
+               pos: Int32, head: Int32, lane: Int32, col_tile: Int32, per_lane: cutlass.Constexpr):
     out = cute.make_rmem_tensor((per_lane,), mO.element_type)
     out.store(acc.load().to(mO.element_type))
-    cute.autovec_copy(out, cute.local_tile(mO[b, pos, head, None], (per_lane,), (lane,)))
-    if lane == 0:
+    cute.autovec_copy(out, cute.local_tile(mO[b, pos, head, None], (per_lane,), (col_tile,)))
+    if col_tile == 0:  # lane 0 of chunk 0
         mLSE[b, head, pos] = lse

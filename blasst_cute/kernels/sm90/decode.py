@@ -20,6 +20,11 @@
 # The page ids of K tile j are staged in smem next to K (written by the producer before it arms
 # the full barrier) so that the V load of tile j reuses them without touching the block table.
 #
+# Splits: by default split s of S visits the key tiles s, s + S, s + 2S, ... (interleave_splits),
+# so the tiles BLASST keeps (sinks, recent keys) spread evenly over the CTAs of a sequence;
+# otherwise split s takes the s-th contiguous chunk. Each split has its own running max and
+# never skips its first tile.
+#
 # Output: with one split, O (q dtype) and lse directly; otherwise fp32 O / l and lse per split,
 # merged either by the combine kernel (blasst_cute.kernels.sm90.combine) or, with fused_merge,
 # in this launch by the last split CTA of each q-tile to finish (an arrival counter per q-tile;
@@ -50,7 +55,11 @@ from blasst_cute.kernels.common.decode_io import (
     store_out_lse,
     vector_tensor,
 )
-from blasst_cute.kernels.common.kv_tiles import page_copy_coords, split_tile_range
+from blasst_cute.kernels.common.kv_tiles import (
+    page_copy_coords,
+    split_tile_range,
+    split_tiles_interleaved,
+)
 from blasst_cute.kernels.common.layout import (
     acc_rows_cols,
     assume_rows_aligned,
@@ -68,11 +77,13 @@ from blasst_cute.kernels.common.softmax_skip import (
     rescale_rows,
     sequence_threshold_log2,
 )
-from blasst_cute.kernels.sm90.combine import merge_split_row
+from blasst_cute.kernels.sm90.combine import merge_split_rows
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_PAGE_SIZES = (16, 32, 64, 128, 256)
 TILE_M = 64  # packed rows per CTA (one consumer warpgroup)
+# Rows a warp of the fused merge merges together (one memory wait per split batch serves them all).
+MERGE_ROWS = 4
 SMEM_BUDGET = 220 * 1024
 
 
@@ -121,6 +132,7 @@ class BlasstDecodeSm90:
         order: str = "forward",
         num_k_stages: Optional[int] = None,
         num_v_stages: Optional[int] = None,
+        interleave_splits: bool = False,
     ):
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
             raise NotImplementedError(f"blasst sm90 decode: dtype {dtype} (bf16/fp16 only)")
@@ -148,6 +160,9 @@ class BlasstDecodeSm90:
         self.direct_out = direct_out
         self.fused_merge = fused_merge
         self.reverse = order == "reverse"
+        # Split s visits tiles s, s + S, ... (see kv_tiles.split_tiles_interleaved) instead of
+        # the s-th contiguous chunk.
+        self.interleave_splits = interleave_splits
         # Rows per TMA copy: a whole page, or a slice of one when pages are larger than a tile.
         self.rows_per_copy = min(page_size, tile_n) if self.paged else tile_n
         self.copies_per_tile = tile_n // self.rows_per_copy
@@ -378,16 +393,23 @@ class BlasstDecodeSm90:
         seqlen_k = mSeqlens[batch_idx]
         seqlen_q = mQ.shape[1]
         num_rows = seqlen_q * qhead_per_kvhead
-        tile_lo, tile_hi, n_local = split_tile_range(
-            seqlen_k, seqlen_q, m_block, qhead_per_kvhead, split_idx, num_splits,
-            TILE_M, self.tile_n, self.causal)
+        # Tile i of this CTA is tile_first + i * tile_step (forward order).
+        if const_expr(self.interleave_splits):
+            tile_first, tile_step, n_local = split_tiles_interleaved(
+                seqlen_k, seqlen_q, m_block, qhead_per_kvhead, split_idx, num_splits,
+                TILE_M, self.tile_n, self.causal)
+        else:
+            tile_first, _, n_local = split_tile_range(
+                seqlen_k, seqlen_q, m_block, qhead_per_kvhead, split_idx, num_splits,
+                TILE_M, self.tile_n, self.causal)
+            tile_step = Int32(1)
 
         cute.arch.sync_threads()  # mbarrier init visible
 
         if warp_idx == self.producer_warp:
             self.load(
                 mK, sK, tma_atom_K, mBlockTable, sPages, mbar_k_full, mbar_k_empty,
-                head_kv, batch_idx, seqlen_k, tile_lo, tile_hi, n_local,
+                head_kv, batch_idx, seqlen_k, tile_first, tile_step, n_local,
             )
         elif warp_idx < 4:
             self.mma(
@@ -395,18 +417,19 @@ class BlasstDecodeSm90:
                 mbar_k_full, mbar_k_empty, mbar_v_full,
                 tiled_mma_qk, tiled_mma_pv,
                 tidx, m_block, split_idx, head_kv, batch_idx, qhead_per_kvhead, num_rows,
-                seqlen_q, seqlen_k, tile_lo, tile_hi, n_local,
+                seqlen_q, seqlen_k, tile_first, tile_step, n_local,
                 scale_log2, threshold_scale_factor, mFactor, mVisited, mSkipped, mVLoaded,
                 mOFinal, mLSEFinal, mArrivals, num_splits,
             )
 
     # ------------------------------------------------------------------ tile order / pages
     @cute.jit
-    def tile_of(self, i: Int32, tile_lo: Int32, tile_hi: Int32) -> Int32:
-        t = tile_lo + i
+    def tile_of(self, i: Int32, tile_first: Int32, tile_step: Int32, n_local: Int32) -> Int32:
+        """The key tile of local step i (the split's tiles in ascending or descending order)."""
+        step = i
         if const_expr(self.reverse):
-            t = tile_hi - 1 - i
-        return t
+            step = n_local - 1 - i
+        return tile_first + step * tile_step
 
     @cute.jit
     def copy_coords(self, tile: Int32, c: int, seqlen_k: Int32):
@@ -416,11 +439,11 @@ class BlasstDecodeSm90:
 
     @cute.jit
     def batch_page_ids(self, mBlockTable: cute.Tensor, batch_idx: Int32, seqlen_k: Int32,
-                       lane: Int32, i0: Int32, tile_lo: Int32, tile_hi: Int32, n_local: Int32):
+                       lane: Int32, i0: Int32, tile_first: Int32, tile_step: Int32, n_local: Int32):
         """This lane's page id of the batch starting at local step i0 (clamped to valid pages)."""
         cpt = self.copies_per_tile
         step = cutlass.max(cutlass.min(i0 + lane // cpt, n_local - 1), 0)
-        tile = self.tile_of(step, tile_lo, tile_hi)
+        tile = self.tile_of(step, tile_first, tile_step, n_local)
         key0 = tile * self.tile_n + (lane % cpt) * self.rows_per_copy
         last_page = cutlass.max((seqlen_k + self.page_size - 1) // self.page_size - 1, 0)
         slot = cutlass.max(cutlass.min(key0 // self.page_size, last_page), 0)
@@ -451,7 +474,7 @@ class BlasstDecodeSm90:
         mBlockTable: Optional[cute.Tensor], sPages: cute.Tensor,
         mbar_k_full, mbar_k_empty,
         head_kv: Int32, batch_idx: Int32, seqlen_k: Int32,
-        tile_lo: Int32, tile_hi: Int32, n_local: Int32,
+        tile_first: Int32, tile_step: Int32, n_local: Int32,
     ):
         NK = self.num_k_stages
         cpt = self.copies_per_tile
@@ -465,9 +488,9 @@ class BlasstDecodeSm90:
         ids_nxt = Int32(0)
         if const_expr(self.paged):
             ids_nxt = self.batch_page_ids(mBlockTable, batch_idx, seqlen_k, lane, Int32(0),
-                                          tile_lo, tile_hi, n_local)
+                                          tile_first, tile_step, n_local)
         for i in cutlass.range(n_local, unroll=1):
-            tile = self.tile_of(i, tile_lo, tile_hi)
+            tile = self.tile_of(i, tile_first, tile_step, n_local)
             stage = i % NK
             phase = (i // NK) % 2
             page = Int32(0)
@@ -477,7 +500,7 @@ class BlasstDecodeSm90:
                     ids_cur = ids_nxt
                     ids_nxt = self.batch_page_ids(
                         mBlockTable, batch_idx, seqlen_k, lane, i + tiles_per_batch,
-                        tile_lo, tile_hi, n_local)
+                        tile_first, tile_step, n_local)
                 page = cute.arch.shuffle_sync(ids_cur, j * cpt + cutlass.min(lane, cpt - 1))
             cute.arch.mbarrier_wait(mbar_k_empty + stage, phase ^ 1)
             if const_expr(self.paged):
@@ -507,7 +530,7 @@ class BlasstDecodeSm90:
         tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma,
         tidx: Int32, m_block: Int32, split_idx: Int32, head_kv: Int32, batch_idx: Int32,
         qhead_per_kvhead: Int32, num_rows: Int32, seqlen_q: Int32, seqlen_k: Int32,
-        tile_lo: Int32, tile_hi: Int32, n_local: Int32,
+        tile_first: Int32, tile_step: Int32, n_local: Int32,
         scale_log2: Float32, threshold_scale_factor: Float32, mFactor: Optional[cute.Tensor],
         mVisited: Optional[cute.Tensor], mSkipped: Optional[cute.Tensor],
         mVLoaded: Optional[cute.Tensor],
@@ -575,7 +598,7 @@ class BlasstDecodeSm90:
         num_kept = Int32(0)
         num_done = Int32(0)
         for i in cutlass.range(n_local, unroll=1):
-            tile = self.tile_of(i, tile_lo, tile_hi)
+            tile = self.tile_of(i, tile_first, tile_step, n_local)
             stage = i % NK
             # ---- S = Q K^T
             acc_S = cute.make_rmem_tensor(acc_S_shape, Float32)
@@ -689,11 +712,18 @@ class BlasstDecodeSm90:
             warp = tidx // 32
             lane = tidx - warp * 32
             rows_here = cutlass.min(num_rows - m_block * TILE_M, TILE_M)
-            for r in cutlass.range(warp, rows_here, 4, unroll=1):
-                grow = m_block * TILE_M + r
-                pos = grow // G
-                head = head_kv * G + (grow - pos * G)
-                merge_split_row(mOp, mLSEp, mOFinal, mLSEFinal, batch_idx, pos, head, lane)
+            # Warp w merges rows w, w + 4, ...; MERGE_ROWS of them at once (a batch is padded with
+            # duplicates of a valid row, never written).
+            for r0 in cutlass.range(warp, rows_here, 4 * MERGE_ROWS, unroll=1):
+                pos, head, valid = [], [], []
+                for i in cutlass.range_constexpr(MERGE_ROWS):
+                    r = r0 + 4 * i
+                    valid.append(r < rows_here)
+                    grow = m_block * TILE_M + cutlass.min(r, rows_here - 1)
+                    p = grow // G
+                    pos.append(p)
+                    head.append(head_kv * G + (grow - p * G))
+                merge_split_rows(mOp, mLSEp, mOFinal, mLSEFinal, batch_idx, pos, head, valid, lane)
 
     @cute.jit
     def pv_step(

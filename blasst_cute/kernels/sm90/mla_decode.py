@@ -67,7 +67,11 @@ from blasst_cute.kernels.common.decode_io import (
     store_out_lse,
     vector_tensor,
 )
-from blasst_cute.kernels.common.kv_tiles import page_copy_coords, split_tile_range
+from blasst_cute.kernels.common.kv_tiles import (
+    page_copy_coords,
+    split_tile_range,
+    split_tiles_interleaved,
+)
 from blasst_cute.kernels.common.layout import (
     acc_rows_cols,
     assume_rows_aligned,
@@ -120,6 +124,7 @@ class BlasstMlaDecodeSm90:
         has_stats: bool = False,
         direct_out: bool = False,
         cluster_m: int = 1,
+        interleave_splits: bool = False,
     ):
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
             raise NotImplementedError(f"blasst sm90 MLA decode: dtype {dtype} (bf16/fp16 only)")
@@ -133,6 +138,10 @@ class BlasstMlaDecodeSm90:
         if cluster_m not in (1, 2):
             raise NotImplementedError(f"blasst sm90 MLA decode: cluster_m {cluster_m} (1 or 2)")
         self.dtype = dtype
+        # Split s visits tiles s, s + S, ... (kv_tiles.split_tiles_interleaved) instead of the s-th
+        # contiguous chunk: every split samples the whole sequence, so its running max finds the
+        # high-scoring keys early (more skips) and the kept tiles spread evenly over the CTAs.
+        self.interleave_splits = interleave_splits
         self.paged = page_size is not None
         self.page_size = page_size
         self.causal = causal
@@ -345,9 +354,16 @@ class BlasstMlaDecodeSm90:
         seqlen_q = mQ.shape[1]
         num_heads = mQ.shape[2]
         num_rows = seqlen_q * num_heads
-        tile_lo, _, n_local = split_tile_range(
-            seqlen_k, seqlen_q, m_block, num_heads, split_idx, num_splits,
-            TILE_M, TILE_N, self.causal)
+        # Tile i of this CTA is tile_first + i * tile_step.
+        if const_expr(self.interleave_splits):
+            tile_first, tile_step, n_local = split_tiles_interleaved(
+                seqlen_k, seqlen_q, m_block, num_heads, split_idx, num_splits,
+                TILE_M, TILE_N, self.causal)
+        else:
+            tile_first, _, n_local = split_tile_range(
+                seqlen_k, seqlen_q, m_block, num_heads, split_idx, num_splits,
+                TILE_M, TILE_N, self.causal)
+            tile_step = Int32(1)
 
         if const_expr(self.cluster_m > 1):
             # mbarrier init visible to the peer CTA (its multicasts and remote arrivals)
@@ -360,13 +376,13 @@ class BlasstMlaDecodeSm90:
             cute.arch.setmaxregister_decrease(self.num_producer_regs)
             if warp_idx == self.producer_warp:
                 self.load(mK, sK, tma_atom_K, mBlockTable, mbar_full, mbar_empty,
-                          batch_idx, seqlen_k, tile_lo, n_local, cta_rank)
+                          batch_idx, seqlen_k, tile_first, tile_step, n_local, cta_rank)
         else:
             cute.arch.setmaxregister_increase(self.num_mma_regs)
             self.mma(
                 mQ, mO, mLSE, sQ, sK, sP, sRowMax, sRowSum, mbar_full, mbar_empty,
                 tiled_mma_qk, tiled_mma_pv, tidx, m_block, split_idx, batch_idx, num_heads,
-                num_rows, seqlen_q, seqlen_k, tile_lo, n_local,
+                num_rows, seqlen_q, seqlen_k, tile_first, tile_step, n_local,
                 scale_log2, threshold_scale_factor, mFactor, mVisited, mSkipped, cta_rank,
             )
         if const_expr(self.cluster_m > 1):
@@ -387,7 +403,8 @@ class BlasstMlaDecodeSm90:
         self,
         mK: cute.Tensor, sK: cute.Tensor, tma_atom_K: cute.CopyAtom,
         mBlockTable: Optional[cute.Tensor], mbar_full, mbar_empty,
-        batch_idx: Int32, seqlen_k: Int32, tile_lo: Int32, n_local: Int32, cta_rank: Int32,
+        batch_idx: Int32, seqlen_k: Int32, tile_first: Int32, tile_step: Int32, n_local: Int32,
+        cta_rank: Int32,
     ):
         NS = self.num_stages
         cpt = self.copies_per_tile
@@ -413,15 +430,15 @@ class BlasstMlaDecodeSm90:
         page_next = Int32(0)
         if const_expr(self.paged):
             if n_local > 0:
-                slot, _ = self.copy_coords(tile_lo, lane % cpt, seqlen_k)
+                slot, _ = self.copy_coords(tile_first, lane % cpt, seqlen_k)
                 page_next = mBlockTable[batch_idx, slot]
         for i in cutlass.range(n_local, unroll=1):
-            tile = tile_lo + i
+            tile = tile_first + i * tile_step
             stage = i % NS
             page_cur = page_next
             if const_expr(self.paged):
                 if i + 1 < n_local:
-                    slot, _ = self.copy_coords(tile + 1, lane % cpt, seqlen_k)
+                    slot, _ = self.copy_coords(tile + tile_step, lane % cpt, seqlen_k)
                     page_next = mBlockTable[batch_idx, slot]
             cute.arch.mbarrier_wait(mbar_empty + stage, ((i // NS) % 2) ^ 1)
             with cute.arch.elect_one():
@@ -453,7 +470,8 @@ class BlasstMlaDecodeSm90:
         mbar_full, mbar_empty,
         tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma,
         tidx: Int32, m_block: Int32, split_idx: Int32, batch_idx: Int32, num_heads: Int32,
-        num_rows: Int32, seqlen_q: Int32, seqlen_k: Int32, tile_lo: Int32, n_local: Int32,
+        num_rows: Int32, seqlen_q: Int32, seqlen_k: Int32, tile_first: Int32, tile_step: Int32,
+        n_local: Int32,
         scale_log2: Float32, threshold_scale_factor: Float32, mFactor: Optional[cute.Tensor],
         mVisited: Optional[cute.Tensor], mSkipped: Optional[cute.Tensor], cta_rank: Int32,
     ):
@@ -518,7 +536,7 @@ class BlasstMlaDecodeSm90:
 
         num_kept = Int32(0)
         for i in cutlass.range(n_local, unroll=1):
-            tile = tile_lo + i
+            tile = tile_first + i * tile_step
             stage = i % NS
             parity = i % 2
             # ---- S = Q K^T (this warpgroup: 32 of the 64 keys)
