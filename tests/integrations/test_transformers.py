@@ -133,6 +133,17 @@ def test_static_cache_generation_matches_sdpa():
     assert torch.equal(model.generate(input_ids=ids, **kw), ref)
 
 
+def test_decode_reads_the_hf_cache_in_place(monkeypatch):
+    """The [B, H, S, D] cache reaches blasst_cute.decode as its [B, S, H, D] view: no per-step
+    copy of the cache (the kernel takes the strides; tests/integrations/test_transformers_gpu.py
+    checks the CUDA path)."""
+    from cache_spy import assert_read_in_place, decode_cache_reads
+    model = _tiny("llama-gqa")
+    model.set_attn_implementation("blasst")
+    ids = torch.randint(1, 96, (1, 12), generator=torch.Generator().manual_seed(8))
+    assert_read_in_place(*decode_cache_reads(model, ids, monkeypatch))
+
+
 def test_phase_factors_and_per_layer_stats():
     model = _tiny("llama-gqa")
     with torch.no_grad():  # random weights attend almost uniformly: sharpen the scores so tiles skip

@@ -49,3 +49,14 @@ def test_kernels_skip_with_stats():
     pre, dec = bt.phase_stats("prefill"), bt.phase_stats("decode")
     assert pre.visited > 0 and dec.visited > 0
     bt.reset()
+
+
+def test_kernel_decode_reads_the_hf_cache_in_place(monkeypatch):
+    """On CUDA too the cache reaches the decode kernel as a strided view (no per-step copy)."""
+    from cache_spy import assert_read_in_place, decode_cache_reads
+    bt.register()
+    bt.reset()
+    model = _model()
+    model.set_attn_implementation("blasst")
+    ids = torch.randint(1, 128, (2, 300), generator=torch.Generator().manual_seed(2)).cuda()
+    assert_read_in_place(*decode_cache_reads(model, ids, monkeypatch))
