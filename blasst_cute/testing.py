@@ -111,3 +111,24 @@ def time_graph_cycle(fns, calls: int = 16, iters: int = 10) -> float:
         for i in range(calls):
             fns[i % len(fns)]()
     return time_per_call(g.replay, iters, warmup=2) / calls
+
+
+def replay_matches_eager(call, factor: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                         counters, factors=(5.0, 300.0)):
+    """``call`` (writing out, lse and the [visited, skipped, ...] counters it zeroes itself)
+    captured once in a CUDA graph; for each value of the factor tensor: poison out, replay, then
+    run ``call`` eagerly. Returns [(factor, replay bitwise equal to eager, skipped, visited)]."""
+    graph = capture_graph(call, eager_first=False)
+    res = []
+    for f in factors:
+        factor.fill_(f)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        o_g, l_g, c_g = out.clone(), lse.clone(), [c.clone() for c in counters]
+        call()
+        torch.cuda.synchronize()
+        same = bool(torch.equal(o_g, out)) and bool(torch.equal(l_g, lse)) and all(
+            torch.equal(a, b) for a, b in zip(c_g, counters))
+        res.append((f, same, int(c_g[1].sum()), int(c_g[0].sum())))
+    return res

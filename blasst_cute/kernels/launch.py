@@ -6,6 +6,7 @@ dim); this module only converts, compiles and launches.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -39,6 +40,54 @@ def prefill_geometry(head_dim: int, head_dim_v: int, causal: bool, dtype,
                 order="reverse", pack_gqa=False)
 
 
+# 2-CTA clusters sharing each K/V tile by TMA multicast (BlasstFwdSm90 cluster_m / cluster_h):
+#   "auto" (default): q-head pairs where they measured faster (H100 and H200, d128 32/8,
+#       B*L = 32k, perf/results/prefill-h100-cluster.md): the skip build with a scalar factor,
+#       head dims 128/128, Hq/Hk even, L_k >= AUTO_MIN_SEQLEN_K and lambda = factor / L_k >=
+#       AUTO_MIN_LAMBDA (68-98% skipped there, where the kernel is bound by L2 -> SM traffic:
+#       +0.4-8%). Elsewhere one CTA per q-tile: dense, short keys and low sparsity lost 2-9%
+#       with a cluster, other head dims were not timed.
+#   "tiles": q-tile pairs of one (batch, head) (cluster_m=2) where supported (non-causal, no LPT);
+#   "heads": q-head pairs of one KV head (cluster_h=2) wherever Hq/Hk is even;
+#   "never": one CTA per (q-tile, head).
+# Skip decisions and the geometry are the same in every mode (outputs are bitwise equal).
+# BLASST_PREFILL_CLUSTER in the environment sets the initial value (tests force the modes).
+CLUSTER_MODES = ("auto", "never", "tiles", "heads")
+CLUSTER_MODE = os.environ.get("BLASST_PREFILL_CLUSTER", "auto")
+AUTO_MIN_SEQLEN_K = 16384
+AUTO_MIN_LAMBDA = 0.25
+
+
+def prefill_cluster(causal: bool, heads_q: int, heads_kv: int, tuning: Optional[dict] = None, *,
+                    has_skip: bool = False, factor: float = 0.0, seqlen_k: Optional[int] = None,
+                    head_dims: tuple = (128, 128)) -> dict:
+    """{cluster_m, cluster_h} of a launch under CLUSTER_MODE (tuning's values win).
+
+    factor: the scalar threshold factor (0 without skipping or with a per-sequence tensor);
+    seqlen_k: the key length (varlen: max_seqlen_k, None if unknown); head_dims: (q/k, v).
+    These only matter to "auto".
+    """
+    tuning = tuning or {}
+    if "cluster_m" in tuning or "cluster_h" in tuning:
+        c = dict(cluster_m=int(tuning.get("cluster_m", 1)), cluster_h=int(tuning.get("cluster_h", 1)))
+        if c["cluster_h"] > 1 and (heads_q // max(heads_kv, 1)) % c["cluster_h"]:
+            raise NotImplementedError(
+                f"blasst sm90 prefill: cluster_h={c['cluster_h']} needs Hq/Hk even "
+                f"(got {heads_q}/{heads_kv})")
+        return c
+    if CLUSTER_MODE not in CLUSTER_MODES:
+        raise ValueError(f"launch.CLUSTER_MODE {CLUSTER_MODE!r} (one of {', '.join(CLUSTER_MODES)})")
+    if CLUSTER_MODE == "tiles" and not causal and not tuning.get("lpt"):
+        return dict(cluster_m=2, cluster_h=1)
+    lpt_heads = tuning.get("lpt_heads")
+    heads_ok = (heads_q // max(heads_kv, 1)) % 2 == 0 and (lpt_heads is None or lpt_heads % 2 == 0)
+    auto_ok = (has_skip and factor > 0.0 and tuple(head_dims) == (128, 128) and seqlen_k is not None
+               and seqlen_k >= AUTO_MIN_SEQLEN_K and factor / seqlen_k >= AUTO_MIN_LAMBDA)
+    if heads_ok and (CLUSTER_MODE == "heads" or (CLUSTER_MODE == "auto" and auto_ok)):
+        return dict(cluster_m=1, cluster_h=2)
+    return dict(cluster_m=1, cluster_h=1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Compilation
 # ----------------------------------------------------------------------------------------------
@@ -60,6 +109,8 @@ def _config_key(config: dict) -> tuple:
     c.setdefault("debug_no_v_load", False)
     c.setdefault("pv_skip", True)
     c.setdefault("lpt_heads", None)
+    c["cluster_m"] = int(c.get("cluster_m", 1))
+    c["cluster_h"] = int(c.get("cluster_h", 1))
     return tuple(sorted(c.items(), key=lambda kv: kv[0]))
 
 
@@ -72,7 +123,8 @@ def _make_kernel(key: tuple) -> BlasstFwdSm90:
         intra_wg_overlap=c["intra_wg_overlap"], pingpong=c["pingpong"],
         vote_smem=c["vote_smem"], lpt=c["lpt"], debug_no_vote=c["debug_no_vote"],
         decision_rows=c["decision_rows"], debug_no_v_load=c["debug_no_v_load"],
-        pv_skip=c["pv_skip"], lpt_heads=c["lpt_heads"],
+        pv_skip=c["pv_skip"], lpt_heads=c["lpt_heads"], cluster_m=c["cluster_m"],
+        cluster_h=c["cluster_h"],
     )
 
 
@@ -86,7 +138,8 @@ def compile_prefill_sm90(config: dict, options: Optional[str] = None):
     """Compile one configuration with fake tensors (no GPU needed; set CUTE_DSL_ARCH=sm_90a).
 
     config keys: dtype, head_dim, [head_dim_v], causal, has_skip, has_stats, varlen,
-    factor_per_batch, and optionally tile_n / num_stages / intra_wg_overlap / pingpong.
+    factor_per_batch, and optionally tile_n / num_stages / intra_wg_overlap / pingpong /
+    cluster_m / cluster_h (default 1).
     Returns the compiled callable (not launchable without a GPU).
     """
     import cuda.bindings.driver as cuda
@@ -180,7 +233,11 @@ def run_prefill_sm90(q, k, v, out, lse, *, causal: bool, softmax_scale: float,
                   has_skip=has_skip, has_stats=has_stats, varlen=varlen,
                   factor_per_batch=factor_t is not None)
     if tuning:
-        config.update(tuning)  # experiments only: tile_n, num_stages, pingpong, vote_smem, lpt, lpt_heads, decision_rows, pv_skip
+        config.update(tuning)  # experiments only: tile_n, num_stages, pingpong, vote_smem, lpt, lpt_heads, decision_rows, pv_skip, cluster_m, cluster_h
+    config.update(prefill_cluster(bool(causal), q.shape[-2], k.shape[-2], tuning,
+                                  has_skip=has_skip, factor=factor,
+                                  seqlen_k=max_seqlen_k if varlen else k.shape[1],
+                                  head_dims=(q.shape[-1], v.shape[-1])))
     key = _config_key(config)
 
     args = [
@@ -198,4 +255,5 @@ def clear_cache() -> None:
     compile_cache.clear_memory()
 
 
-__all__ = ["SUPPORTED_HEAD_DIM_PAIRS", "SUPPORTED_HEAD_DIMS", "prefill_geometry", "compile_prefill_sm90", "run_prefill_sm90", "clear_cache"]
+__all__ = ["SUPPORTED_HEAD_DIM_PAIRS", "SUPPORTED_HEAD_DIMS", "prefill_geometry", "prefill_cluster",
+           "compile_prefill_sm90", "run_prefill_sm90", "clear_cache"]

@@ -1,11 +1,14 @@
 """A/B timing of sm90 prefill kernel variants, interleaved in one process (GPU host).
 
     python perf/ab/prefill_ab.py [--seqlens 4096 16384 32768] [--rounds 7] [--iters 10] \
-        [--variants dense skip0 sparse ...] [--baseline FILE]
+        [--variants dense skip0 sparse ...] [--baseline FILE] [--lambdas 0.3 0.95]
 
 Variants per shape (d128, Hq/Hk 32/8, B*L = 32k; names in PRESETS): the dense build, the skip
 build at a factor that enables skipping but never skips (1e-30, "skip0") or at --sparse-factor
-("sparse"), knob variants (pv_skip off, LPT section sizes, ...), and "base_*" variants built from
+("sparse"; with --lambdas, one sparse column per lambda = factor / L: "sparse@0.3", ...), knob
+variants (pv_skip off, LPT section sizes, 2-CTA K/V multicast clusters of q-tile pairs "*_c2" (non-causal only) or of
+q-head pairs "*_h2",
+3 stages "*_s3", ...), and "base_*" variants built from
 another version of prefill.py given as --baseline, e.g.
 ``git show 0b9c92e:blasst_cute/kernels/sm90/prefill.py > perf/ab/prefill_baseline.py``.
 Rounds interleave the variants so that clock/power drift (H100 at its 700 W cap) hits all of
@@ -51,6 +54,15 @@ PRESETS = {
     "dense_nolpt": ("new", False, 0.0, dict(lpt=False, causal_only=True)),
     "dense_lpt4": ("new", False, 0.0, dict(lpt_heads=4, causal_only=True)),
     "dense_lpt8": ("new", False, 0.0, dict(lpt_heads=8, causal_only=True)),
+    "dense_c2": ("new", False, 0.0, dict(cluster_m=2, noncausal_only=True)),
+    "skip0_c2": ("new", True, ZERO, dict(cluster_m=2, noncausal_only=True)),
+    "sparse_c2": ("new", True, "sparse", dict(cluster_m=2, noncausal_only=True)),
+    "sparse_s3": ("new", True, "sparse", dict(num_stages=3)),
+    "sparse_c2s3": ("new", True, "sparse", dict(cluster_m=2, num_stages=3, noncausal_only=True)),
+    "dense_c2s3": ("new", False, 0.0, dict(cluster_m=2, num_stages=3, noncausal_only=True)),
+    "dense_h2": ("new", False, 0.0, dict(cluster_h=2)),
+    "skip0_h2": ("new", True, ZERO, dict(cluster_h=2)),
+    "sparse_h2": ("new", True, "sparse", dict(cluster_h=2)),
 }
 
 
@@ -121,6 +133,8 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--sparse-factor", type=float, default=1000.0)
+    p.add_argument("--lambdas", type=float, nargs="*", default=None,
+                   help="sparse points as lambda = factor / L (each < 1), instead of --sparse-factor")
     p.add_argument("--baseline", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                       "prefill_baseline.py"))
     p.add_argument("--variants", nargs="+", default=["dense", "skip0", "sparse"])
@@ -133,20 +147,25 @@ def main():
     for L in a.seqlens:
         B = max(1, a.tokens // L)
         sets = [synthetic_qkv(B, L, L, 32, 8, 128, device="cuda", seed=s) for s in range(1)]
+        sparse_factors = ([(f"@{lam:g}", lam * L) for lam in a.lambdas] if a.lambdas
+                          else [("", a.sparse_factor)])
         for causal in ([False, True] if a.causal == "both" else [a.causal == "true"]):
             s0, _ = sparsity(*sets[0], causal, zero)
-            ss, _ = sparsity(*sets[0], causal, a.sparse_factor)
+            ss = {tag: sparsity(*sets[0], causal, f)[0] for tag, f in sparse_factors}
             variants = {}
             for name in a.variants:
                 mod, has_skip, factor, kw = PRESETS[name]
                 if kw.get("causal_only") and not causal:
                     continue
-                kw = {k: v for k, v in kw.items() if k != "causal_only"}
-                factor = a.sparse_factor if factor == "sparse" else factor
+                if kw.get("noncausal_only") and causal:
+                    continue
+                kw = {k: v for k, v in kw.items() if k not in ("causal_only", "noncausal_only")}
                 module = load_baseline(a.baseline) if mod == "base" else launch
                 # one compiled kernel per (module, skip, knobs); the factor is a runtime argument
                 cname = f"{mod}-{has_skip}-{sorted(kw.items())}"
-                variants[name] = make_runner(cname, module, causal, has_skip, factor, **kw)
+                points = sparse_factors if factor == "sparse" else [("", factor)]
+                for tag, f in points:
+                    variants[name + tag] = make_runner(cname, module, causal, has_skip, f, **kw)
             bufs = []
             for (q, k, v) in sets:
                 bufs.append((q, k, v, torch.empty_like(q),
@@ -167,6 +186,18 @@ def main():
                     diff = (o_d.float() - bufs[0][3].float()).abs()
                     print(f"  skip0 vs dense: max |diff| {diff.max().item():.3g}, "
                           f"{int((diff > 0).sum())} of {diff.numel()} elements differ", flush=True)
+            # a 2-CTA cluster variant must give its 1-CTA counterpart's bits (same per-CTA math)
+            for name in variants:
+                base = name.replace("_c2s3", "_s3").replace("_c2", "").replace("_h2", "")
+                if base == name or base not in variants:
+                    continue
+                outs = []
+                for n in (base, name):
+                    bufs[0][3].fill_(float("nan"))
+                    variants[n](*bufs[0])
+                    torch.cuda.synchronize()
+                    outs.append(bufs[0][3].clone())
+                print(f"  {name} == {base} bits: {torch.equal(outs[0], outs[1])}", flush=True)
             per = {n: [] for n in variants}
             for r in range(a.rounds):
                 for name, fn in variants.items():
@@ -176,21 +207,22 @@ def main():
             row = dict(L=L, B=B, causal=causal, s0=s0, ss=ss, same=same, med=med, spread=spread)
             rows.append(row)
             d = med["dense"]
-            print(f"L={L} B={B} causal={causal} sparsity@1e-30={s0:.4f} sparsity@{a.sparse_factor:g}="
-                  f"{ss:.3f} skip0==dense bits: {same}", flush=True)
+            sp = " ".join(f"sparsity{tag or '@%g' % f}={ss[tag]:.3f}" for tag, f in sparse_factors)
+            print(f"L={L} B={B} causal={causal} sparsity@1e-30={s0:.4f} {sp} "
+                  f"skip0==dense bits: {same}", flush=True)
             for n in variants:
                 print(f"   {n:14s} {med[n]:8.3f} ms  x{d / med[n]:.3f} vs dense  "
                       f"(spread {spread[n] * 100:.1f}%)", flush=True)
         del sets
         torch.cuda.empty_cache()
     print("\nSUMMARY (speed relative to dense of the same run; >1 = faster)")
-    names = sorted({n for r in rows for n in r["med"]})
+    names = [n for n in dict.fromkeys(n for r in rows for n in r["med"])]
     print("shape".ljust(22) + "".join(n.rjust(13) for n in names))
     for r in rows:
         tag = f"L={r['L'] // 1024}k {'causal' if r['causal'] else 'noncausal'}"
         cells = "".join((f"{r['med']['dense'] / r['med'][n]:.3f}" if n in r["med"] else "-").rjust(13)
                         for n in names)
-        print(tag.ljust(22) + cells)
+        print(tag.ljust(22) + cells + "   sparsity " + " ".join(f"{v:.3f}" for v in r["ss"].values()))
     print("dense ms: " + ", ".join(f"{r['L'] // 1024}k{'c' if r['causal'] else 'n'} {r['med']['dense']:.3f}"
                                   for r in rows))
 

@@ -28,7 +28,7 @@ sys.path.insert(0, os.environ.get("BLASST_ROOT")
 
 from blasst_cute import reference  # noqa: E402
 from blasst_cute.kernels import launch_mla  # noqa: E402
-from blasst_cute.testing import capture_graph, dense_attention, lse_err, rel_err  # noqa: E402
+from blasst_cute.testing import dense_attention, lse_err, rel_err, replay_matches_eager  # noqa: E402
 from blasst_cute.testing import time_graph, time_per_call  # noqa: E402
 
 D, DV = 576, 512
@@ -195,19 +195,7 @@ def graph_check(B=3, lq=1, H=128, L=3000, page_size=64):
                                        softmax_scale=D ** -0.5, threshold_scale_factor=fac,
                                        visited=cnt[0], skipped=cnt[1], workspace=ws)
 
-    g = capture_graph(call, eager_first=False)
-    res = []
-    for f in (5.0, 300.0):  # lambda = f / L must stay < 1 for skipping to be on
-        fac.fill_(f)
-        out.fill_(float("nan"))
-        g.replay()
-        torch.cuda.synchronize()
-        o_g, l_g, c_g = out.clone(), lse.clone(), [c.clone() for c in cnt]
-        call()
-        torch.cuda.synchronize()
-        same = bool(torch.equal(o_g, out)) and bool(torch.equal(l_g, lse)) and all(
-            torch.equal(a, b) for a, b in zip(c_g, cnt))
-        res.append((f, same, int(c_g[1].sum()), int(c_g[0].sum())))
+    res = replay_matches_eager(call, fac, out, lse, cnt)  # lambda = f / L stays < 1
     ok = all(r[1] for r in res) and res[1][2] > res[0][2] and S > 1
     return ok, f"splits={S} " + " ".join(
         f"f={f}: replay==eager {s_} skipped {sk}/{vi}" for f, s_, sk, vi in res)

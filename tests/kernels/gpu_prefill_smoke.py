@@ -79,21 +79,21 @@ def _dims(D, Dv):
     return f"{D}" if Dv is None or Dv == D else f"{D}/{Dv}"
 
 
-def check_dense(B, Lq, Lk, Hq, Hk, D, causal, dtype, seed=0, tol=1.2e-2, Dv=None):
+def check_dense(B, Lq, Lk, Hq, Hk, D, causal, dtype, seed=0, tol=1.2e-2, Dv=None, tuning=None):
     Dv = D if Dv is None else Dv
     g = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(B, Lq, Hq, D, device="cuda", dtype=dtype, generator=g)
     k = torch.randn(B, Lk, Hk, D, device="cuda", dtype=dtype, generator=g)
     v = torch.randn(B, Lk, Hk, Dv, device="cuda", dtype=dtype, generator=g)
     scale = D ** -0.5
-    out, lse, _, _ = run_kernel(q, k, v, causal=causal, scale=scale)
+    out, lse, _, _ = run_kernel(q, k, v, causal=causal, scale=scale, tuning=tuning)
     torch.cuda.synchronize()
     ro, rl = sdpa_ref64(q, k, v, causal, scale)
     nan = int(torch.isnan(out).sum()) + int(torch.isnan(lse).sum())
     e, el = rel_err(out, ro), lse_err(lse, rl)
     ok = nan == 0 and e < tol and el < 5e-2
     log(f"{'PASS' if ok else 'FAIL'} dense B={B} Lq={Lq} Lk={Lk} H={Hq}/{Hk} D={_dims(D, Dv)} causal={causal} "
-        f"{str(dtype)[6:]}: rel_err={e:.2e} lse_maxerr={el:.2e} unwritten={nan}")
+        f"{str(dtype)[6:]}{' ' + str(tuning) if tuning else ''}: rel_err={e:.2e} lse_maxerr={el:.2e} unwritten={nan}")
     return ok
 
 
@@ -124,7 +124,8 @@ def check_skip(B, Lq, Lk, Hq, Hk, D, causal, dtype, factor, seed=0, synthetic=Tr
     return ok
 
 
-def check_varlen(seqs_q, seqs_k, Hq, Hk, D, causal, dtype, factor=None, seed=0, Dv=None):
+def check_varlen(seqs_q, seqs_k, Hq, Hk, D, causal, dtype, factor=None, seed=0, Dv=None,
+                 tuning=None):
     Dv = D if Dv is None else Dv
     g = torch.Generator(device="cuda").manual_seed(seed)
     tq, tk = sum(seqs_q), sum(seqs_k)
@@ -136,7 +137,7 @@ def check_varlen(seqs_q, seqs_k, Hq, Hk, D, causal, dtype, factor=None, seed=0, 
     scale = D ** -0.5
     out, lse, vis, skp = run_kernel(q, k, v, causal=causal, scale=scale, factor=factor,
                                     stats=factor is not None, cu_q=cu_q, cu_k=cu_k,
-                                    max_q=max(seqs_q))
+                                    max_q=max(seqs_q), tuning=tuning)
     torch.cuda.synchronize()
     ro, rl, st = reference.blasst_attention_varlen(
         q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=causal, softmax_scale=scale,
@@ -151,7 +152,7 @@ def check_varlen(seqs_q, seqs_k, Hq, Hk, D, causal, dtype, factor=None, seed=0, 
         ok = ok and vis_ok and dskip <= max(1, 0.005 * int(st.visited.sum()))
         extra = f" visited_equal={vis_ok} |dskip|={dskip}/{int(st.visited.sum())}"
     log(f"{'PASS' if ok else 'FAIL'} varlen q={seqs_q} k={seqs_k} H={Hq}/{Hk} D={_dims(D, Dv)} "
-        f"causal={causal} factor={factor}: rel_err={e:.2e} lse_err={el:.2e} unwritten={nan}{extra}")
+        f"causal={causal} factor={factor}{' ' + str(tuning) if tuning else ''}: rel_err={e:.2e} lse_err={el:.2e} unwritten={nan}{extra}")
     return ok
 
 

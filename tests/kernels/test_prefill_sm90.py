@@ -103,6 +103,71 @@ def test_compile_mla_tile_variants(tuning, has_skip):
     assert launch.compile_prefill_sm90(cfg) is not None
 
 
+# 2-CTA clusters sharing K/V by TMA multicast: q-tile pairs (non-causal) or q-head pairs.
+PAIRS = {"tiles": dict(cluster_m=2), "heads": dict(cluster_h=2)}
+
+
+@pytest.mark.parametrize("variant", ["dense", "skip_stats"])
+@pytest.mark.parametrize("pair,causal,dims,varlen", [
+    ("tiles", False, (128, 128), False), ("tiles", False, (128, 128), True),
+    ("tiles", False, (64, 64), False), ("tiles", False, (256, 256), False),
+    ("tiles", False, MLA, False),
+    ("heads", True, (128, 128), False), ("heads", True, (128, 128), True),
+    ("heads", False, (128, 128), False), ("heads", True, (64, 64), False),
+    ("heads", True, (256, 256), False), ("heads", True, MLA, False),
+], ids=lambda x: _dims_id(x) if isinstance(x, tuple) else str(x))
+def test_compile_cluster_pair(pair, causal, dims, varlen, variant):
+    """2-CTA clusters sharing K/V by TMA multicast compile (q-tile pairs: non-causal)."""
+    if os.environ.get("CUTE_DSL_ARCH", "sm_90a") != "sm_90a" and not _on_hopper():
+        pytest.skip("CUTE_DSL_ARCH is not sm_90a")
+    cfg = dict(dtype=torch.bfloat16, head_dim=dims[0], head_dim_v=dims[1], causal=causal,
+               varlen=varlen, **PAIRS[pair], **VARIANTS[variant])
+    assert launch.compile_prefill_sm90(cfg) is not None
+
+
+def test_cluster_pair_unsupported_and_policy(monkeypatch):
+    """q-tile pairs need non-causal attention without LPT, head pairs an even Hq/Hk; the launcher's
+    policy picks a pair only where it is supported."""
+    for bad in (dict(causal=True, cluster_m=2), dict(causal=False, cluster_m=3),
+                dict(causal=False, cluster_m=2, lpt=True), dict(causal=False, cluster_h=3),
+                dict(causal=False, cluster_m=2, cluster_h=2),
+                dict(causal=True, cluster_h=2, lpt_heads=3)):
+        with pytest.raises(NotImplementedError):
+            launch.compile_prefill_sm90(dict(dtype=torch.bfloat16, head_dim=128, **bad))
+    one, tiles, heads = (dict(cluster_m=1, cluster_h=1), dict(cluster_m=2, cluster_h=1),
+                         dict(cluster_m=1, cluster_h=2))
+    monkeypatch.setattr(launch, "CLUSTER_MODE", "tiles")
+    assert launch.prefill_cluster(False, 32, 8) == tiles
+    assert launch.prefill_cluster(True, 32, 8) == one
+    assert launch.prefill_cluster(False, 32, 8, dict(lpt=True)) == one
+    assert launch.prefill_cluster(True, 32, 8, dict(cluster_m=1)) == one
+    monkeypatch.setattr(launch, "CLUSTER_MODE", "heads")
+    assert launch.prefill_cluster(True, 32, 8) == heads
+    assert launch.prefill_cluster(False, 32, 8) == heads
+    assert launch.prefill_cluster(True, 24, 8) == one  # Hq/Hk = 3
+    assert launch.prefill_cluster(True, 8, 8) == one
+    assert launch.prefill_cluster(True, 32, 8, dict(lpt_heads=1)) == one
+    with pytest.raises(NotImplementedError, match="Hq/Hk"):
+        launch.prefill_cluster(True, 24, 8, dict(cluster_h=2))
+    monkeypatch.setattr(launch, "CLUSTER_MODE", "auto")  # the default
+    hi = dict(has_skip=True, factor=0.3 * 16384, seqlen_k=16384)
+    for causal in (False, True):
+        assert launch.prefill_cluster(causal, 32, 8, **hi) == heads
+        assert launch.prefill_cluster(causal, 32, 8) == one  # dense
+        assert launch.prefill_cluster(causal, 32, 8, **dict(hi, seqlen_k=8192, factor=0.3 * 8192)) == one
+        assert launch.prefill_cluster(causal, 32, 8, **dict(hi, factor=0.1 * 16384)) == one
+        assert launch.prefill_cluster(causal, 32, 8, **dict(hi, seqlen_k=None)) == one
+        assert launch.prefill_cluster(causal, 24, 8, **hi) == one
+        assert launch.prefill_cluster(causal, 32, 8, **dict(hi, head_dims=(64, 64))) == one
+    monkeypatch.setattr(launch, "CLUSTER_MODE", "never")
+    assert launch.prefill_cluster(False, 32, 8) == one
+    assert launch.prefill_cluster(False, 32, 8, **hi) == one
+    assert launch.prefill_cluster(False, 32, 8, dict(cluster_m=2)) == tiles
+    monkeypatch.setattr(launch, "CLUSTER_MODE", "sometimes")
+    with pytest.raises(ValueError, match="CLUSTER_MODE"):
+        launch.prefill_cluster(False, 32, 8)
+
+
 def test_geometry():
     block_n = {(64, 64): 128, (128, 128): 128, (256, 256): 80, (192, 128): 128}
     for d, dv in HEAD_DIM_PAIRS:
@@ -258,3 +323,35 @@ def test_random_sweep_200():
     if not _on_hopper():
         pytest.skip("needs sm_90")
     assert smoke.random_sweep(200)
+
+
+@pytest.mark.parametrize("dims", HEAD_DIM_PAIRS, ids=_dims_id)
+@pytest.mark.parametrize("pair,causal", [("tiles", False), ("heads", False), ("heads", True)])
+@pytest.mark.gpu
+def test_cluster_pair(dims, pair, causal):
+    """2-CTA clusters sharing K/V by TMA multicast (q-tile or q-head pairs): the output, LSE and
+    skip counters are bitwise those without a cluster (the per-CTA math is unchanged), also with
+    an odd q-tile count (q-tile pairs: the last pair's second q-tile runs as padding); dense vs
+    float64, skipping vs the reference and varlen (empty and odd-tile sequences) with the pair on."""
+    if not _on_hopper():
+        pytest.skip("needs sm_90")
+    from blasst_cute.workloads import synthetic_qkv
+    d, dv = dims
+    on = PAIRS[pair]
+    off = {k: 1 for k in on}
+    for (B, Lq, Lk, Hq, Hk), factor in [((2, 333, 1000, 4, 2), None), ((2, 333, 1000, 4, 2), 30.0),
+                                        ((1, 1100, 3000, 8, 2), 300.0), ((3, 128, 77, 2, 1), 5.0)]:
+        q, k, v = synthetic_qkv(B, Lq, Lk, Hq, Hk, d, dv, device="cuda", seed=Lq + Lk)
+        res = [smoke.run_kernel(q, k, v, causal=causal, scale=d ** -0.5, factor=factor,
+                                stats=factor is not None, tuning=t) for t in (off, on)]
+        torch.cuda.synchronize()
+        (o1, l1, v1, s1), (o2, l2, v2, s2) = res
+        assert not torch.isnan(o2).any() and not torch.isnan(l2).any()
+        assert torch.equal(o1, o2) and torch.equal(l1, l2), (B, Lq, Lk, factor)
+        if factor is not None:
+            assert torch.equal(v1, v2) and torch.equal(s1, s2)
+    assert smoke.check_dense(2, 333, 1000, 8, 2, d, causal, torch.float16, seed=3, Dv=dv,
+                             tuning=on)
+    assert smoke.check_skip(2, 1000, 1500, 4, 2, d, causal, torch.bfloat16, 30.0, Dv=dv, tuning=on)
+    assert smoke.check_varlen([100, 1, 300, 257, 0], [200, 5, 300, 700, 3], 4, 2, d, causal,
+                              torch.bfloat16, 20.0, Dv=dv, tuning=on)

@@ -17,6 +17,24 @@
 # when there is no ping-pong, and once for the last PV). Every pipeline wait/release and barrier is
 # identical on both paths; V is still loaded. The first visited tile is never skipped.
 # decision_rows=64 keeps the older per-warpgroup decision (vote + smem + barrier each tile).
+#
+# 2-CTA clusters sharing K/V: two CTAs that walk the same key tiles of the same KV head run as a
+# cluster; each CTA's producer loads half of every K and V tile and TMA-multicasts it to both, so
+# each tile leaves L2 once per pair. Why: at high sparsity a skipped tile costs about half the
+# compute of a kept one but the same 64 KiB of K+V, and the kernel becomes bound by the L2 -> SM
+# port (ncu, H100, L=16k, ~85% skipped: lts2xbar 85% busy, 8.5 TB/s to the SMs). The pair is
+#   cluster_m=2 (non-causal): q-tiles 2i, 2i+1 of one (batch, head); a q-tile past the sequence
+#       end still runs (as padding: its rows vote skip, nothing is written) when its partner is
+#       valid, so that both consume the same key tiles;
+#   cluster_h=2 (causal too; needs Hq/Hk even, checked by the launcher): q-heads 2h, 2h+1 (one
+#       KV head) at the same q-tile.
+# Each full barrier expects the whole tile; each empty barrier collects the consumer warps of
+# both CTAs (lanes 0 and 1 of a warp release the stage in CTA 0 and CTA 1); cluster barriers after
+# the mbarrier init and before exit keep the peer's barriers alive. Skip decisions stay per CTA
+# (same geometry and reference; outputs are bitwise those without a cluster). Measured (H100,
+# H200; perf/results/prefill-h100-cluster.md): +3-8 % at >= 70 % skipped with L >= 16k, but
+# 2-9 % slower dense and at short L (the pair runs in lock step), so launch.CLUSTER_MODE picks it
+# only for the former.
 # Idioms follow FlashAttention-4's SM90 forward (flash_attn/cute/flash_fwd_sm90.py) and CUTLASS's
 # CuTe DSL Hopper FMHA example; the code here is written for blasst_cute.
 
@@ -120,6 +138,8 @@ class BlasstFwdSm90:
         debug_no_v_load: bool = False,
         pv_skip: bool = True,
         lpt_heads: Optional[int] = None,
+        cluster_m: int = 1,
+        cluster_h: int = 1,
     ):
         head_dim_v = head_dim if head_dim_v is None else head_dim_v
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
@@ -165,6 +185,23 @@ class BlasstFwdSm90:
         self.lpt = (causal and not varlen) if lpt is None else (lpt and not varlen)
         # (head, batch) pairs per LPT section; None: as many as have K/V fitting in L2.
         self.lpt_heads = lpt_heads
+        # CTAs sharing K/V by TMA multicast: consecutive q-tiles of one (batch, head)
+        # (cluster_m) or consecutive q-heads of one KV head at one q-tile (cluster_h).
+        if cluster_m not in (1, 2) or cluster_h not in (1, 2) or cluster_m * cluster_h > 2:
+            raise NotImplementedError(
+                f"blasst sm90 prefill: cluster_m {cluster_m}, cluster_h {cluster_h} (one of them "
+                "may be 2)")
+        if cluster_m > 1 and causal:
+            raise NotImplementedError(
+                "blasst sm90 prefill: cluster_m=2 needs non-causal attention (the pair of q-tiles "
+                "must visit the same key tiles); cluster_h=2 pairs q-heads instead")
+        if cluster_m > 1 and self.lpt:
+            raise NotImplementedError("blasst sm90 prefill: cluster_m=2 with the LPT schedule")
+        if cluster_h > 1 and self.lpt and lpt_heads is not None and lpt_heads % cluster_h:
+            raise NotImplementedError("blasst sm90 prefill: cluster_h=2 needs an even lpt_heads")
+        self.cluster_m = cluster_m
+        self.cluster_h = cluster_h
+        self.cluster_size = cluster_m * cluster_h
         self.num_mma_wg = self.tile_m // 64
         self.rows_per_decision = decision_rows
         self.pingpong = (head_dim <= 128 and intra_wg_overlap) if pingpong is None else pingpong
@@ -189,6 +226,13 @@ class BlasstFwdSm90:
         )
         val = cute.make_layout((1, vec))
         return cute.make_tiled_copy_tv(atom, thr, val)
+
+    def _launch_cluster(self):
+        if self.cluster_size == 1:
+            return None
+        if self.cluster_h > 1 and not self.lpt:
+            return [1, self.cluster_h, 1]  # grid (q-tile, head, batch): pairs of heads
+        return [self.cluster_size, 1, 1]  # pairs of q-tiles, or LPT's 1-D grid (heads fastest)
 
     # ------------------------------------------------------------------ host launch
     @cute.jit
@@ -234,11 +278,17 @@ class BlasstFwdSm90:
         tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(
             load_op, mQ, sQ_layout, (self.tile_m, self.head_dim)
         )
+        # K/V: with a cluster, each CTA copies 1/cluster_size of a tile and multicasts it.
+        kv_load_op = load_op
+        if const_expr(self.cluster_size > 1):
+            kv_load_op = cpasync.CopyBulkTensorTileG2SMulticastOp()
         tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(
-            load_op, mK, cute.select(sK_layout, mode=[0, 1]), (self.tile_n, self.head_dim), 1
+            kv_load_op, mK, cute.select(sK_layout, mode=[0, 1]), (self.tile_n, self.head_dim),
+            self.cluster_size,
         )
         tma_atom_V, tma_V = cpasync.make_tiled_tma_atom(
-            load_op, mV, cute.select(sV_layout, mode=[0, 1]), (self.tile_n, self.head_dim_v), 1
+            kv_load_op, mV, cute.select(sV_layout, mode=[0, 1]), (self.tile_n, self.head_dim_v),
+            self.cluster_size,
         )
         self.tx_bytes_Q = cute.size_in_bytes(self.dtype, sQ_layout)
         self.tx_bytes_K = cute.size_in_bytes(self.dtype, cute.select(sK_layout, mode=[0, 1]))
@@ -279,7 +329,13 @@ class BlasstFwdSm90:
             else:
                 while l2_heads * 2 <= fit:
                     l2_heads = l2_heads * 2
+                if const_expr(self.cluster_h > 1):
+                    # the head pairs of the clusters stay inside one section
+                    l2_heads = cutlass.max(l2_heads, Int32(self.cluster_h))
             grid = [num_m_blocks * num_heads * num_batch, 1, 1]
+        if const_expr(self.cluster_m > 1):
+            # whole clusters along the q-tiles (an odd last q-tile gets a padding partner)
+            grid[0] = (num_m_blocks + self.cluster_m - 1) // self.cluster_m * self.cluster_m
 
         self.kernel(
             tma_Q, tma_K, tma_V, mO, mLSE,
@@ -292,6 +348,7 @@ class BlasstFwdSm90:
         ).launch(
             grid=grid,
             block=[self.num_threads, 1, 1],
+            cluster=self._launch_cluster(),
             stream=stream,
             min_blocks_per_mp=1,
         )
@@ -349,6 +406,13 @@ class BlasstFwdSm90:
             # Heaviest q-tiles (bottom of the matrix) first.
             m_block = num_m_blocks - 1 - bidx
 
+        # Rank in the cluster: q-tile 2i + rank (cluster_m; the grid's q-tile index is fastest)
+        # or q-head 2h + rank (cluster_h; cluster along the grid's heads, or LPT's 1-D order
+        # with the heads of a section fastest).
+        cta_rank = Int32(0)
+        if const_expr(self.cluster_size > 1):
+            cta_rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
+
         if warp_idx == 0:
             for atom in (tma_atom_Q, tma_atom_K, tma_atom_V):
                 cpasync.prefetch_descriptor(atom)
@@ -359,6 +423,13 @@ class BlasstFwdSm90:
         tma_warp = pipeline.CooperativeGroup(pipeline.Agent.Thread, 1)
         # TMA pipelines release from one lane per consumer warp.
         mma_warps = pipeline.CooperativeGroup(pipeline.Agent.Thread, self.num_mma_threads // 32)
+        # K/V stages are written by the producers of every CTA of the cluster: lane r of each
+        # consumer warp releases the stage to CTA r, so an empty barrier counts the consumer
+        # warps of all CTAs.
+        kv_cluster = cute.make_layout((1, self.cluster_size, 1, 1))
+        mma_warps_kv = pipeline.CooperativeGroup(
+            pipeline.Agent.Thread, self.num_mma_threads // 32 * self.cluster_size
+        )
         pipeline_q = pipeline.PipelineTmaAsync.create(
             barrier_storage=storage.mbar_Q.data_ptr(), num_stages=1,
             producer_group=tma_warp, consumer_group=mma_warps,
@@ -366,15 +437,17 @@ class BlasstFwdSm90:
         )
         pipeline_k = pipeline.PipelineTmaAsync.create(
             barrier_storage=storage.mbar_K.data_ptr(), num_stages=self.num_stages,
-            producer_group=tma_warp, consumer_group=mma_warps,
-            tx_count=self.tx_bytes_K, defer_sync=True,
+            producer_group=tma_warp, consumer_group=mma_warps_kv,
+            tx_count=self.tx_bytes_K, cta_layout_vmnk=kv_cluster, defer_sync=True,
         )
         pipeline_v = pipeline.PipelineTmaAsync.create(
             barrier_storage=storage.mbar_V.data_ptr(), num_stages=self.num_stages,
-            producer_group=tma_warp, consumer_group=mma_warps,
-            tx_count=self.tx_bytes_V, defer_sync=True,
+            producer_group=tma_warp, consumer_group=mma_warps_kv,
+            tx_count=self.tx_bytes_V, cta_layout_vmnk=kv_cluster, defer_sync=True,
         )
-        pipeline_init_arrive(cluster_shape_mn=(1, 1), is_relaxed=True)
+        # (with a cluster: the mbarrier init is visible to the peer before its multicasts and
+        # remote arrivals)
+        pipeline_init_arrive(cluster_shape_mn=(self.cluster_size, 1), is_relaxed=True)
 
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
@@ -390,9 +463,16 @@ class BlasstFwdSm90:
             self.tile_m, self.tile_n, self.causal
         ).get(seq, m_block)
 
-        pipeline_init_wait(cluster_shape_mn=(1, 1))
+        pipeline_init_wait(cluster_shape_mn=(self.cluster_size, 1))
 
-        tile_valid = m_block * self.tile_m < seq.seqlen_q
+        # With a q-tile pair, a q-tile past the end of the sequence still runs (as padding: its
+        # rows vote skip, nothing is written) when the pair's first q-tile is valid, since the
+        # pair shares the K/V ring; pairs with no valid q-tile exit together. (Head pairs share
+        # the q-tile.)
+        pair_m_block = m_block
+        if const_expr(self.cluster_m > 1):
+            pair_m_block = m_block - cta_rank
+        tile_valid = pair_m_block * self.tile_m < seq.seqlen_q
         if tile_valid:
             if warp_idx < 4:
                 cute.arch.setmaxregister_decrease(self.num_producer_regs)
@@ -401,7 +481,7 @@ class BlasstFwdSm90:
                         mQ, mK, mV, sQ, sK, sV, tma_atom_Q, tma_atom_K, tma_atom_V,
                         pipeline_q, pipeline_k, pipeline_v, seq,
                         m_block, head_idx // qhead_per_kvhead, head_idx, batch_idx,
-                        n_block_min, n_block_max,
+                        n_block_min, n_block_max, cta_rank,
                     )
             else:
                 cute.arch.setmaxregister_increase(self.num_mma_regs)
@@ -413,6 +493,10 @@ class BlasstFwdSm90:
                     n_block_min, n_block_max, n_block_causal,
                     scale_log2, threshold_scale_factor, mFactor, mVisited, mSkipped,
                 )
+        if const_expr(self.cluster_size > 1):
+            # No CTA exits while its peer may still multicast into it or arrive on its barriers.
+            cute.arch.cluster_arrive()
+            cute.arch.cluster_wait()
 
     # ------------------------------------------------------------------ producer
     @cute.jit
@@ -424,7 +508,7 @@ class BlasstFwdSm90:
         pipeline_q, pipeline_k, pipeline_v,
         seq: SeqInfo,
         m_block: Int32, head_kv: Int32, head_idx: Int32, batch_idx: Int32,
-        n_block_min: Int32, n_block_max: Int32,
+        n_block_min: Int32, n_block_max: Int32, cta_rank: Int32,
     ):
         gQ = cute.local_tile(
             seq.q_slice(mQ, head_idx, batch_idx), (self.tile_m, self.head_dim), (m_block, 0)
@@ -439,14 +523,19 @@ class BlasstFwdSm90:
             tma_atom_Q, 0, cute.make_layout(1),
             cute.group_modes(sQ, 0, 2), cute.group_modes(gQ, 0, 2),
         )
+        # With a cluster: this CTA's 1/cluster_size slice of each K/V tile, multicast to all.
+        cluster_layout = cute.make_layout(self.cluster_size)
         tKsK, tKgK = cpasync.tma_partition(
-            tma_atom_K, 0, cute.make_layout(1),
+            tma_atom_K, cta_rank, cluster_layout,
             cute.group_modes(sK, 0, 2), cute.group_modes(gK, 0, 2),
         )
         tVsV, tVgV = cpasync.tma_partition(
-            tma_atom_V, 0, cute.make_layout(1),
+            tma_atom_V, cta_rank, cluster_layout,
             cute.group_modes(sV, 0, 2), cute.group_modes(gV, 0, 2),
         )
+        mcast = {}
+        if const_expr(self.cluster_size > 1):
+            mcast = dict(mcast_mask=cutlass.Int16((1 << self.cluster_size) - 1))
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
         has_work = n_block_max > n_block_min
@@ -455,7 +544,7 @@ class BlasstFwdSm90:
             pipeline_k.producer_acquire(kv_state)
             cute.copy(
                 tma_atom_K, tKgK[None, n_block_max - 1], tKsK[None, kv_state.index],
-                tma_bar_ptr=pipeline_k.producer_get_barrier(kv_state),
+                tma_bar_ptr=pipeline_k.producer_get_barrier(kv_state), **mcast,
             )
         pipeline_q.producer_acquire(q_state)
         cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=pipeline_q.producer_get_barrier(q_state))
@@ -468,19 +557,19 @@ class BlasstFwdSm90:
                 pipeline_k.producer_acquire(kv_state)
                 cute.copy(
                     tma_atom_K, tKgK[None, n_prev - 1], tKsK[None, kv_state.index],
-                    tma_bar_ptr=pipeline_k.producer_get_barrier(kv_state),
+                    tma_bar_ptr=pipeline_k.producer_get_barrier(kv_state), **mcast,
                 )
                 pipeline_v.producer_acquire(state_prev)
                 if const_expr(not self.debug_no_v_load):
                     cute.copy(
                         tma_atom_V, tVgV[None, n_prev], tVsV[None, state_prev.index],
-                        tma_bar_ptr=pipeline_v.producer_get_barrier(state_prev),
+                        tma_bar_ptr=pipeline_v.producer_get_barrier(state_prev), **mcast,
                     )
             pipeline_v.producer_acquire(kv_state)
             if const_expr(not self.debug_no_v_load):
                 cute.copy(
                     tma_atom_V, tVgV[None, n_block_min], tVsV[None, kv_state.index],
-                    tma_bar_ptr=pipeline_v.producer_get_barrier(kv_state),
+                    tma_bar_ptr=pipeline_v.producer_get_barrier(kv_state), **mcast,
                 )
 
     # ------------------------------------------------------------------ consumers
