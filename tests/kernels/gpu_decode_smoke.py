@@ -104,8 +104,9 @@ def run_kernel(q, kc, vc, lens, bt, *, factor=None, stats=True, causal=True, num
 
 
 def check_case(B, lq, hq, hk, lens, page_size, *, factor=None, seed=0, causal=True,
-               num_splits=None, synth=False, d=128, dense_check=True):
-    """One correctness case; returns (ok, message)."""
+               num_splits=None, synth=False, d=128, dense_check=True, head_major=False):
+    """One correctness case; returns (ok, message). head_major: the cache is stored head-major
+    ([B, Hk, S, D] / HND pages) and passed as its strided token-major view."""
     dev = "cuda"
     cap = max(max(lens), 1)
     if page_size is None:
@@ -119,6 +120,8 @@ def check_case(B, lq, hq, hk, lens, page_size, *, factor=None, seed=0, causal=Tr
         q = torch.randn(B, lq, hq, d, generator=g, device=dev).to(torch.bfloat16)
         k = v = None
     k, v, kc, vc, bt = make_cache(B, cap, hk, d, page_size, seed=seed, k=k, v=v)
+    if head_major:
+        kc, vc = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (kc, vc))
     lens_t = torch.tensor(lens, dtype=torch.int32, device=dev)
     scale = d ** -0.5
     out, lse, (vis, skp, vld), geo = run_kernel(q, kc, vc, lens_t, bt, factor=factor,
@@ -232,16 +235,17 @@ def run_checks(quick=False, sweep=0):
                                 128 * rng.randint(1, 20)]) for _ in range(B)]
             factor = rng.choice([None, 1.0, 10.0, 100.0, 1000.0])
             ns = rng.choice([None, 1, 2, 5])
+            hm = rng.random() < 0.3
             try:
                 ok, msg = check_case(B, lq, G * hk, hk, lens, ps, factor=factor, seed=100 + i,
                                      num_splits=ns, synth=factor is not None and max(lens) >= 64,
-                                     dense_check=False)
+                                     dense_check=False, head_major=hm)
             except Exception as e:  # noqa: BLE001
                 ok, msg = False, f"EXC {e}"
             n_ok += ok
             if not ok:
                 fails.append(f"  case {i}: B{B} lq{lq} G{G} hk{hk} ps{ps} lens{lens} f{factor} "
-                             f"ns{ns}: {msg}")
+                             f"ns{ns} head_major{hm}: {msg}")
         for f in fails[:10]:
             log(f)
         results.append(n_ok == sweep)

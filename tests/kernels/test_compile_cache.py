@@ -22,6 +22,7 @@ def _launch(x: cute.Tensor):
 
 def test_disk_cache_roundtrip(tmp_path, monkeypatch):
     monkeypatch.setenv("BLASST_CUTE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("BLASST_CUTE_DISK_CACHE", raising=False)  # on for this test
     x = make_fake_tensor(cutlass.Float32, (32,), stride=(1,))
     calls = []
 
