@@ -56,8 +56,8 @@ FUSED_MERGE = os.environ.get("BLASST_DECODE_FUSED_MERGE", "1") != "0"
 # Splits take the key tiles round-robin (split s: tiles s, s + S, ...) rather than as contiguous
 # chunks: the kept tiles (sinks, recent keys) spread evenly over the CTAs of a sequence, so no
 # split keeps far more V tiles than the others. BLASST_DECODE_INTERLEAVE=0 restores chunks
-# (comparisons; per call: tuning={"interleave_splits": False}). Part of the geometry: the
-# reference takes the same decisions either way.
+# (comparisons; per call: tuning={"interleave_splits": False}). Part of the geometry, so the
+# reference reproduces the decisions of either layout.
 INTERLEAVE_SPLITS = os.environ.get("BLASST_DECODE_INTERLEAVE", "1") != "0"
 
 
