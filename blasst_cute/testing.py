@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import time
+import traceback
 from typing import Optional, Tuple
 
 import torch
@@ -132,3 +134,23 @@ def replay_matches_eager(call, factor: torch.Tensor, out: torch.Tensor, lse: tor
             torch.equal(a, b) for a, b in zip(c_g, counters))
         res.append((f, same, int(c_g[1].sum()), int(c_g[0].sum())))
     return res
+
+
+class CheckRecorder:
+    """Runs named checks of the GPU check scripts: ``rec(name, fn)`` calls fn() -> (ok, message),
+    logs a PASS/FAIL line with its time (an exception counts as FAIL, with its traceback) and
+    keeps the verdicts in ``results``."""
+
+    def __init__(self, log):
+        self.log = log
+        self.results = []
+
+    def __call__(self, name, fn):
+        t0 = time.time()
+        try:
+            ok, msg = fn()
+        except Exception as e:  # noqa: BLE001
+            ok, msg = False, f"EXC {type(e).__name__}: {e}"
+            traceback.print_exc()
+        self.results.append(ok)
+        self.log(f"[{'PASS' if ok else 'FAIL'}] {name}: {msg} ({time.time() - t0:.1f}s)")

@@ -2,6 +2,7 @@
 
     python perf/ncu_target.py prefill --seqlen 16384 --factor 1000 --causal
     python perf/ncu_target.py decode --seqlen 32768 --batch 64 --factor 100
+    python perf/ncu_target.py mla --seqlen 4096 --batch 64 --heads-q 128 --factor 130
 """
 
 import argparse
@@ -17,7 +18,7 @@ from blasst_cute.workloads import synthetic_qkv, to_paged  # noqa: E402
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("phase", choices=("prefill", "decode"))
+    p.add_argument("phase", choices=("prefill", "decode", "mla"))
     p.add_argument("--seqlen", type=int, default=16384)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads-q", type=int, default=32)
@@ -32,6 +33,13 @@ def main():
         q, k, v = synthetic_qkv(a.batch, a.seqlen, a.seqlen, a.heads_q, a.heads_kv, a.head_dim, device="cuda")
         run = lambda: blasst_cute.prefill(q, k, v, causal=a.causal, threshold_scale_factor=f)  # noqa: E731
         _, st = blasst_cute.prefill(q, k, v, causal=a.causal, threshold_scale_factor=f, return_stats=True)
+    elif a.phase == "mla":  # absorbed MLA decode: one 576-wide latent row per token (K; V = 512)
+        q, k, _ = synthetic_qkv(a.batch, 1, a.seqlen, a.heads_q, 1, 576, device="cuda")
+        kv = k[:, :, 0].contiguous()
+        lens = torch.full((a.batch,), a.seqlen, dtype=torch.int32, device="cuda")
+        kw = dict(cache_seqlens=lens, softmax_scale=576 ** -0.5, threshold_scale_factor=f)
+        run = lambda: blasst_cute.decode_mla(q, kv, **kw)  # noqa: E731
+        _, st = blasst_cute.decode_mla(q, kv, return_stats=True, **kw)
     else:
         q, k, v = synthetic_qkv(a.batch, 1, a.seqlen, a.heads_q, a.heads_kv, a.head_dim, device="cuda")
         kc, vc, bt = to_paged(k, v, a.page_size)

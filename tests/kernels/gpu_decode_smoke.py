@@ -26,7 +26,8 @@ sys.path.insert(0, os.environ.get("BLASST_ROOT")
 
 from blasst_cute import reference  # noqa: E402
 from blasst_cute.kernels import launch_decode  # noqa: E402
-from blasst_cute.testing import dense_attention, lse_err, rel_err, replay_matches_eager  # noqa: E402
+from blasst_cute.testing import CheckRecorder, dense_attention, lse_err, rel_err  # noqa: E402
+from blasst_cute.testing import replay_matches_eager  # noqa: E402
 from blasst_cute.testing import time_graph, time_per_call  # noqa: E402
 
 LOG = []
@@ -191,17 +192,8 @@ def graph_check(B=3, lq=2, hq=16, hk=4, L=3000, page_size=64):
 # ---------------------------------------------------------------------------------------------
 
 def run_checks(quick=False, sweep=0):
-    results = []
-
-    def rec(name, fn):
-        t0 = time.time()
-        try:
-            ok, msg = fn()
-        except Exception as e:  # noqa: BLE001
-            ok, msg = False, f"EXC {type(e).__name__}: {e}"
-            traceback.print_exc()
-        results.append(ok)
-        log(f"[{'PASS' if ok else 'FAIL'}] {name}: {msg} ({time.time() - t0:.1f}s)")
+    rec = CheckRecorder(log)
+    results = rec.results
 
     lens_a = [1, 64, 128, 1000, 4096]
     rec("dense contiguous B5 lq1 G4", lambda: check_case(5, 1, 32, 8, lens_a, None))

@@ -28,7 +28,8 @@ sys.path.insert(0, os.environ.get("BLASST_ROOT")
 
 from blasst_cute import reference  # noqa: E402
 from blasst_cute.kernels import launch_mla  # noqa: E402
-from blasst_cute.testing import dense_attention, lse_err, rel_err, replay_matches_eager  # noqa: E402
+from blasst_cute.testing import CheckRecorder, dense_attention, lse_err, rel_err  # noqa: E402
+from blasst_cute.testing import replay_matches_eager  # noqa: E402
 from blasst_cute.testing import time_graph, time_per_call  # noqa: E402
 
 D, DV = 576, 512
@@ -219,18 +220,9 @@ def forced_cluster(fn):
 
 
 def run_checks():
-    results = []
+    rec = CheckRecorder(log)
+    results = rec.results
     T = {}
-
-    def rec(name, fn):
-        t0 = time.time()
-        try:
-            ok, msg = fn()
-        except Exception as e:  # noqa: BLE001
-            ok, msg = False, f"EXC {type(e).__name__}: {e}"
-            traceback.print_exc()
-        results.append(ok)
-        log(f"[{'PASS' if ok else 'FAIL'}] {name}: {msg} ({time.time() - t0:.1f}s)")
 
     rec("dense paged64 B2 H16 lq1", lambda: check_case(2, 1, 16, [1000, 4999], 64, **T))
     rec("dense paged64 B2 H128 lq2 split3", lambda: check_case(2, 2, 128, [3000, 77], 64,
