@@ -96,10 +96,9 @@ def time_graph(fn, iters: int = 20, warmup: int = 3) -> float:
     return time_per_call(capture_graph(fn).replay, iters, warmup)
 
 
-def time_graph_cycle(fns, calls: int = 16, iters: int = 10) -> float:
-    """Device seconds per call: ``calls`` calls cycling through ``fns`` (e.g. one per input set,
-    so that together they overflow the L2) captured in ONE CUDA graph and replayed; the launch
-    gaps are amortized over the calls, each kernel's ramp-up and tail are not."""
+def capture_cycle(fns, calls: int = 16) -> torch.cuda.CUDAGraph:
+    """``calls`` calls cycling through ``fns`` captured in ONE CUDA graph (after one eager call
+    of each and a warm-up call on a side stream)."""
     for fn in fns:
         fn()
     torch.cuda.synchronize()
@@ -112,7 +111,14 @@ def time_graph_cycle(fns, calls: int = 16, iters: int = 10) -> float:
     with torch.cuda.graph(g):
         for i in range(calls):
             fns[i % len(fns)]()
-    return time_per_call(g.replay, iters, warmup=2) / calls
+    return g
+
+
+def time_graph_cycle(fns, calls: int = 16, iters: int = 10) -> float:
+    """Device seconds per call: ``calls`` calls cycling through ``fns`` (e.g. one per input set,
+    so that together they overflow the L2) captured in ONE CUDA graph and replayed; the launch
+    gaps are amortized over the calls, each kernel's ramp-up and tail are not."""
+    return time_per_call(capture_cycle(fns, calls).replay, iters, warmup=2) / calls
 
 
 def replay_matches_eager(call, factor: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,

@@ -309,18 +309,21 @@ def sparse_points(peer_fns, iters, quick=False):
                 log(f"B={B:<2} L={L:<6} {hq}/{hk:<3} {wname:<15} {name:<15} {spv * 100:>7.1f}% "
                     f"{ms * 1e3:>8.1f} {(bms / ms) if bms else 0:>11.2f}x {1 / (1 - spv / 2):>5.2f}x "
                     f"{gms * 1e3:>8.1f}")
-            if B == 1:  # the same ~70% point with the separate combine kernel (comparison)
+            if B == 1:  # the same ~70% point with the other split merge (comparison)
                 f = pts[2]["factor"]
-                launch_decode.FUSED_MERGE = False
+                default_fused = launch_decode.FUSED_MERGE
+                merge_name = "combine kernel" if default_fused else "fused merge"
+                launch_decode.FUSED_MERGE = not default_fused
                 launch_decode._plans.clear()
                 ms = bench_ms([blasst_fn(s, f)], iters=iters)
-                launch_decode.FUSED_MERGE = True
+                launch_decode.FUSED_MERGE = default_fused
                 launch_decode._plans.clear()
-                pts.append(dict(variant=f"skip f={f:g} combine kernel", factor=f,
+                pts.append(dict(variant=f"skip f={f:g} {merge_name}", factor=f,
                                 sparsity=pts[2]["sparsity"], ms=ms,
                                 vs_best=(bms / ms) if bms else None))
-                log(f"{'':<22} {'':<15} {'(combine kernel)':<15} {pts[2]['sparsity'] * 100:>7.1f}% "
-                    f"{ms * 1e3:>8.1f} {(bms / ms) if bms else 0:>11.2f}x")
+                log(f"{'':<22} {'':<15} {'(' + merge_name + ')':<15} "
+                    f"{pts[2]['sparsity'] * 100:>7.1f}% {ms * 1e3:>8.1f} "
+                    f"{(bms / ms) if bms else 0:>11.2f}x")
                 # A/B: contiguous split chunks instead of interleaved tiles, and 64-key tiles
                 # (deeper K/V rings); both change the decisions, so each measures its sparsity.
                 saved = launch_decode.INTERLEAVE_SPLITS

@@ -84,11 +84,27 @@ def test_content_checks_switch():
         blasst_cute.set_content_checks(True)
 
 
-def test_decode_reused_plan_across_streams_and_lengths():
+@pytest.fixture(params=[False, True], ids=["combine-kernel", "fused-merge"])
+def decode_merge(request, monkeypatch):
+    """Both split merges: the combine kernel (default) and the fused in-launch merge."""
+    from blasst_cute import dispatch
+    from blasst_cute.kernels import launch_decode
+
+    def fresh_plans():
+        launch_decode._plans.clear()
+        dispatch._decode_direct.clear()
+
+    monkeypatch.setattr(launch_decode, "FUSED_MERGE", request.param)
+    fresh_plans()
+    yield request.param
+    fresh_plans()
+
+
+def test_decode_reused_plan_across_streams_and_lengths(decode_merge):
     """One launch plan (same shapes) on two streams with different cache_seqlens, interleaved,
     then back-to-back eager calls: each result equals a fresh single call (the per-stream
     scratch and the fused merge's arrival counters are reused, never shared across streams)."""
-    B, L = 2, 9000  # several splits per kv head: the fused merge runs
+    B, L = 2, 9000  # several splits per kv head: the split merge runs
     q, k, v = synthetic_qkv(B, 1, L, 32, 8, 128, device="cuda", seed=23)
     k_cache, v_cache, table = to_paged(k, v, 64, seed=4)
     lens_a = torch.tensor([9000, 3001], dtype=torch.int32, device="cuda")

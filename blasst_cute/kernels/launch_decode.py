@@ -48,10 +48,26 @@ MIN_TILES_PER_SPLIT = 4
 MAX_SPLITS = 128
 DEFAULT_TILE_N = 128
 
-# Split-KV partials merged inside the decode launch (last split CTA per q-tile) instead of by
-# the separate combine kernel: one launch per call. BLASST_DECODE_FUSED_MERGE=0 restores the
-# combine kernel (comparisons; per call: tuning={"fused_merge": False}).
-FUSED_MERGE = os.environ.get("BLASST_DECODE_FUSED_MERGE", "1") != "0"
+# Split-KV partials merged inside the decode launch (the last split CTA of each q-tile) instead
+# of by the separate combine kernel. Off by default: the fused merge runs on ONE SM per q-tile
+# (L2 reads of rows x splits partials, plus an arrival handshake and, in a captured graph, a
+# zero-fill of the counters per call), and the combine kernel launched with PDL beat it at every
+# measured shape (perf/results/decode-h100-small.md). The second launch did not measurably add
+# host time per call (H100 host, B=1 L=1024: medians 15-18 us either way, noisy).
+# BLASST_DECODE_FUSED_MERGE=1 (per call: tuning={"fused_merge": True}) turns it on.
+FUSED_MERGE = os.environ.get("BLASST_DECODE_FUSED_MERGE", "0") == "1"
+# Merge loops with the loads of a batch of splits in flight together (fused merge and combine
+# kernel; combine.merge_split_rows_pipelined). BLASST_DECODE_PIPELINED_MERGE=0: the old loops.
+PIPELINED_MERGE = os.environ.get("BLASST_DECODE_PIPELINED_MERGE", "1") != "0"
+# Programmatic dependent launch of the decode kernel and of its combine: each grid launches
+# while the kernel before it in the stream drains. Used for launches of >= PDL_MIN_SPLITS splits
+# (the latency-bound small batches: -1 us at B=1), not below (+2 us measured at B=8 L=8k 64/4,
+# 4 splits; not understood yet). BLASST_DECODE_PDL=0 turns it off.
+USE_PDL = os.environ.get("BLASST_DECODE_PDL", "1") != "0"
+PDL_MIN_SPLITS = 8
+# The producer warp issues the V loads that need no vote (decode.py, producer_v): measured no
+# gain on the H100 (perf/results/decode-h100-small.md); off unless BLASST_DECODE_PRODUCER_V=1.
+PRODUCER_V = os.environ.get("BLASST_DECODE_PRODUCER_V", "0") == "1"
 
 # Splits take the key tiles round-robin (split s: tiles s, s + S, ...) rather than as contiguous
 # chunks: the kept tiles (sinks, recent keys) spread evenly over the CTAs of a sequence, so no
@@ -110,7 +126,7 @@ def _config_key(config: dict) -> tuple:
     c.setdefault("causal", True)
     c.setdefault("order", "forward")
     for k in ("has_skip", "factor_per_batch", "has_stats", "direct_out", "fused_merge",
-              "interleave_splits"):
+              "interleave_splits", "producer_v", "pipelined_merge", "use_pdl"):
         c[k] = bool(c.get(k, False))
     c.setdefault("num_k_stages", None)
     c.setdefault("num_v_stages", None)
@@ -125,7 +141,8 @@ def _make_kernel(key: tuple) -> BlasstDecodeSm90:
         has_stats=c["has_stats"], direct_out=c["direct_out"], fused_merge=c["fused_merge"],
         order=c["order"],
         num_k_stages=c["num_k_stages"], num_v_stages=c["num_v_stages"],
-        interleave_splits=c["interleave_splits"],
+        interleave_splits=c["interleave_splits"], producer_v=c["producer_v"],
+        pipelined_merge=c["pipelined_merge"], use_pdl=c["use_pdl"],
     )
 
 
@@ -152,7 +169,7 @@ def compile_decode_sm90(config: dict, options: Optional[str] = None):
 
     config keys: dtype, head_dim, page_size (None = contiguous cache), and optionally tile_n,
     causal, has_skip, factor_per_batch, has_stats, direct_out, fused_merge, order, num_k_stages,
-    num_v_stages.
+    num_v_stages, interleave_splits, producer_v, pipelined_merge, use_pdl.
     Returns the compiled callable of ``BlasstDecodeSm90.launch_ptrs``.
     """
     key = _config_key(config)
@@ -163,10 +180,11 @@ def compile_decode_sm90(config: dict, options: Optional[str] = None):
     return cute.compile(kern.launch_ptrs, *args)
 
 
-def compile_combine_sm90(dtype, head_dim: int, options: Optional[str] = None):
+def compile_combine_sm90(dtype, head_dim: int, options: Optional[str] = None,
+                         use_pdl: bool = False, pipelined: bool = False):
     """Compile the split-KV combine kernel (no GPU needed)."""
     dt = TORCH_TO_CUTLASS[kernel_dtype(dtype, "sm90 decode")]
-    kern = BlasstDecodeCombineSm90(dt, head_dim)
+    kern = BlasstDecodeCombineSm90(dt, head_dim, use_pdl=use_pdl, pipelined=pipelined)
     args = combine_compile_args(dt)
     if options:
         return cute.compile(kern.launch_ptrs, *args, options=options)
@@ -324,7 +342,7 @@ class _Plan:
 
     __slots__ = ("geo", "splits", "direct", "has_skip", "fpb", "has_stats", "fn", "cfn",
                  "fast", "fast_pos", "fast_slots", "cfast", "statics", "cstatics", "ws_o", "ws_numel", "out_shape",
-                 "lse_shape", "lse_numel", "dtype", "device", "lock", "scratch", "fused",
+                 "lse_shape", "lse_numel", "dtype", "device", "lock", "scratch", "fused", "use_pdl",
                  "n_arrivals", "arrivals", "stream_bufs")
 
     def __init__(self):
@@ -387,17 +405,24 @@ def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, n
     config = dict(dtype=q.dtype, head_dim=d, page_size=page_size, tile_n=geo["block_n"],
                   causal=bool(causal), has_skip=has_skip, factor_per_batch=fpb,
                   has_stats=has_stats, direct_out=direct, fused_merge=FUSED_MERGE,
+                  producer_v=PRODUCER_V, pipelined_merge=PIPELINED_MERGE,
+                  use_pdl=USE_PDL and splits >= PDL_MIN_SPLITS,
                   order=geo["order"],
                   # one split: the two tile orders coincide (one compiled kernel)
                   interleave_splits=geo["interleave_splits"] and not direct)
     tkey = ()
     if tuning:
-        config.update(tuning)  # experiments only: num_k_stages, num_v_stages, fused_merge
+        # experiments only: num_k_stages, num_v_stages, fused_merge, producer_v,
+        # pipelined_merge, use_pdl (tile_n / interleave_splits: popped above)
+        config.update(tuning)
         tkey = tuple(sorted(tuning.items()))
     config["fused_merge"] = p.fused = fused = bool(config["fused_merge"]) and not direct
+    p.use_pdl = bool(config["use_pdl"])
     ck = _config_key(config)
     fkey = ("decode", q.dtype, d, page_size, geo["block_n"], bool(causal), has_skip, fpb,
-            has_stats, direct, fused, geo["order"], config["interleave_splits"], tkey)
+            has_stats, direct, fused, geo["order"], config["interleave_splits"],
+            bool(config["producer_v"]), bool(config["pipelined_merge"]), bool(config["use_pdl"]),
+            tkey)
     compile_args = _decode_compile_args(dict(ck), cuda_stream(0))
     p.fn = _compiled(fkey, compile_args, lambda: _make_kernel(ck).launch_ptrs)
     ks = k_cache.stride()
@@ -424,9 +449,12 @@ def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, n
     p.n_arrivals = B * k_cache.shape[2] * (-(-(lq * (hq // k_cache.shape[2])) // TILE_M))
     p.cfn = p.cfast = None
     if not direct and not fused:
-        ckey = ("combine", q.dtype, d)
+        c_pdl, c_pipe = bool(config["use_pdl"]), bool(config["pipelined_merge"])
+        ckey = ("combine", q.dtype, d, c_pdl, c_pipe)
         p.cfn = _compiled(ckey, combine_compile_args(TORCH_TO_CUTLASS[q.dtype]),
-                          lambda: BlasstDecodeCombineSm90(TORCH_TO_CUTLASS[q.dtype], d).launch_ptrs)
+                          lambda: BlasstDecodeCombineSm90(TORCH_TO_CUTLASS[q.dtype], d,
+                                                          use_pdl=c_pdl,
+                                                          pipelined=c_pipe).launch_ptrs)
         p.cstatics = [splits, B, lq, hq]
         if USE_FAST_CALL:
             fc = _FastCall(p.cfn, combine_compile_args(TORCH_TO_CUTLASS[q.dtype]))
@@ -638,7 +666,9 @@ def supported_configs():
                 cfgs.append(dict(dtype=torch.bfloat16, head_dim=128, page_size=page_size,
                                  has_skip=has_skip, factor_per_batch=fpb, has_stats=stats,
                                  direct_out=direct, fused_merge=FUSED_MERGE and not direct,
-                                 interleave_splits=INTERLEAVE_SPLITS and not direct))
+                                 interleave_splits=INTERLEAVE_SPLITS and not direct,
+                                 producer_v=PRODUCER_V, pipelined_merge=PIPELINED_MERGE,
+                                 use_pdl=USE_PDL))
     return cfgs
 
 

@@ -105,9 +105,11 @@ def run_kernel(q, kc, vc, lens, bt, *, factor=None, stats=True, causal=True, num
 
 
 def check_case(B, lq, hq, hk, lens, page_size, *, factor=None, seed=0, causal=True,
-               num_splits=None, synth=False, d=128, dense_check=True, head_major=False):
+               num_splits=None, synth=False, d=128, dense_check=True, head_major=False,
+               tuning=None):
     """One correctness case; returns (ok, message). head_major: the cache is stored head-major
-    ([B, Hk, S, D] / HND pages) and passed as its strided token-major view."""
+    ([B, Hk, S, D] / HND pages) and passed as its strided token-major view. tuning: the
+    launcher's per-call kernel options (e.g. the non-default merge paths)."""
     dev = "cuda"
     cap = max(max(lens), 1)
     if page_size is None:
@@ -126,7 +128,8 @@ def check_case(B, lq, hq, hk, lens, page_size, *, factor=None, seed=0, causal=Tr
     lens_t = torch.tensor(lens, dtype=torch.int32, device=dev)
     scale = d ** -0.5
     out, lse, (vis, skp, vld), geo = run_kernel(q, kc, vc, lens_t, bt, factor=factor,
-                                                causal=causal, num_splits=num_splits)
+                                                causal=causal, num_splits=num_splits,
+                                                tuning=tuning)
     torch.cuda.synchronize()
     msgs = []
     ok = True
@@ -191,6 +194,15 @@ def graph_check(B=3, lq=2, hq=16, hk=4, L=3000, page_size=64):
 # checks
 # ---------------------------------------------------------------------------------------------
 
+ALT_TUNINGS = [
+    ("fused pipelined merge", {"fused_merge": True, "pipelined_merge": True}),
+    ("combine, old loops, no PDL", {"fused_merge": False, "pipelined_merge": False,
+                                    "use_pdl": False}),
+    ("fused old merge, producer V", {"fused_merge": True, "pipelined_merge": False,
+                                     "producer_v": True}),
+]
+
+
 def run_checks(quick=False, sweep=0):
     rec = CheckRecorder(log)
     results = rec.results
@@ -212,6 +224,14 @@ def run_checks(quick=False, sweep=0):
     rec("skip paged256 synth lq4 G4 f=1000 split3",
         lambda: check_case(2, 4, 16, 4, [6000, 1], 256, factor=1000.0, synth=True, num_splits=3))
     rec("cuda graph replay new factor", lambda: graph_check())
+    # The non-default kernel paths (launcher tuning): the fused merge for many rows (G16, two
+    # m-blocks) and the old merge loops, the producer-issued V loads, no PDL.
+    for name, tuning in ALT_TUNINGS:
+        rec(f"{name}: dense paged32 lq8 G16 split3",
+            lambda t=tuning: check_case(2, 8, 32, 2, [8, 999], 32, num_splits=3, tuning=t))
+        rec(f"{name}: skip paged64 synth B3 lq1 G4 f=100",
+            lambda t=tuning: check_case(3, 1, 32, 8, [4096, 2048, 700], 64, factor=100.0,
+                                        synth=True, tuning=t))
     if sweep:
         rng = random.Random(0)
         n_ok = 0

@@ -39,8 +39,14 @@ def test_compile_decode_cpu(config):
                                    dict(head_dim=128, page_size=None, has_skip=True,
                                         order="reverse", causal=False),
                                    dict(head_dim=128, page_size=64, has_skip=True,
-                                        fused_merge=False)],
-                         ids=["d64", "tile64", "reverse-noncausal", "combine-kernel"])
+                                        fused_merge=False),
+                                   dict(head_dim=128, page_size=64, producer_v=True,
+                                        fused_merge=True),
+                                   dict(head_dim=128, page_size=256, has_skip=True,
+                                        producer_v=True, fused_merge=True,
+                                        pipelined_merge=False, use_pdl=False)],
+                         ids=["d64", "tile64", "reverse-noncausal", "combine-kernel",
+                              "producer-v-dense", "producer-v-skip-old-merge"])
 def test_compile_decode_variants_cpu(extra):
     cfg = dict(dtype=torch.bfloat16)
     cfg.update(extra)
@@ -52,6 +58,21 @@ def test_compile_decode_variants_cpu(extra):
                                              (torch.bfloat16, 512)])  # 512: MLA decode's merge
 def test_compile_combine_cpu(dtype, head_dim):
     assert launch_decode.compile_combine_sm90(dtype, head_dim) is not None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU compile check")
+def test_compile_combine_pipelined_pdl_cpu():
+    assert launch_decode.compile_combine_sm90(torch.bfloat16, 128, use_pdl=True,
+                                              pipelined=True) is not None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU compile check")
+def test_compile_decode_trace_cpu():
+    # perf/decode_trace.py's diagnostic build (per-CTA phase timestamps)
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "perf"))
+    import decode_trace
+    assert decode_trace.compile_traced(dict(skip=True, producer_v=True,
+                                            pipelined_merge=True)) is not None
 
 
 def test_geometry_matches_reference_contract():
@@ -103,6 +124,36 @@ def test_empty_and_tiny_sequences():
     from gpu_decode_smoke import check_case
     ok, msg = check_case(3, 1, 8, 8, [0, 1, 0], 64, num_splits=3)
     assert ok, msg
+
+
+@gpu
+@pytest.mark.parametrize("alt", range(3), ids=["fused-pipelined", "combine-old-nopdl",
+                                               "fused-old-producer-v"])
+def test_alternate_kernel_paths(alt):
+    from gpu_decode_smoke import ALT_TUNINGS, check_case
+    _, tuning = ALT_TUNINGS[alt]
+    ok, msg = check_case(2, 8, 32, 2, [8, 999], 32, num_splits=3, tuning=tuning)
+    assert ok, msg
+    ok, msg = check_case(3, 1, 32, 8, [4096, 2048, 700], 64, factor=100.0, synth=True,
+                         tuning=tuning)
+    assert ok, msg
+
+
+@gpu
+def test_merge_and_pdl_choice():
+    # combine kernel unless BLASST_DECODE_FUSED_MERGE=1; PDL from PDL_MIN_SPLITS splits on
+    from gpu_decode_smoke import run_kernel, make_cache
+    for B, hq, hk in ((1, 32, 8), (8, 64, 4)):
+        q = torch.randn(B, 1, hq, 128, device="cuda", dtype=torch.bfloat16)
+        _, _, kc, vc, bt = make_cache(B, 8192, hk, 128, 64)
+        lens = torch.full((B,), 8192, dtype=torch.int32, device="cuda")
+        launch_decode._plans.clear()  # rebuilt on demand
+        geo = run_kernel(q, kc, vc, lens, bt)[3]
+        assert geo["num_splits"] > 1
+        (plan,) = launch_decode._plans.values()
+        assert plan.fused == launch_decode.FUSED_MERGE
+        assert plan.use_pdl == (launch_decode.USE_PDL
+                                and geo["num_splits"] >= launch_decode.PDL_MIN_SPLITS)
 
 
 @gpu

@@ -6,7 +6,8 @@
 # values (max, then the sum of exp(lse_s - max)), then accumulate O = sum_s exp(lse_s - lse) * O_s,
 # each lane owning contiguous columns of the chunk. Splits with lse = -inf (no key, or no tile in
 # the split) get no weight, so whatever their O slot holds cannot leak in; a row whose splits are
-# all empty gets O = 0 and lse = -inf.
+# all empty gets O = 0 and lse = -inf. merge_split_rows_pipelined: the same merge with the loads of
+# a batch of splits in flight together (the decode combine's default and the fused merge's).
 
 import math
 from typing import Optional
@@ -24,13 +25,19 @@ COLS_PER_WARP = 128
 
 
 class BlasstDecodeCombineSm90:
-    def __init__(self, dtype, head_dim: int):
+    def __init__(self, dtype, head_dim: int, use_pdl: bool = False, pipelined: bool = False):
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
             raise NotImplementedError(f"blasst combine: dtype {dtype}")
         if head_dim % 32 != 0:
             raise NotImplementedError(f"blasst combine: head_dim {head_dim} (multiple of 32)")
         self.dtype = dtype
         self.head_dim = head_dim
+        # Programmatic dependent launch: the grid may start while the split kernel before it
+        # drains (launch latency hidden); it reads the partials only after griddepcontrol.wait.
+        self.use_pdl = use_pdl
+        # One-chunk rows (head_dim <= 128): merge_split_rows_pipelined, the loads of up to 16
+        # splits in flight together, instead of merge_split_row.
+        self.pipelined = pipelined
         # Column chunks per row: one warp each when head_dim is a multiple of COLS_PER_WARP.
         self.chunks = head_dim // COLS_PER_WARP if head_dim % COLS_PER_WARP == 0 else 1
 
@@ -75,6 +82,7 @@ class BlasstDecodeCombineSm90:
             grid=[(total + ROWS_PER_CTA - 1) // ROWS_PER_CTA, 1, 1],
             block=[32 * ROWS_PER_CTA, 1, 1],
             stream=stream,
+            use_pdl=self.use_pdl,
         )
 
     @cute.kernel
@@ -82,6 +90,9 @@ class BlasstDecodeCombineSm90:
                total: Int32):
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
+        if const_expr(self.use_pdl):
+            cute.arch.griddepcontrol_wait()  # the partials are complete and visible
+            cute.arch.griddepcontrol_launch_dependents()
         lane = tidx % 32
         item = bidx * ROWS_PER_CTA + tidx // 32
         if item < total:
@@ -93,7 +104,9 @@ class BlasstDecodeCombineSm90:
             t = row // num_heads
             pos = t % seqlen_q
             b = t // seqlen_q
-            if const_expr(self.chunks == 1):
+            if const_expr(self.chunks == 1 and self.pipelined):
+                merge_split_rows_pipelined(mOp, mLSEp, mO, mLSE, b, [pos], [head], None, lane)
+            elif const_expr(self.chunks == 1):
                 merge_split_row(mOp, mLSEp, mO, mLSE, b, pos, head, lane)
             else:
                 merge_split_rows(mOp, mLSEp, mO, mLSE, b, [pos], [head], None, lane,
@@ -179,3 +192,71 @@ def _store_row(mO: cute.Tensor, mLSE: cute.Tensor, acc: cute.Tensor, lse: Float3
     cute.autovec_copy(out, cute.local_tile(mO[b, pos, head, None], (per_lane,), (col_tile,)))
     if col_tile == 0:  # lane 0 of chunk 0
         mLSE[b, head, pos] = lse
+
+
+@cute.jit
+def merge_split_rows_pipelined(mOp: cute.Tensor, mLSEp: cute.Tensor, mO: cute.Tensor,
+                               mLSE: cute.Tensor, b: Int32, pos: list, head: list,
+                               valid: Optional[list], lane: Int32):
+    """:func:`merge_split_rows` (lanes own head_dim / 32 contiguous columns) with the O pass
+    software-pipelined for a latency-bound merge (the fused merge of the decode kernel: one CTA
+    reads every split's partial of its q-tile from L2). The O loads of a batch of splits (all
+    rows) are issued before any is used and the batch has no branch: a split with lse = -inf is
+    masked by a select, not skipped, so a batch costs one memory round trip instead of one per
+    split. Splits per batch: 64 registers of partials per lane."""
+    n = len(pos)
+    per_lane = mO.shape[3] // 32
+    num_splits = mOp.shape[0]
+    batch = min(16, max(1, 64 // (n * per_lane)))
+    # Pass 1 and 2: per-row max and sum of exp over the splits' lse (lanes stride the splits;
+    # pass 2 re-reads what pass 1 brought into L1).
+    mx = cute.make_rmem_tensor((n,), Float32)
+    mx.fill(-Float32.inf)
+    for s in cutlass.range(lane, num_splits, 32, unroll=1):
+        for i in cutlass.range_constexpr(n):
+            mx[i] = cute.arch.fmax(mx[i], mLSEp[s, b, head[i], pos[i]])
+    m_safe = cute.make_rmem_tensor((n,), Float32)
+    for i in cutlass.range_constexpr(n):
+        m = cute.arch.warp_reduction_max(mx[i])
+        m_safe[i] = Float32(0.0) if m == -Float32.inf else m
+    tot = cute.make_rmem_tensor((n,), Float32)
+    tot.fill(0.0)
+    for s in cutlass.range(lane, num_splits, 32, unroll=1):
+        for i in cutlass.range_constexpr(n):
+            tot[i] += cute.math.exp2((mLSEp[s, b, head[i], pos[i]] - m_safe[i]) * LOG2_E, fastmath=True)
+    lse = cute.make_rmem_tensor((n,), Float32)
+    for i in cutlass.range_constexpr(n):
+        total_w = cute.arch.warp_reduction(tot[i], lambda x, y: x + y)
+        lse[i] = -Float32.inf
+        if total_w > Float32(0.0):
+            lse[i] = m_safe[i] + cute.math.log2(total_w, fastmath=False) * LN_2
+
+    accs = [cute.make_rmem_tensor((per_lane,), Float32) for _ in range(n)]
+    for i in cutlass.range_constexpr(n):
+        accs[i].fill(0.0)
+    parts = [[cute.make_rmem_tensor((per_lane,), Float32) for _ in range(n)] for _ in range(batch)]
+    lsp = cute.make_rmem_tensor((batch, n), Float32)
+    for s0 in cutlass.range(0, num_splits, batch, unroll=1):
+        # Loads first (splits past the end re-read the last one and get no weight) ...
+        for j in cutlass.range_constexpr(batch):
+            s = cutlass.min(s0 + j, num_splits - 1)
+            for i in cutlass.range_constexpr(n):
+                src = cute.local_tile(mOp[s, b, pos[i], head[i], None], (per_lane,), (lane,))
+                cute.autovec_copy(src, parts[j][i])
+                lsp[j, i] = mLSEp[s, b, head[i], pos[i]]
+        # ... then the weighted sums.
+        for j in cutlass.range_constexpr(batch):
+            for i in cutlass.range_constexpr(n):
+                ls = lsp[j, i]
+                use = s0 + j < num_splits and ls > -Float32.inf
+                w = cute.math.exp2((ls - lse[i]) * LOG2_E, fastmath=True)
+                w = w if use else Float32(0.0)
+                for e in cutlass.range_constexpr(per_lane):
+                    term = w * parts[j][i][e]
+                    accs[i][e] = accs[i][e] + (term if use else Float32(0.0))
+    for i in cutlass.range_constexpr(n):
+        if const_expr(valid is None):
+            _store_row(mO, mLSE, accs[i], lse[i], b, pos[i], head[i], lane, lane, per_lane)
+        else:
+            if valid[i]:
+                _store_row(mO, mLSE, accs[i], lse[i], b, pos[i], head[i], lane, lane, per_lane)

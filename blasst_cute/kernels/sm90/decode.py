@@ -14,6 +14,7 @@
 # P tiles live in an NV-stage ring that advances only on kept tiles. The PV product of a kept tile
 # is deferred by LP = NV - 1 kept tiles, so the V load has the time of >= 1 more K tile to land;
 # the per-row O rescale factor of each pending tile is parked in smem until its PV runs.
+# producer_v (off by default: no measured gain) lets the producer issue the V loads no vote gates.
 # Both sides of every ring are in the same warpgroup (V/P) or advance once per visited tile (K),
 # so the skip path and the keep path perform the same barrier sequence: no deadlock, no stale stage.
 #
@@ -26,9 +27,11 @@
 # never skips its first tile.
 #
 # Output: with one split, O (q dtype) and lse directly; otherwise fp32 O / l and lse per split,
-# merged either by the combine kernel (blasst_cute.kernels.sm90.combine) or, with fused_merge,
-# in this launch by the last split CTA of each q-tile to finish (an arrival counter per q-tile;
-# the merging CTA resets it, so the counters stay zero between launches).
+# merged either by the combine kernel (blasst_cute.kernels.sm90.combine; the launcher's default)
+# or, with fused_merge, in this launch by the last split CTA of each q-tile to finish (an arrival
+# counter per q-tile; the merging CTA resets it, so the counters stay zero between launches).
+# use_pdl: programmatic dependent launch (the grid starts while the previous kernel drains).
+# trace: per-CTA phase timestamps for perf/decode_trace.py (diagnostics only).
 #
 # The skip rule and the online softmax are blasst_cute.kernels.common.softmax_skip; layout helpers
 # from blasst_cute.kernels.common.layout; with the MLA decode kernel it shares the gmem tensors and
@@ -77,7 +80,7 @@ from blasst_cute.kernels.common.softmax_skip import (
     rescale_rows,
     sequence_threshold_log2,
 )
-from blasst_cute.kernels.sm90.combine import merge_split_rows
+from blasst_cute.kernels.sm90.combine import merge_split_rows, merge_split_rows_pipelined
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_PAGE_SIZES = (16, 32, 64, 128, 256)
@@ -85,6 +88,20 @@ TILE_M = 64  # packed rows per CTA (one consumer warpgroup)
 # Rows a warp of the fused merge merges together (one memory wait per split batch serves them all).
 MERGE_ROWS = 4
 SMEM_BUDGET = 220 * 1024
+# trace=True: int64 (CTAs, TRACE_SLOTS) per launch, CTA = bidx + grid_x * (head_kv + hk * batch).
+# Slots 0-6: %globaltimer (ns) at the points TracePoint; 8-14: clock64 at the same points;
+# 16: 1 if this CTA ran the fused merge; 17: its key tiles; 18: its SM.
+TRACE_SLOTS = 20
+
+
+class TracePoint(enum.IntEnum):
+    Entry = 0
+    QReady = 1  # Q in smem (consumer barrier)
+    FirstK = 2  # first K tile landed
+    LoopEnd = 3  # every tile's S / vote / P done
+    DrainEnd = 4  # every PV done
+    Stored = 5  # epilogue stores issued
+    Done = 6  # after the fused merge (or = Stored)
 
 
 class DecodeBarrier(enum.IntEnum):
@@ -133,6 +150,10 @@ class BlasstDecodeSm90:
         num_k_stages: Optional[int] = None,
         num_v_stages: Optional[int] = None,
         interleave_splits: bool = False,
+        producer_v: bool = False,
+        pipelined_merge: bool = False,
+        use_pdl: bool = False,
+        trace: bool = False,
     ):
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
             raise NotImplementedError(f"blasst sm90 decode: dtype {dtype} (bf16/fp16 only)")
@@ -163,6 +184,22 @@ class BlasstDecodeSm90:
         # Split s visits tiles s, s + S, ... (see kv_tiles.split_tiles_interleaved) instead of
         # the s-th contiguous chunk.
         self.interleave_splits = interleave_splits
+        # The producer warp also issues the V loads that need no vote (every V tile of the dense
+        # build, each split's first tile with skipping), right behind their K: they no longer wait
+        # for the tile's S and vote, and the last tile's V is no longer issued only after its K
+        # landed. Dense: the V ring gets empty barriers (the consumer releases a slot after its PV).
+        self.producer_v = producer_v
+        # Fused merge: combine.merge_split_rows_pipelined (the loads of a batch of splits in
+        # flight together; a q-tile of <= 4 rows takes one row per warp) instead of
+        # merge_split_rows (one memory round trip per split).
+        self.pipelined_merge = pipelined_merge
+        # Programmatic dependent launch: CTAs may start (barrier init, descriptor prefetch) while
+        # the kernel before them in the stream drains; every global read of inputs waits for it
+        # (griddepcontrol.wait), and the kernel after (the next call, or the combine) may launch
+        # as soon as this grid runs.
+        self.use_pdl = use_pdl
+        # Diagnostics: per-CTA timestamps of the kernel's phases (TRACE_SLOTS, trace_ptr).
+        self.trace = trace
         # Rows per TMA copy: a whole page, or a slice of one when pages are larger than a tile.
         self.rows_per_copy = min(page_size, tile_n) if self.paged else tile_n
         self.copies_per_tile = tile_n // self.rows_per_copy
@@ -209,6 +246,7 @@ class BlasstDecodeSm90:
         threshold_scale_factor: Float32,
         num_splits: Int32,
         stream: cuda.CUstream,
+        trace_ptr: Optional[cute.Pointer] = None,  # trace=True: int64 (CTAs, TRACE_SLOTS)
     ):
         """Pointer entry point (low host overhead): builds the tensors, then ``__call__``."""
         d = self.head_dim
@@ -237,9 +275,15 @@ class BlasstDecodeSm90:
             m_blocks = (seqlen_q * (num_heads // num_heads_kv) + TILE_M - 1) // TILE_M
             mArrivals = cute.make_tensor(arrivals_ptr, cute.make_layout(
                 (batch, num_heads_kv, m_blocks), stride=(num_heads_kv * m_blocks, m_blocks, 1)))
+        mTrace = None
+        if const_expr(self.trace):
+            m_blocks_t = (seqlen_q * (num_heads // num_heads_kv) + TILE_M - 1) // TILE_M
+            n_ctas = m_blocks_t * num_splits * num_heads_kv * batch
+            mTrace = cute.make_tensor(trace_ptr, cute.make_layout((n_ctas, TRACE_SLOTS),
+                                                                  stride=(TRACE_SLOTS, 1)))
         self.__call__(mQ, mK, mV, mO, mLSE, mSeqlens, mBlockTable, softmax_scale,
                       threshold_scale_factor, mFactor, mVisited, mSkipped, mVLoaded, num_splits,
-                      stream, mOFinal, mLSEFinal, mArrivals)
+                      stream, mOFinal, mLSEFinal, mArrivals, mTrace)
 
     @cute.jit
     def __call__(
@@ -262,6 +306,7 @@ class BlasstDecodeSm90:
         mOFinal: Optional[cute.Tensor] = None,  # fused merge: (b, lq, hq, d) q dtype
         mLSEFinal: Optional[cute.Tensor] = None,  # fused merge: fp32 (b, hq, lq)
         mArrivals: Optional[cute.Tensor] = None,  # fused merge: int32 (b, hk, m_blocks), zeroed
+        mTrace: Optional[cute.Tensor] = None,  # trace: int64 (CTAs, TRACE_SLOTS)
     ):
         for t in (mQ, mK, mV):
             if const_expr(t.element_type != self.dtype):
@@ -297,6 +342,7 @@ class BlasstDecodeSm90:
             mbar_k_full: cute.struct.MemRange[cutlass.Int64, NK]
             mbar_k_empty: cute.struct.MemRange[cutlass.Int64, NK]
             mbar_v_full: cute.struct.MemRange[cutlass.Int64, NV]
+            mbar_v_empty: cute.struct.MemRange[cutlass.Int64, NV]  # dense producer_v only
             pages: cute.struct.MemRange[Int32, NK * self.copies_per_tile]
             row_scale: cute.struct.MemRange[Float32, NV * 128 * 2]
             sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sQ_layout)], 1024]
@@ -316,13 +362,14 @@ class BlasstDecodeSm90:
             mQ, tma_K, tma_V, mO, mLSE, mSeqlens, mBlockTable,
             tma_atom_K, tma_atom_V,
             scale_log2, threshold_scale_factor, mFactor, mVisited, mSkipped, mVLoaded,
-            mOFinal, mLSEFinal, mArrivals,
+            mOFinal, mLSEFinal, mArrivals, mTrace,
             qhead_per_kvhead, num_splits,
             sQ_layout, sK_layout, sV_layout, sP_layout, tiled_mma_qk, tiled_mma_pv,
         ).launch(
             grid=[num_m_blocks * num_splits, num_head_kv, num_batch],
             block=[self.num_threads, 1, 1],
             stream=stream,
+            use_pdl=self.use_pdl,
             min_blocks_per_mp=1,
         )
 
@@ -348,6 +395,7 @@ class BlasstDecodeSm90:
         mOFinal: Optional[cute.Tensor],
         mLSEFinal: Optional[cute.Tensor],
         mArrivals: Optional[cute.Tensor],
+        mTrace: Optional[cute.Tensor],
         qhead_per_kvhead: Int32,
         num_splits: Int32,
         sQ_layout: cute.ComposedLayout,
@@ -363,6 +411,9 @@ class BlasstDecodeSm90:
         bidx, head_kv, batch_idx = cute.arch.block_idx()
         m_block = bidx // num_splits
         split_idx = bidx - m_block * num_splits
+        grid_x, num_head_kv_grid, _ = cute.arch.grid_dim()
+        cta_id = bidx + grid_x * (head_kv + num_head_kv_grid * batch_idx)
+        self.trace_mark(mTrace, cta_id, tidx, TracePoint.Entry)
 
         if warp_idx == self.producer_warp:
             cpasync.prefetch_descriptor(tma_atom_K)
@@ -373,6 +424,7 @@ class BlasstDecodeSm90:
         mbar_k_full = storage.mbar_k_full.data_ptr()
         mbar_k_empty = storage.mbar_k_empty.data_ptr()
         mbar_v_full = storage.mbar_v_full.data_ptr()
+        mbar_v_empty = storage.mbar_v_empty.data_ptr()
         if warp_idx == 0:
             with cute.arch.elect_one():
                 for s in cutlass.range_constexpr(NK):
@@ -380,6 +432,8 @@ class BlasstDecodeSm90:
                     cute.arch.mbarrier_init(mbar_k_empty + s, 4)  # one arrival per consumer warp
                 for s in cutlass.range_constexpr(NV):
                     cute.arch.mbarrier_init(mbar_v_full + s, 1)
+                    if const_expr(self.producer_v_all()):
+                        cute.arch.mbarrier_init(mbar_v_empty + s, 4)  # one per consumer warp
             cute.arch.mbarrier_init_fence()
 
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
@@ -388,6 +442,10 @@ class BlasstDecodeSm90:
         sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
         sPages = storage.pages.get_tensor(cute.make_layout((self.copies_per_tile, NK)))
         sScale = storage.row_scale.get_tensor(cute.make_layout((2, 128, NV)))
+
+        if const_expr(self.use_pdl):
+            cute.arch.griddepcontrol_wait()
+            cute.arch.griddepcontrol_launch_dependents()
 
         # ---- key tiles of this CTA: the split's slice of the tiles the q-tile sees
         seqlen_k = mSeqlens[batch_idx]
@@ -410,6 +468,7 @@ class BlasstDecodeSm90:
             self.load(
                 mK, sK, tma_atom_K, mBlockTable, sPages, mbar_k_full, mbar_k_empty,
                 head_kv, batch_idx, seqlen_k, tile_first, tile_step, n_local,
+                mV, sV, tma_atom_V, mbar_v_full, mbar_v_empty,
             )
         elif warp_idx < 4:
             self.mma(
@@ -419,8 +478,36 @@ class BlasstDecodeSm90:
                 tidx, m_block, split_idx, head_kv, batch_idx, qhead_per_kvhead, num_rows,
                 seqlen_q, seqlen_k, tile_first, tile_step, n_local,
                 scale_log2, threshold_scale_factor, mFactor, mVisited, mSkipped, mVLoaded,
-                mOFinal, mLSEFinal, mArrivals, num_splits,
+                mOFinal, mLSEFinal, mArrivals, num_splits, mbar_v_empty, mTrace, cta_id,
             )
+
+    # ------------------------------------------------------------------ diagnostics / V issue
+    def producer_v_all(self) -> bool:
+        """The producer issues every V load (dense build with producer_v)."""
+        return self.producer_v and not self.has_skip
+
+    @cute.jit
+    def trace_mark(self, mTrace: Optional[cute.Tensor], cta_id: Int32, tidx: Int32,
+                   point: cutlass.Constexpr[int]):
+        """trace: thread 0 records the global timer and its SM clock at ``point``."""
+        if const_expr(self.trace):
+            if tidx == 0:
+                mTrace[cta_id, int(point)] = cute.arch.globaltimer()
+                mTrace[cta_id, 8 + int(point)] = cute.arch.clock64()
+
+    @cute.jit
+    def issue_v(self, tma_atom_V: cute.CopyAtom, tVgV: cute.Tensor, tVsV: list, mbar_v_full,
+                slot: Int32, tile: Int32, pages, batch_idx: Int32, seqlen_k: Int32):
+        """TMA of V tile ``tile`` into ring slot ``slot`` (called by one whole warp)."""
+        with cute.arch.elect_one():
+            cute.arch.mbarrier_arrive_and_expect_tx(mbar_v_full + slot, self.tx_bytes_V)
+        for c in cutlass.range_constexpr(self.copies_per_tile):
+            _, rb = self.copy_coords(tile, c, seqlen_k)
+            pg = batch_idx
+            if const_expr(self.paged):
+                pg = pages[c]
+            cute.copy(tma_atom_V, tVgV[None, rb, 0, pg], tVsV[c][None, slot],
+                      tma_bar_ptr=mbar_v_full + slot)
 
     # ------------------------------------------------------------------ tile order / pages
     @cute.jit
@@ -475,11 +562,15 @@ class BlasstDecodeSm90:
         mbar_k_full, mbar_k_empty,
         head_kv: Int32, batch_idx: Int32, seqlen_k: Int32,
         tile_first: Int32, tile_step: Int32, n_local: Int32,
+        mV: cute.Tensor, sV: cute.Tensor, tma_atom_V: cute.CopyAtom, mbar_v_full, mbar_v_empty,
     ):
-        NK = self.num_k_stages
+        NK, NV = self.num_k_stages, self.num_v_stages
         cpt = self.copies_per_tile
         lane = cute.arch.lane_idx()
         tKgK, tKsK = self.tma_views(tma_atom_K, mK, sK, head_kv)
+        tVgV = tVsV = None
+        if const_expr(self.producer_v):
+            tVgV, tVsV = self.tma_views(tma_atom_V, mV, sV, head_kv)
         # Page ids are fetched 32 at a time (one per lane: tile i0 + lane // cpt, copy lane % cpt),
         # one batch ahead, and handed out with warp shuffles, so the block-table load latency is
         # never on the TMA issue path.
@@ -518,6 +609,18 @@ class BlasstDecodeSm90:
                     tma_atom_K, tKgK[None, rb, 0, pg], tKsK[c][None, stage],
                     tma_bar_ptr=mbar_k_full + stage,
                 )
+            # V right behind its K where no vote gates it. Dense: tile i is kept tile i (ring
+            # slot i % NV, freed by the consumer after PV i - NV); skipping: only the first tile
+            # (kept tile 0: slot 0, first use, nothing to wait for).
+            if const_expr(self.producer_v_all()):
+                v_slot = i % NV
+                cute.arch.mbarrier_wait(mbar_v_empty + v_slot, ((i // NV) % 2) ^ 1)
+                self.issue_v(tma_atom_V, tVgV, tVsV, mbar_v_full, v_slot, tile,
+                             sPages[None, stage], batch_idx, seqlen_k)
+            elif const_expr(self.producer_v):
+                if i == 0:
+                    self.issue_v(tma_atom_V, tVgV, tVsV, mbar_v_full, Int32(0), tile,
+                                 sPages[None, stage], batch_idx, seqlen_k)
 
     # ------------------------------------------------------------------ consumer warpgroup
     @cute.jit
@@ -536,30 +639,38 @@ class BlasstDecodeSm90:
         mVLoaded: Optional[cute.Tensor],
         mOFinal: Optional[cute.Tensor], mLSEFinal: Optional[cute.Tensor],
         mArrivals: Optional[cute.Tensor], num_splits: Int32,
+        mbar_v_empty, mTrace: Optional[cute.Tensor], cta_id: Int32,
     ):
         NK, NV = self.num_k_stages, self.num_v_stages
         cpt = self.copies_per_tile
         warp_in_wg = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         G = qhead_per_kvhead
 
-        # ---- Q: 64 packed rows -> smem (rows past G * Lq_new are zero)
+        # ---- Q: 64 packed rows -> smem (rows past G * Lq_new are zero). Every load is issued
+        # before any is used (rows past the end re-read the last row and are zeroed after), so
+        # the thread waits for memory once, not once per 16 bytes.
         vec = 8
         chunks = self.head_dim // vec
-        for it in cutlass.range_constexpr(TILE_M * chunks // 128):
+        n_it = TILE_M * chunks // 128
+        frags = [cute.make_rmem_tensor((vec,), self.dtype) for _ in range(n_it)]
+        for it in cutlass.range_constexpr(n_it):
             idx = it * 128 + tidx
             r = idx // chunks
-            ch = idx - r * chunks
-            grow = m_block * TILE_M + r
-            frag = cute.make_rmem_tensor((vec,), self.dtype)
-            frag.fill(0.0)
-            if grow < num_rows:
-                pos = grow // G
-                g = grow - pos * G
-                src = cute.local_tile(mQ[batch_idx, pos, head_kv * G + g, None], (vec,), (ch,))
-                cute.autovec_copy(src, frag)
-            cute.autovec_copy(frag, cute.local_tile(sQ[r, None], (vec,), (ch,)))
+            grow = cutlass.min(m_block * TILE_M + r, num_rows - 1)
+            pos = grow // G
+            g = grow - pos * G
+            src = cute.local_tile(mQ[batch_idx, pos, head_kv * G + g, None], (vec,),
+                                  (idx - r * chunks,))
+            cute.autovec_copy(src, frags[it])
+        for it in cutlass.range_constexpr(n_it):
+            idx = it * 128 + tidx
+            r = idx // chunks
+            if m_block * TILE_M + r >= num_rows:
+                frags[it].fill(0.0)
+            cute.autovec_copy(frags[it], cute.local_tile(sQ[r, None], (vec,), (idx - r * chunks,)))
         cute.arch.fence_proxy("async.shared", space="cta")
         cute.arch.barrier(barrier_id=int(DecodeBarrier.Consumer), number_of_threads=128)
+        self.trace_mark(mTrace, cta_id, tidx, TracePoint.QReady)
 
         # ---- MMA fragments
         thr_mma_qk = tiled_mma_qk.get_slice(tidx)
@@ -603,6 +714,9 @@ class BlasstDecodeSm90:
             # ---- S = Q K^T
             acc_S = cute.make_rmem_tensor(acc_S_shape, Float32)
             cute.arch.mbarrier_wait(mbar_k_full + stage, (i // NK) % 2)
+            if const_expr(self.trace):
+                if i == 0:
+                    self.trace_mark(mTrace, cta_id, tidx, TracePoint.FirstK)
             wgmma(tiled_mma_qk, acc_S, tSrQ, tSrK[None, None, None, stage], True)
             if const_expr(self.paged):
                 if warp_in_wg == 0:
@@ -631,19 +745,18 @@ class BlasstDecodeSm90:
                 cute.arch.barrier(barrier_id=int(DecodeBarrier.Consumer), number_of_threads=128)
             if keep:
                 slot = num_kept % NV
-                # V tile load, issued only now that the tile is kept.
-                if warp_in_wg == 0:
-                    with cute.arch.elect_one():
-                        cute.arch.mbarrier_arrive_and_expect_tx(mbar_v_full + slot, self.tx_bytes_V)
-                    for c in cutlass.range_constexpr(cpt):
-                        _, rb = self.copy_coords(tile, c, seqlen_k)
-                        pg = batch_idx
-                        if const_expr(self.paged):
-                            pg = pages[c]
-                        cute.copy(
-                            tma_atom_V, tVgV[None, rb, 0, pg], tVsV[c][None, slot],
-                            tma_bar_ptr=mbar_v_full + slot,
-                        )
+                # V tile load, issued only now that the tile is kept (unless the producer
+                # already issued it: producer_v, see load()).
+                if const_expr(self.producer_v_all()):
+                    pass
+                elif const_expr(self.producer_v):
+                    if warp_in_wg == 0 and i > 0:
+                        self.issue_v(tma_atom_V, tVgV, tVsV, mbar_v_full, slot, tile, pages,
+                                     batch_idx, seqlen_k)
+                else:
+                    if warp_in_wg == 0:
+                        self.issue_v(tma_atom_V, tVgV, tVsV, mbar_v_full, slot, tile, pages,
+                                     batch_idx, seqlen_k)
                 row_scale = cute.make_rmem_tensor(n_rows_thr, Float32)
                 if i == 0:
                     softmax.update(acc_S, m_tile, True)
@@ -658,16 +771,18 @@ class BlasstDecodeSm90:
                 cute.arch.fence_proxy("async.shared", space="cta")
                 num_kept += 1
             if num_kept - num_done > self.pv_lag:
-                self.pv_step(acc_O, tOrP, tOrVt, sScale, mbar_v_full, tiled_mma_pv, tidx,
-                             num_done, n_rows_thr)
+                self.pv_step(acc_O, tOrP, tOrVt, sScale, mbar_v_full, mbar_v_empty, tiled_mma_pv,
+                             tidx, num_done, n_rows_thr)
                 num_done += 1
+        self.trace_mark(mTrace, cta_id, tidx, TracePoint.LoopEnd)
 
         # ---- drain the deferred PV products
         cute.arch.barrier(barrier_id=int(DecodeBarrier.Consumer), number_of_threads=128)
         for _ in cutlass.range(num_kept - num_done, unroll=1):
-            self.pv_step(acc_O, tOrP, tOrVt, sScale, mbar_v_full, tiled_mma_pv, tidx, num_done,
-                         n_rows_thr)
+            self.pv_step(acc_O, tOrP, tOrVt, sScale, mbar_v_full, mbar_v_empty, tiled_mma_pv,
+                         tidx, num_done, n_rows_thr)
             num_done += 1
+        self.trace_mark(mTrace, cta_id, tidx, TracePoint.DrainEnd)
 
         # ---- counters: one thread per CTA
         if const_expr(self.has_stats):
@@ -681,10 +796,21 @@ class BlasstDecodeSm90:
         rescale_rows(acc_O, inv_l)
         store_out_lse(acc_O, lse, thr_mma_pv, mO, mLSE, m_block, num_rows, G, head_kv, batch_idx,
                       split_idx, n_rows_thr, TILE_M, self.head_dim, self.direct_out, self.dtype)
+        self.trace_mark(mTrace, cta_id, tidx, TracePoint.Stored)
 
+        merged = Boolean(False)
         if const_expr(self.fused_merge):
-            self.merge_if_last(mO, mLSE, mOFinal, mLSEFinal, mArrivals, tidx, m_block, head_kv,
-                               batch_idx, qhead_per_kvhead, num_rows, num_splits)
+            merged = self.merge_if_last(mO, mLSE, mOFinal, mLSEFinal, mArrivals, tidx, m_block,
+                                        head_kv, batch_idx, qhead_per_kvhead, num_rows, num_splits)
+        if const_expr(self.trace):
+            self.trace_mark(mTrace, cta_id, tidx, TracePoint.Done)
+            if tidx == 0:
+                merged_flag = cutlass.Int64(0)
+                if merged:
+                    merged_flag = cutlass.Int64(1)
+                mTrace[cta_id, 16] = merged_flag
+                mTrace[cta_id, 17] = cutlass.Int64(n_local)
+                mTrace[cta_id, 18] = cutlass.Int64(cute.arch.smid())
 
     @cute.jit
     def merge_if_last(
@@ -712,23 +838,46 @@ class BlasstDecodeSm90:
             warp = tidx // 32
             lane = tidx - warp * 32
             rows_here = cutlass.min(num_rows - m_block * TILE_M, TILE_M)
-            # Warp w merges rows w, w + 4, ...; MERGE_ROWS of them at once (a batch is padded with
-            # duplicates of a valid row, never written).
-            for r0 in cutlass.range(warp, rows_here, 4 * MERGE_ROWS, unroll=1):
-                pos, head, valid = [], [], []
-                for i in cutlass.range_constexpr(MERGE_ROWS):
-                    r = r0 + 4 * i
-                    valid.append(r < rows_here)
-                    grow = m_block * TILE_M + cutlass.min(r, rows_here - 1)
-                    p = grow // G
-                    pos.append(p)
-                    head.append(head_kv * G + (grow - p * G))
-                merge_split_rows(mOp, mLSEp, mOFinal, mLSEFinal, batch_idx, pos, head, valid, lane)
+            if const_expr(self.pipelined_merge):
+                if rows_here <= 4:  # GQA decode with G <= 4: one row per warp, more splits per batch
+                    if warp < rows_here:
+                        grow = m_block * TILE_M + warp
+                        p = grow // G
+                        merge_split_rows_pipelined(mOp, mLSEp, mOFinal, mLSEFinal, batch_idx, [p],
+                                                   [head_kv * G + (grow - p * G)], None, lane)
+                else:
+                    for r0 in cutlass.range(warp, rows_here, 4 * MERGE_ROWS, unroll=1):
+                        pos, head, valid = self.merge_batch_rows(r0, rows_here, m_block, head_kv, G)
+                        merge_split_rows_pipelined(mOp, mLSEp, mOFinal, mLSEFinal, batch_idx, pos,
+                                                   head, valid, lane)
+            else:
+                # Warp w merges rows w, w + 4, ...; MERGE_ROWS of them at once (a batch is padded
+                # with duplicates of a valid row, never written).
+                for r0 in cutlass.range(warp, rows_here, 4 * MERGE_ROWS, unroll=1):
+                    pos, head, valid = self.merge_batch_rows(r0, rows_here, m_block, head_kv, G)
+                    merge_split_rows(mOp, mLSEp, mOFinal, mLSEFinal, batch_idx, pos, head, valid,
+                                     lane)
+        return is_last
+
+    @cute.jit
+    def merge_batch_rows(self, r0: Int32, rows_here: Int32, m_block: Int32, head_kv: Int32,
+                         G: Int32):
+        """(pos, head, valid) of the MERGE_ROWS rows r0, r0 + 4, ... of a q-tile that one warp
+        merges together (past the tile's valid rows: duplicates of its last row, not written)."""
+        pos, head, valid = [], [], []
+        for i in cutlass.range_constexpr(MERGE_ROWS):
+            r = r0 + 4 * i
+            valid.append(r < rows_here)
+            grow = m_block * TILE_M + cutlass.min(r, rows_here - 1)
+            p = grow // G
+            pos.append(p)
+            head.append(head_kv * G + (grow - p * G))
+        return pos, head, valid
 
     @cute.jit
     def pv_step(
         self, acc_O: cute.Tensor, tOrP: cute.Tensor, tOrVt: cute.Tensor, sScale: cute.Tensor,
-        mbar_v_full, tiled_mma_pv: cute.TiledMma, tidx: Int32, k: Int32,
+        mbar_v_full, mbar_v_empty, tiled_mma_pv: cute.TiledMma, tidx: Int32, k: Int32,
         n_rows_thr: cutlass.Constexpr[int],
     ):
         """O = O * scale_k + P_k V_k for the k-th kept tile (its V and P in ring slot k % NV)."""
@@ -741,3 +890,6 @@ class BlasstDecodeSm90:
         cute.arch.mbarrier_wait(mbar_v_full + slot, (k // NV) % 2)
         wgmma(tiled_mma_pv, acc_O, tOrP[None, None, None, slot], tOrVt[None, None, None, slot], False)
         warpgroup.wait_group(0)
+        if const_expr(self.producer_v_all()):
+            with cute.arch.elect_one():  # this warp is done with V slot `slot`
+                cute.arch.mbarrier_arrive(mbar_v_empty + slot)
