@@ -69,6 +69,10 @@ CLUSTER_MIN_TILES_PER_SPLIT = 128
 # BLASST_MLA_INTERLEAVE=0 restores contiguous chunks (comparisons).
 INTERLEAVE_SPLITS = os.environ.get("BLASST_MLA_INTERLEAVE", "1") != "0"
 
+# Programmatic dependent launch of the kernel and its combine (see mla_decode.py): each grid
+# starts while the previous kernel of the stream drains. BLASST_MLA_PDL=0 turns it off.
+USE_PDL = os.environ.get("BLASST_MLA_PDL", "1") != "0"
+
 
 def mla_num_splits(work_units: int, n_tiles: int, num_sms: int) -> int:
     """Splits per (q-tile, batch): fill the SMs once (one CTA per SM: ~226 KiB of smem), i.e.
@@ -128,7 +132,8 @@ def _config_key(config: dict) -> tuple:
     c["dtype"] = kernel_dtype(c.get("dtype", torch.bfloat16), "sm90 MLA decode")
     c.setdefault("page_size", None)
     c.setdefault("causal", True)
-    for k in ("has_skip", "factor_per_batch", "has_stats", "direct_out", "interleave_splits"):
+    for k in ("has_skip", "factor_per_batch", "has_stats", "direct_out", "interleave_splits",
+              "use_pdl"):
         c[k] = bool(c.get(k, False))
     c["cluster_m"] = int(c.get("cluster_m", 1))
     return tuple(sorted(c.items(), key=lambda kv: kv[0]))
@@ -140,7 +145,7 @@ def _make_kernel(key: tuple) -> BlasstMlaDecodeSm90:
         TORCH_TO_CUTLASS[c["dtype"]], page_size=c["page_size"], causal=c["causal"],
         has_skip=c["has_skip"], factor_per_batch=c["factor_per_batch"],
         has_stats=c["has_stats"], direct_out=c["direct_out"], cluster_m=c["cluster_m"],
-        interleave_splits=c["interleave_splits"])
+        interleave_splits=c["interleave_splits"], use_pdl=c["use_pdl"])
 
 
 def _compile_args(c: dict, stream):
@@ -163,7 +168,8 @@ def compile_mla_decode_sm90(config: dict, options: Optional[str] = None):
     """Compile one MLA decode configuration (no GPU needed; CUTE_DSL_ARCH=sm_90a on a CPU host).
 
     config keys: dtype, page_size (None = contiguous cache), and optionally causal, has_skip,
-    factor_per_batch, has_stats, direct_out, cluster_m (1 or 2), interleave_splits. Returns the compiled
+    factor_per_batch, has_stats, direct_out, cluster_m (1 or 2), interleave_splits, use_pdl. Returns
+    the compiled
     ``launch_ptrs``.
     """
     key = _config_key(config)
@@ -209,7 +215,7 @@ _plans_lock = threading.Lock()
 def _get_plan(q, kv_cache, block_table, causal, has_skip, fpb, has_stats, num_splits) -> _Plan:
     key = (q.shape, q.dtype, q.get_device(), kv_cache.shape, kv_cache.stride(),
            None if block_table is None else (block_table.shape, block_table.stride(0)),
-           causal, has_skip, fpb, has_stats, num_splits, CLUSTER_MODE, INTERLEAVE_SPLITS)
+           causal, has_skip, fpb, has_stats, num_splits, CLUSTER_MODE, INTERLEAVE_SPLITS, USE_PDL)
     plan = _plans.get(key)
     if plan is not None:
         return plan
@@ -228,7 +234,8 @@ def _get_plan(q, kv_cache, block_table, causal, has_skip, fpb, has_stats, num_sp
                       cluster_m=mla_cluster_m(q.shape[2], q.shape[1], bool(causal),
                                               tiles_per_split),
                       # one split: both tile orders coincide (one compiled kernel)
-                      interleave_splits=geo["interleave_splits"] and not p.direct)
+                      interleave_splits=geo["interleave_splits"] and not p.direct,
+                      use_pdl=USE_PDL)
         ck = _config_key(config)
         p.fn = _compiled(ck, lambda: _make_kernel(ck).launch_ptrs,
                          _compile_args(dict(ck), cuda_stream(0)))
@@ -241,8 +248,9 @@ def _get_plan(q, kv_cache, block_table, causal, has_skip, fpb, has_stats, num_sp
         p.cfn = None
         if not p.direct:
             dt = TORCH_TO_CUTLASS[q.dtype]
-            p.cfn = _compiled(("combine", q.dtype, HEAD_DIM_V),
-                              lambda: BlasstDecodeCombineSm90(dt, HEAD_DIM_V).launch_ptrs,
+            p.cfn = _compiled(("combine", q.dtype, HEAD_DIM_V, USE_PDL),
+                              lambda: BlasstDecodeCombineSm90(dt, HEAD_DIM_V,
+                                                              use_pdl=USE_PDL).launch_ptrs,
                               combine_compile_args(dt))
         _plans[key] = p
         return p
@@ -324,7 +332,8 @@ def supported_configs():
             for direct in (False, True):
                 cfgs.append(dict(dtype=torch.bfloat16, page_size=page_size, has_skip=has_skip,
                                  factor_per_batch=fpb, has_stats=stats, direct_out=direct,
-                                 interleave_splits=INTERLEAVE_SPLITS and not direct))
+                                 interleave_splits=INTERLEAVE_SPLITS and not direct,
+                                 use_pdl=USE_PDL))
     return cfgs
 
 
@@ -333,10 +342,11 @@ def supported_cluster_configs():
     and both epilogues."""
     bf = torch.bfloat16
     return [dict(dtype=bf, page_size=64, has_skip=True, factor_per_batch=True, has_stats=True,
-                 cluster_m=2, interleave_splits=INTERLEAVE_SPLITS),
-            dict(dtype=bf, page_size=64, direct_out=True, cluster_m=2),
+                 cluster_m=2, interleave_splits=INTERLEAVE_SPLITS, use_pdl=USE_PDL),
+            dict(dtype=bf, page_size=64, direct_out=True, cluster_m=2, use_pdl=USE_PDL),
             dict(dtype=bf, page_size=16, has_skip=True, cluster_m=2),
-            dict(dtype=bf, page_size=None, has_skip=True, direct_out=True, cluster_m=2)]
+            dict(dtype=bf, page_size=None, has_skip=True, direct_out=True, cluster_m=2,
+                 use_pdl=USE_PDL)]
 
 
 def clear_cache() -> None:

@@ -63,6 +63,16 @@ def test_compile_mla_decode_cluster_cpu(config):
     assert launch_mla.compile_mla_decode_sm90(config) is not None
 
 
+@cpu_only
+def test_compile_combine_with_pdl_cpu():
+    # the combine launched after the MLA kernel (programmatic dependent launch, D = 512)
+    import cutlass.cute as cute
+    from blasst_cute.kernels.launch_common import combine_compile_args
+    from blasst_cute.kernels.sm90.combine import BlasstDecodeCombineSm90
+    fn = BlasstDecodeCombineSm90(cutlass.BFloat16, 512, use_pdl=True).launch_ptrs
+    assert cute.compile(fn, *combine_compile_args(cutlass.BFloat16)) is not None
+
+
 def test_cluster_choice():
     # q-tiles of a sequence pair into a 2-CTA cluster only when they see the same key tiles
     assert launch_mla.mla_cluster_m(128, 1) == 2

@@ -10,8 +10,9 @@
 #       O += P V: warpgroup w owns O[:, 256w : 256w + 256] (128 fp32 accumulators per thread),
 #       both read the whole 64 x 64 P tile from smem.
 #   warpgroup 2 (producer; only its first warp works, the group exists for setmaxnreg 240/24):
-#       TMA of the 64 x 576 K tiles, page by page through the block table, into a 2-stage ring
-#       (full/empty mbarriers). V needs no load: it is the first 512 columns of the K stage,
+#       TMA of the 64 x 576 Q tile (own barrier; a loop of 16-byte loads by the consumers cost
+#       3-6 us per launch, H100), then of the 64 x 576 K tiles, page by page through the block
+#       table, into a 2-stage ring (full/empty mbarriers). V needs no load: it is the first 512 columns of the K stage,
 #       viewed transposed (MN-major) as the B operand of the PV wgmma. A K stage is released
 #       after the PV product of its tile (or right after QK^T when the tile is skipped).
 # Smem: Q 72 KiB + 2 x K 72 KiB + P 8 KiB = 224 KiB, plus ~1.6 KiB of barriers and exchange slots,
@@ -29,7 +30,11 @@
 # skipping never saves K bytes). Requires the pair to see the same key tiles.
 # Skipping saves the exp/rescale and the PV product (512/1088 of the FLOPs),
 # never the K/V bytes (one shared latent row): memory-bound shapes (small H) gain little.
-# Tried and dropped (H200, same runs): issuing QK^T of tile i+1 before waiting for PV of tile i
+# Launched with programmatic dependent launch (use_pdl): CTAs wait (griddepcontrol.wait) before
+# any global access, then let the combine launch; 1-3% on back-to-back calls (H100).
+# Tried and dropped: 32-key tiles in four 36 KiB stages (the N-split QK^T becomes m64n16 per
+# warpgroup and smem-bound: 0.64-0.73x dense; perf/results/mla-decode-h100-tile32.md). Also
+# (H200, same runs): issuing QK^T of tile i+1 before waiting for PV of tile i
 # (slower: the stage release then waits behind the next tile's load), and an L2 prefetch of the
 # next tile by the producer (no gain, slower at B >= 64 with 32k keys).
 #
@@ -125,6 +130,7 @@ class BlasstMlaDecodeSm90:
         direct_out: bool = False,
         cluster_m: int = 1,
         interleave_splits: bool = False,
+        use_pdl: bool = False,
     ):
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
             raise NotImplementedError(f"blasst sm90 MLA decode: dtype {dtype} (bf16/fp16 only)")
@@ -156,6 +162,10 @@ class BlasstMlaDecodeSm90:
         # and multicasts it, so both receive the whole tile; a stage is refilled only after the
         # consumers of every CTA of the cluster released it.
         self.cluster_m = cluster_m
+        # Programmatic dependent launch: CTAs may start (barrier init, descriptor prefetch) while
+        # the kernel before them in the stream drains; every global access waits for it
+        # (griddepcontrol.wait), and the kernel after (the combine) may launch once all CTAs run.
+        self.use_pdl = use_pdl
         self.rows_per_tma = self.rows_per_copy // cluster_m
         self.num_stages = NUM_STAGES
         self.num_consumer_threads = 256
@@ -255,6 +265,14 @@ class BlasstMlaDecodeSm90:
             tma_op = cpasync.CopyBulkTensorTileG2SMulticastOp()
         tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(tma_op, mKc, sK_copy, (rpt, HEAD_DIM), 1)
         self.tx_bytes_K = cute.size_in_bytes(self.dtype, cute.select(sK_layout, mode=[0, 1]))
+        # Q by TMA: a sequence's packed rows (r = pos * H + h) in CuTe order (rows, d, batch);
+        # rows past Lq_new * H are out of bounds and arrive as zeros.
+        rows_q = mQ.shape[1] * mQ.shape[2]
+        mQr = select_modes(assume_rows_aligned(cute.make_tensor(mQ.iterator, cute.make_layout(
+            (mQ.shape[0], rows_q, HEAD_DIM), stride=(mQ.stride[0], HEAD_DIM, 1)))), [1, 2, 0])
+        tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileG2SOp(), mQr, sQ_layout, (TILE_M, HEAD_DIM))
+        self.tx_bytes_Q = cute.size_in_bytes(self.dtype, sQ_layout)
 
         # Big buffers first (1024-aligned for the 128B swizzle), the small ones after them.
         @cute.struct
@@ -264,6 +282,7 @@ class BlasstMlaDecodeSm90:
             sP: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sP_layout)], 1024]
             mbar_full: cute.struct.MemRange[cutlass.Int64, NS]
             mbar_empty: cute.struct.MemRange[cutlass.Int64, NS]
+            mbar_q: cute.struct.MemRange[cutlass.Int64, 1]
             row_max: cute.struct.MemRange[Float32, 2 * 2 * TILE_M]  # (parity, warpgroup, row)
             row_sum: cute.struct.MemRange[Float32, 2 * TILE_M]  # (warpgroup, row)
 
@@ -277,7 +296,7 @@ class BlasstMlaDecodeSm90:
         num_m_blocks = (seqlen_q * num_heads + TILE_M - 1) // TILE_M
         scale_log2 = softmax_scale * LOG2_E
         self.kernel(
-            mQ, tma_K, mO, mLSE, mSeqlens, mBlockTable, tma_atom_K,
+            mQ, tma_Q, tma_K, mO, mLSE, mSeqlens, mBlockTable, tma_atom_Q, tma_atom_K,
             scale_log2, threshold_scale_factor, mFactor, mVisited, mSkipped, num_splits,
             sQ_layout, sK_layout, sP_layout, tiled_mma_qk, tiled_mma_pv,
         ).launch(
@@ -285,6 +304,7 @@ class BlasstMlaDecodeSm90:
             block=[self.num_threads, 1, 1],
             cluster=[self.cluster_m, 1, 1],
             stream=stream,
+            use_pdl=self.use_pdl,
             min_blocks_per_mp=1,
         )
 
@@ -293,11 +313,13 @@ class BlasstMlaDecodeSm90:
     def kernel(
         self,
         mQ: cute.Tensor,
+        mQr: cute.Tensor,
         mK: cute.Tensor,
         mO: cute.Tensor,
         mLSE: cute.Tensor,
         mSeqlens: cute.Tensor,
         mBlockTable: Optional[cute.Tensor],
+        tma_atom_Q: cute.CopyAtom,
         tma_atom_K: cute.CopyAtom,
         scale_log2: Float32,
         threshold_scale_factor: Float32,
@@ -329,14 +351,17 @@ class BlasstMlaDecodeSm90:
             split_idx = bidx - m_block * num_splits
 
         if warp_idx == self.producer_warp:
+            cpasync.prefetch_descriptor(tma_atom_Q)
             cpasync.prefetch_descriptor(tma_atom_K)
 
         smem = cutlass.memory.SmemAllocator()
         storage = smem.allocate(self.shared_storage)
         mbar_full = storage.mbar_full.data_ptr()
         mbar_empty = storage.mbar_empty.data_ptr()
+        mbar_q = storage.mbar_q.data_ptr()
         if warp_idx == 0:
             with cute.arch.elect_one():
+                cute.arch.mbarrier_init(mbar_q, 1)
                 for s in cutlass.range_constexpr(NS):
                     cute.arch.mbarrier_init(mbar_full + s, 1)
                     # one arrival per consumer warp of every CTA of the cluster
@@ -348,6 +373,10 @@ class BlasstMlaDecodeSm90:
         sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
         sRowMax = storage.row_max.get_tensor(cute.make_layout((2, 2, TILE_M), stride=(2 * TILE_M, TILE_M, 1)))
         sRowSum = storage.row_sum.get_tensor(cute.make_layout((2, TILE_M), stride=(TILE_M, 1)))
+
+        if const_expr(self.use_pdl):
+            cute.arch.griddepcontrol_wait()
+            cute.arch.griddepcontrol_launch_dependents()
 
         # ---- key tiles of this CTA: the split's slice of the tiles the q-tile sees
         seqlen_k = mSeqlens[batch_idx]
@@ -375,12 +404,13 @@ class BlasstMlaDecodeSm90:
         if warp_idx >= self.producer_warp:
             cute.arch.setmaxregister_decrease(self.num_producer_regs)
             if warp_idx == self.producer_warp:
-                self.load(mK, sK, tma_atom_K, mBlockTable, mbar_full, mbar_empty,
-                          batch_idx, seqlen_k, tile_first, tile_step, n_local, cta_rank)
+                self.load(mQr, mK, sQ, sK, tma_atom_Q, tma_atom_K, mBlockTable, mbar_q,
+                          mbar_full, mbar_empty, m_block, batch_idx, seqlen_k, tile_first,
+                          tile_step, n_local, cta_rank)
         else:
             cute.arch.setmaxregister_increase(self.num_mma_regs)
             self.mma(
-                mQ, mO, mLSE, sQ, sK, sP, sRowMax, sRowSum, mbar_full, mbar_empty,
+                mO, mLSE, sQ, sK, sP, sRowMax, sRowSum, mbar_q, mbar_full, mbar_empty,
                 tiled_mma_qk, tiled_mma_pv, tidx, m_block, split_idx, batch_idx, num_heads,
                 num_rows, seqlen_q, seqlen_k, tile_first, tile_step, n_local,
                 scale_log2, threshold_scale_factor, mFactor, mVisited, mSkipped, cta_rank,
@@ -401,10 +431,11 @@ class BlasstMlaDecodeSm90:
     @cute.jit
     def load(
         self,
-        mK: cute.Tensor, sK: cute.Tensor, tma_atom_K: cute.CopyAtom,
-        mBlockTable: Optional[cute.Tensor], mbar_full, mbar_empty,
-        batch_idx: Int32, seqlen_k: Int32, tile_first: Int32, tile_step: Int32, n_local: Int32,
-        cta_rank: Int32,
+        mQr: cute.Tensor, mK: cute.Tensor, sQ: cute.Tensor, sK: cute.Tensor,
+        tma_atom_Q: cute.CopyAtom, tma_atom_K: cute.CopyAtom,
+        mBlockTable: Optional[cute.Tensor], mbar_q, mbar_full, mbar_empty,
+        m_block: Int32, batch_idx: Int32, seqlen_k: Int32, tile_first: Int32, tile_step: Int32,
+        n_local: Int32, cta_rank: Int32,
     ):
         NS = self.num_stages
         cpt = self.copies_per_tile
@@ -425,6 +456,14 @@ class BlasstMlaDecodeSm90:
             )
             tKsK.append(tKsK_j)
         mcast_mask = cutlass.Int16((1 << ncl) - 1)
+        # Q first (its own barrier): the consumers need it before the first K tile.
+        gQ = cute.local_tile(mQr[None, None, batch_idx], (TILE_M, HEAD_DIM), (m_block, 0))
+        tQsQ, tQgQ = cpasync.tma_partition(
+            tma_atom_Q, 0, cute.make_layout(1), cute.group_modes(sQ, 0, 2),
+            cute.group_modes(gQ, 0, 2))
+        with cute.arch.elect_one():
+            cute.arch.mbarrier_arrive_and_expect_tx(mbar_q, self.tx_bytes_Q)
+        cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=mbar_q)
         # Page ids: lane c < cpt holds copy c's page; the next tile's are read before waiting for
         # a free stage, so the block-table load latency hides behind that wait.
         page_next = Int32(0)
@@ -464,10 +503,10 @@ class BlasstMlaDecodeSm90:
     @cute.jit
     def mma(
         self,
-        mQ: cute.Tensor, mO: cute.Tensor, mLSE: cute.Tensor,
+        mO: cute.Tensor, mLSE: cute.Tensor,
         sQ: cute.Tensor, sK: cute.Tensor, sP: cute.Tensor,
         sRowMax: cute.Tensor, sRowSum: cute.Tensor,
-        mbar_full, mbar_empty,
+        mbar_q, mbar_full, mbar_empty,
         tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma,
         tidx: Int32, m_block: Int32, split_idx: Int32, batch_idx: Int32, num_heads: Int32,
         num_rows: Int32, seqlen_q: Int32, seqlen_k: Int32, tile_first: Int32, tile_step: Int32,
@@ -480,25 +519,8 @@ class BlasstMlaDecodeSm90:
         wg = cute.arch.make_warp_uniform(tidx // 128)
         H = num_heads
 
-        # ---- Q: 64 packed rows (contiguous rows of q for one sequence) -> smem; rows past
-        # H * Lq_new are zero.
-        vec = 8
-        chunks = HEAD_DIM // vec
-        mQrows = cute.make_tensor(
-            mQ[batch_idx, 0, 0, None].iterator,
-            cute.make_layout((num_rows, HEAD_DIM), stride=(HEAD_DIM, 1)))
-        for it in cutlass.range_constexpr(TILE_M * chunks // nthr):
-            idx = it * nthr + tidx
-            r = idx // chunks
-            ch = idx - r * chunks
-            grow = m_block * TILE_M + r
-            frag = cute.make_rmem_tensor((vec,), self.dtype)
-            frag.fill(0.0)
-            if grow < num_rows:
-                cute.autovec_copy(cute.local_tile(mQrows[grow, None], (vec,), (ch,)), frag)
-            cute.autovec_copy(frag, cute.local_tile(sQ[r, None], (vec,), (ch,)))
-        cute.arch.fence_proxy("async.shared", space="cta")
-        cute.arch.barrier(barrier_id=int(MlaBarrier.Consumers), number_of_threads=nthr)
+        # ---- Q (64 packed rows, TMA by the producer; rows past H * Lq_new are zero)
+        cute.arch.mbarrier_wait(mbar_q, 0)
 
         # ---- MMA fragments. V^T = the first 512 columns of the K stage, viewed (d, key, stage):
         # element (j, n, s) of the view is element (n, j, s) of sK (index n + 64 j + 64*576 s).
