@@ -109,6 +109,9 @@ def _config_key(config: dict) -> tuple:
     c.setdefault("debug_no_v_load", False)
     c.setdefault("pv_skip", True)
     c.setdefault("lpt_heads", None)
+    c.setdefault("fast_vote", True)
+    c.setdefault("late_v_wait", True)
+    c.setdefault("branchless_after_keep", False)
     c["cluster_m"] = int(c.get("cluster_m", 1))
     c["cluster_h"] = int(c.get("cluster_h", 1))
     return tuple(sorted(c.items(), key=lambda kv: kv[0]))
@@ -124,7 +127,8 @@ def _make_kernel(key: tuple) -> BlasstFwdSm90:
         vote_smem=c["vote_smem"], lpt=c["lpt"], debug_no_vote=c["debug_no_vote"],
         decision_rows=c["decision_rows"], debug_no_v_load=c["debug_no_v_load"],
         pv_skip=c["pv_skip"], lpt_heads=c["lpt_heads"], cluster_m=c["cluster_m"],
-        cluster_h=c["cluster_h"],
+        cluster_h=c["cluster_h"], fast_vote=c["fast_vote"],
+        late_v_wait=c["late_v_wait"], branchless_after_keep=c["branchless_after_keep"],
     )
 
 
@@ -233,7 +237,7 @@ def run_prefill_sm90(q, k, v, out, lse, *, causal: bool, softmax_scale: float,
                   has_skip=has_skip, has_stats=has_stats, varlen=varlen,
                   factor_per_batch=factor_t is not None)
     if tuning:
-        config.update(tuning)  # experiments only: tile_n, num_stages, pingpong, vote_smem, lpt, lpt_heads, decision_rows, pv_skip, cluster_m, cluster_h
+        config.update(tuning)  # experiments only: tile_n, num_stages, pingpong, vote_smem, lpt, lpt_heads, decision_rows, pv_skip, cluster_m, cluster_h, fast_vote, late_v_wait, branchless_after_keep
     config.update(prefill_cluster(bool(causal), q.shape[-2], k.shape[-2], tuning,
                                   has_skip=has_skip, factor=factor,
                                   seqlen_k=max_seqlen_k if varlen else k.shape[1],

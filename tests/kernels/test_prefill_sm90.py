@@ -69,14 +69,22 @@ def test_compile_sm90a(dtype, dims, causal, variant, varlen):
 
 
 @pytest.mark.parametrize("tuning", [dict(decision_rows=64), dict(decision_rows=64, vote_smem=False),
-                                    dict(pv_skip=False), dict(num_stages=3)], ids=str)
+                                    dict(pv_skip=False), dict(num_stages=3),
+                                    dict(fast_vote=False), dict(late_v_wait=False),
+                                    dict(branchless_after_keep=True),
+                                    dict(fast_vote=False, branchless_after_keep=False,
+                                         late_v_wait=False)], ids=str)
 @pytest.mark.parametrize("dims", [(128, 128), (256, 256), MLA], ids=_dims_id)
 def test_compile_skip_variants(tuning, dims):
-    """Selectable skip variants (per-warpgroup decision, PV always issued, 3 stages) compile."""
+    """Selectable skip variants compile: per-warpgroup decision, PV always issued, 3 stages, the
+    vote from the rule each tile (no per-row thresholds), the V wait before a skipped PV, the skip
+    branch after kept tiles too, and all three (the previous kernel)."""
     if os.environ.get("CUTE_DSL_ARCH", "sm_90a") != "sm_90a" and not _on_hopper():
         pytest.skip("CUTE_DSL_ARCH is not sm_90a")
     if dims[0] > 128 and tuning.get("num_stages") == 3:
         pytest.skip(f"hdim {dims[0]}/{dims[1]} x 3 stages does not fit shared memory")
+    if dims != (128, 128) and set(tuning) <= {"fast_vote", "late_v_wait", "branchless_after_keep"}:
+        pytest.skip("schedule variants: hdim 128 on CPU (the GPU tests run them at 64, 128, MLA)")
     cfg = dict(dtype=torch.bfloat16, head_dim=dims[0], head_dim_v=dims[1], causal=True,
                has_skip=True, has_stats=True, **tuning)
     assert launch.compile_prefill_sm90(cfg) is not None
@@ -256,6 +264,60 @@ def test_mla_public_api():
                                 threshold_scale_factor=50.0, cu_seqlens_q=cu, cu_seqlens_k=cu,
                                 max_seqlen_q=500, max_seqlen_k=500, backend="cute")
     assert smoke.rel_err(out_v.view(2, 500, 4, 128), out) < 1e-3
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.gpu
+def test_skip_rule_vote_variant(causal):
+    """fast_vote=False (the rule evaluated every tile) stays selectable and matches the
+    reference; the default per-row thresholds give the same decisions up to rare borderline
+    flips."""
+    if not _on_hopper():
+        pytest.skip("needs sm_90")
+    assert smoke.check_skip(2, 1000, 1500, 4, 1, 128, causal, torch.bfloat16, 30.0,
+                            tuning={"fast_vote": False})
+    from blasst_cute.workloads import synthetic_qkv
+    q, k, v = synthetic_qkv(2, 1000, 1500, 4, 1, 128, device="cuda", seed=11)
+    res = [smoke.run_kernel(q, k, v, causal=causal, scale=128 ** -0.5, factor=300.0, stats=True,
+                            tuning={"fast_vote": fv}) for fv in (False, True)]
+    (o1, l1, v1, s1), (o2, l2, v2, s2) = res
+    assert torch.equal(v1, v2)
+    assert int((s1 - s2).abs().sum()) <= max(1, int(0.002 * int(v1.sum())))
+    assert smoke.rel_err(o2, o1) < 1e-2
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dims", [(128, 128), (64, 64), MLA], ids=_dims_id)
+@pytest.mark.gpu
+def test_skip_schedule_variants_bitwise(causal, dims):
+    """branchless_after_keep (after a kept tile the exp2s start before the vote; a skip then
+    holds m, l, O and zeroes P) and late_v_wait (a skipped PV's V stage is waited for after the
+    ping-pong token), each on or off: the same bits, counters included, as the build with both
+    off at mixed sparsity; and each matches the reference (skip, varlen)."""
+    if not _on_hopper():
+        pytest.skip("needs sm_90")
+    from blasst_cute.workloads import synthetic_qkv
+    d, dv = dims
+    combos = [dict(branchless_after_keep=bl, late_v_wait=lvw) for bl in (False, True)
+              for lvw in (False, True)]
+    mixed = 0
+    for (B, Lq, Lk, Hq, Hk), factor in [((2, 1000, 1500, 4, 1), 30.0), ((1, 700, 2100, 4, 2), 300.0),
+                                        ((2, 333, 1000, 2, 2), 3000.0)]:
+        q, k, v = synthetic_qkv(B, Lq, Lk, Hq, Hk, d, dv, device="cuda", seed=Lq + Lk)
+        res = [smoke.run_kernel(q, k, v, causal=causal, scale=d ** -0.5, factor=factor, stats=True,
+                                tuning=t) for t in combos]
+        torch.cuda.synchronize()
+        o1, l1, v1, s1 = res[0]
+        mixed += int(0 < int(s1.sum()) < int(v1.sum()))
+        for t, (o2, l2, v2, s2) in zip(combos[1:], res[1:]):
+            assert torch.equal(v1, v2) and torch.equal(s1, s2), (B, Lq, Lk, factor, t)
+            assert torch.equal(o1, o2) and torch.equal(l1, l2), (B, Lq, Lk, factor, t)
+    assert mixed >= 2  # some tiles skipped, some kept
+    for t in combos[1:]:
+        assert smoke.check_skip(2, 1000, 1500, 4, 1, d, causal, torch.bfloat16, 30.0, Dv=dv,
+                                tuning=t)
+    assert smoke.check_varlen([100, 1, 300, 257, 0], [200, 5, 300, 700, 3], 4, 2, d, causal,
+                              torch.bfloat16, 20.0, Dv=dv, tuning=combos[-1])
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -16,6 +16,18 @@
 # reads one iteration later behind the ping-pong bar.sync it passes anyway (a warpgroup barrier
 # when there is no ping-pong, and once for the last PV). Every pipeline wait/release and barrier is
 # identical on both paths; V is still loaded. The first visited tile is never skipped.
+# fast_vote (default): each row's skip threshold in raw score units, m_run + log2(lambda) /
+# scale_log2, is refreshed on kept tiles (in the exp2 block's MUFU shadow), so a tile's vote is
+# one compare per row right after the tile row max; fast_vote=False evaluates the rule as written
+# ((m_tile - m_run) * scale_log2 < log2(lambda), or padding, or no key seen) every tile.
+# late_v_wait (default): a warpgroup skipping a PV waits for that V stage only after passing the
+# ping-pong token (+1-6 % at 50-98 % skipped). Skip cost at 0 % skipped (H100,
+# perf/results/prefill-h100-skipcost.md): 2-7 % below the dense build, ~1 % less than with the
+# rule vote. What remains is structural (a build with no vote at all costs as much): ~20 more
+# instructions per kept tile, and the keep block waits for the warp vote over both of a thread's
+# rows, while the dense build starts row 0's exp2s during row 1's max reduction.
+# branchless_after_keep (off: no faster at 0 %, 1-3 % slower sparse) speculates the exp2s past
+# the vote after a kept tile.
 # decision_rows=64 keeps the older per-warpgroup decision (vote + smem + barrier each tile).
 #
 # 2-CTA clusters sharing K/V: two CTAs that walk the same key tiles of the same KV head run as a
@@ -78,6 +90,7 @@ from blasst_cute.kernels.common.softmax_skip import (
 )
 from blasst_cute.kernels.common.tile_info import KeyTileRange, SeqInfo
 
+FLT_MAX = 3.4028234663852886e38
 SUPPORTED_HEAD_DIMS = (64, 128, 256)  # with head_dim_v == head_dim
 # (q/k head dim, v head dim) pairs: the MHA/GQA dims, and DeepSeek MLA prefill (128 nope + 64 rope
 # q/k dims, 128 v dims).
@@ -107,6 +120,34 @@ def default_tile_config(head_dim: int, causal: bool, head_dim_v: Optional[int] =
     if head_dim <= 192:
         return dict(tile_m=128, tile_n=128 if head_dim_v <= 128 else 112, num_stages=2)
     return dict(tile_m=128, tile_n=80, num_stages=2)
+
+
+@cute.jit
+def softmax_update_or_hold(softmax: OnlineSoftmax, acc_S: cute.Tensor, m_tile: cute.Tensor,
+                           hold: Boolean) -> cute.Tensor:
+    """OnlineSoftmax.update of a non-first tile whose exp2s do not wait for the skip vote: with
+    hold (the warp skips the tile after all) m and the row sum stay as they were and the O
+    factor is exactly 1 (the caller zeroes P), bitwise what the skip path leaves. Returns the O
+    rescale factors."""
+    s_mn = acc_rows_cols(acc_S)
+    row_scale = cute.make_rmem_tensor(softmax.num_rows, Float32)
+    scale_log2 = softmax.scale_log2
+    for r in cutlass.range_constexpr(softmax.num_rows):
+        m_old = softmax.row_max[r]
+        m_new = cute.arch.fmax(m_old, m_tile[r])
+        # Rows that have seen no key keep m = -inf; use 0 so exp2 gives 0, not NaN.
+        m_safe = Float32(0.0) if m_new == -Float32.inf else m_new
+        m_scaled = m_safe * scale_log2
+        row = s_mn[r, None].load()
+        p = cute.math.exp2(row * scale_log2 - m_scaled, fastmath=True)
+        s_mn[r, None].store(p)
+        p_sum = p.reduce(cute.ReductionOp.ADD, Float32.zero, 0)
+        sc = cute.math.exp2(m_old * scale_log2 - m_scaled, fastmath=True)
+        softmax.row_max[r] = m_old if hold else m_new
+        sc = Float32(1.0) if hold else sc
+        row_scale[r] = sc
+        softmax.row_sum[r] = softmax.row_sum[r] * sc + (Float32(0.0) if hold else p_sum)
+    return row_scale
 
 
 class BlasstFwdSm90:
@@ -140,6 +181,9 @@ class BlasstFwdSm90:
         lpt_heads: Optional[int] = None,
         cluster_m: int = 1,
         cluster_h: int = 1,
+        fast_vote: bool = True,
+        late_v_wait: bool = True,
+        branchless_after_keep: bool = False,
     ):
         head_dim_v = head_dim if head_dim_v is None else head_dim_v
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
@@ -181,6 +225,24 @@ class BlasstFwdSm90:
         # Skip the PV wgmma of tiles all 4 warps of a warpgroup skipped (False: always issue it;
         # skipping warps' zero P rows add nothing). For measurements.
         self.pv_skip = pv_skip and has_skip
+        # 16-row decisions only: each row keeps a raw-score threshold m_run + log2(lambda) /
+        # scale_log2, refreshed when m_run changes (kept tiles, in the exp2 block), so the vote
+        # is one compare per row after the tile row max (with padding rows, rows that saw no key
+        # and skipping off folded into the threshold's floor) instead of sub / mul / compare /
+        # three ORs; the tile-parity slots use `& 1`. Same rule up to fp32 rounding of the
+        # threshold (rare borderline flips, as against the float64 reference anyway).
+        self.fast_vote = fast_vote and has_skip and decision_rows == 16 and not debug_no_vote
+        # When a warpgroup skips the PV of a tile it does not need V there, only to know the stage
+        # landed before releasing it: wait for it after passing the ping-pong token (and the QK
+        # wait), not before, so that a late V does not hold back the other warpgroup's GEMMs.
+        self.late_v_wait = late_v_wait and self.pv_skip
+        # After a tile this warp kept, the next tile's exp2s run before the skip vote is known
+        # (as in the dense build, row 0's exp2s overlap row 1's max); a skip then holds m, l (O
+        # factor 1) and zeroes P, bitwise what the skip path leaves. After a skipped tile the
+        # vote branches first, so runs of skipped tiles do no exp2. (16-row decisions only.)
+        # Off by default: no faster at 0 % skipped, 1-3 % slower at 50-98 % (H100 A/B).
+        self.branchless_after_keep = (branchless_after_keep and has_skip and decision_rows == 16
+                                      and not debug_no_vote)
         # Causal: longest-first q-tiles, heads grouped so their K/V fit in L2 (FA4-style LPT).
         self.lpt = (causal and not varlen) if lpt is None else (lpt and not varlen)
         # (head, batch) pairs per LPT section; None: as many as have K/V fitting in L2.
@@ -625,6 +687,20 @@ class BlasstFwdSm90:
             tScS_mn = acc_rows_cols(tScS)
             for r in cutlass.range_constexpr(num_rows):
                 row_valid[r] = tScS_mn[r, 0][0] + m_block * self.tile_m < seq.seqlen_q
+        # fast_vote: row r skips a tile iff m_tile < row_thr = max(m_run + margin, row_floor).
+        # margin = log2(lambda) / scale_log2 (raw score units; the API requires scale > 0);
+        # floor: -FLT_MAX for valid rows (m_run = -inf: a row that saw no key keeps voting skip
+        # only while it sees none), +inf for padding rows (always skip), -inf when skipping is
+        # off (never skip).
+        row_thr = cute.make_rmem_tensor(num_rows, Float32)
+        row_floor = cute.make_rmem_tensor(num_rows, Float32)
+        margin = Float32(0.0)
+        if const_expr(self.fast_vote):
+            vote_on = skip_enabled and scale_log2 > Float32(0.0)
+            margin = log2_lambda / scale_log2 if vote_on else -Float32.inf
+            for r in cutlass.range_constexpr(num_rows):
+                floor_r = Float32(-FLT_MAX) if row_valid[r] else Float32.inf
+                row_floor[r] = floor_r if vote_on else -Float32.inf
 
         if const_expr(self.pingpong):
             if wg_idx == 0:
@@ -641,7 +717,7 @@ class BlasstFwdSm90:
             pipeline_k=pipeline_k, pipeline_v=pipeline_v,
             softmax=softmax, seq=seq, m_block=m_block, wg_idx=wg_idx,
             sVote=sVote, sFlags=sFlags, row_valid=row_valid, log2_lambda=log2_lambda,
-            skip_enabled=skip_enabled,
+            skip_enabled=skip_enabled, row_thr=row_thr, row_floor=row_floor, margin=margin,
         )
 
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.num_stages)
@@ -649,6 +725,7 @@ class BlasstFwdSm90:
         pipeline_q.consumer_wait(q_state)
 
         num_skipped = Int32(0)
+        prev_kept = Int32(1)  # the first visited tile is always kept
         if n_block_max > n_block_min:
             # First tile (never skipped), masked for the key length (and the diagonal).
             self.first_block(ctx, kv_state, n_block_max - 1)
@@ -656,12 +733,12 @@ class BlasstFwdSm90:
             if const_expr(self.causal):
                 n_first_unmasked = cutlass.max(cutlass.min(n_block_causal, n_block_max - 1), n_block_min)
                 for i in cutlass.range(n_block_max - 1 - n_first_unmasked, unroll=1):
-                    kv_state, num_skipped = self.next_block(
-                        ctx, kv_state, n_block_max - 2 - i, num_skipped, True
+                    kv_state, num_skipped, prev_kept = self.next_block(
+                        ctx, kv_state, n_block_max - 2 - i, num_skipped, prev_kept, True
                     )
             for i in cutlass.range(n_first_unmasked - n_block_min, unroll=1):
-                kv_state, num_skipped = self.next_block(
-                    ctx, kv_state, n_first_unmasked - 1 - i, num_skipped, False
+                kv_state, num_skipped, prev_kept = self.next_block(
+                    ctx, kv_state, n_first_unmasked - 1 - i, num_skipped, prev_kept, False
                 )
             pipeline_q.consumer_release(q_state)
             # Last PV of the software pipeline (tile n_block_min).
@@ -670,7 +747,7 @@ class BlasstFwdSm90:
                 cute.arch.barrier(
                     barrier_id=int(NamedBarrierSm90.SkipVoteWG1) + wg_idx, number_of_threads=128
                 )
-                pv_skip = group_all_published(sFlags, n_block_min % 2, wg_idx)
+                pv_skip = group_all_published(sFlags, self._slot(n_block_min), wg_idx)
             pipeline_v.consumer_wait(kv_state)
             if not pv_skip:
                 wgmma(tiled_mma_pv, acc_O, tOrP, tOrVt[None, None, None, kv_state.index], False)
@@ -718,15 +795,16 @@ class BlasstFwdSm90:
         )
         if const_expr(self.pv_skip):
             # The first tile is never skipped: its PV is always issued.
-            publish_warp_flag(Boolean(False), ctx["sFlags"], n_block % 2, ctx["wg_idx"])
+            publish_warp_flag(Boolean(False), ctx["sFlags"], self._slot(n_block), ctx["wg_idx"])
         softmax = ctx["softmax"]
         m_tile = softmax.tile_row_max(acc_S)
         softmax.update(acc_S, m_tile, True)
+        self.update_row_thresholds(ctx)
         convert_f32_to_16bit(acc_as_operand_a(acc_S), ctx["tOrP"])
 
     @cute.jit
     def next_block(
-        self, ctx, kv_state, n_block: Int32, num_skipped: Int32,
+        self, ctx, kv_state, n_block: Int32, num_skipped: Int32, prev_kept: Int32,
         mask_causal: cutlass.Constexpr[bool],
     ):
         """Tile n_block: S = QK^T overlapped with the PV of the previous tile (n_block + 1).
@@ -737,6 +815,9 @@ class BlasstFwdSm90:
         = tile parity) are read one iteration later, behind the ping-pong bar.sync every warp of
         the warpgroup passes (or a warpgroup barrier without ping-pong). Every pipeline wait /
         release and barrier is the same on both paths.
+        branchless_after_keep: after a tile the warp kept (prev_kept) the softmax block has no
+        skip branch (a skip holds m, l, O and zeroes P), after a skipped one it branches first.
+        Returns the pipeline state, the skip count and whether this tile was kept.
         """
         pipeline_k, pipeline_v = ctx["pipeline_k"], ctx["pipeline_v"]
         softmax = ctx["softmax"]
@@ -756,74 +837,141 @@ class BlasstFwdSm90:
             )
         pv_skip = Boolean(False)
         if const_expr(self.pv_skip):
-            pv_skip = group_all_published(ctx["sFlags"], (n_block + 1) % 2, wg_idx)
+            pv_skip = group_all_published(ctx["sFlags"], self._slot(n_block + 1), wg_idx)
         wgmma(ctx["tiled_mma_qk"], acc_S, ctx["tSrQ"], ctx["tSrK"][None, None, None, kv_state.index], True)
-        pipeline_v.consumer_wait(kv_state_v)
+        if const_expr(not self.late_v_wait):
+            pipeline_v.consumer_wait(kv_state_v)
         tOrVt_cur = ctx["tOrVt"][None, None, None, kv_state_v.index]
         if const_expr(self.pv_skip):
             if pv_skip:
                 warpgroup.commit_group()  # empty group keeps wait_group counts uniform
             else:
+                if const_expr(self.late_v_wait):
+                    pipeline_v.consumer_wait(kv_state_v)
                 wgmma(ctx["tiled_mma_pv"], acc_O, tOrP, tOrVt_cur, False)
         else:
             wgmma(ctx["tiled_mma_pv"], acc_O, tOrP, tOrVt_cur, False)
         self.scheduler_arrive(wg_idx)
         warpgroup.wait_group(1)
         pipeline_k.consumer_release(kv_state)
+        if const_expr(self.late_v_wait):
+            if pv_skip:
+                pipeline_v.consumer_wait(kv_state_v)  # before its release below
 
         if const_expr(mask_causal):
             apply_mask(
                 acc_S, ctx["tScS"], ctx["t0ScS"], ctx["m_block"], n_block, seq.seqlen_q,
                 seq.seqlen_k, self.tile_m, self.tile_n, False, True,
             )
-        m_tile = softmax.tile_row_max(acc_S)
-        if const_expr(self.has_skip):
+        if const_expr(self.branchless_after_keep):
+            skip = Boolean(False)
+            if prev_kept != 0:
+                # one block from the row max to the O rescale, as in the dense build
+                m_tile = softmax.tile_row_max(acc_S)
+                skip = self.decide_skip(ctx, m_tile, n_block)
+                self.softmax_keep(ctx, acc_S, m_tile, kv_state_v, hold=skip)
+            else:
+                m_tile = softmax.tile_row_max(acc_S)
+                skip = self.decide_skip(ctx, m_tile, n_block)
+                self.softmax_skip_or_keep(ctx, acc_S, m_tile, kv_state_v, skip)
+            prev_kept = Int32(0) if skip else Int32(1)
+            if skip:
+                num_skipped += 1
+        elif const_expr(self.has_skip):
+            m_tile = softmax.tile_row_max(acc_S)
             skip = self.decide_skip(ctx, m_tile, n_block)
             if skip:
                 num_skipped += 1
-                warpgroup.wait_group(0)
-                pipeline_v.consumer_release(kv_state_v)
-                # Zero P rows add nothing if the warpgroup's PV of this tile still runs.
-                tOrP.fill(0.0)
-            else:
-                # The whole keep path is one basic block, as in the dense build, so that the
-                # compiler interleaves the P conversion and O rescale with the exp2s (MUFU-bound).
-                self.softmax_keep(ctx, acc_S, m_tile, kv_state_v)
+            self.softmax_skip_or_keep(ctx, acc_S, m_tile, kv_state_v, skip)
         else:
+            m_tile = softmax.tile_row_max(acc_S)
             self.softmax_keep(ctx, acc_S, m_tile, kv_state_v)
-        return kv_state, num_skipped
+        return kv_state, num_skipped, prev_kept
+
+    @cute.jit
+    def softmax_skip_or_keep(self, ctx, acc_S: cute.Tensor, m_tile: cute.Tensor, kv_state_v,
+                             skip: Boolean):
+        if skip:
+            warpgroup.wait_group(0)
+            ctx["pipeline_v"].consumer_release(kv_state_v)
+            # Zero P rows add nothing if the warpgroup's PV of this tile still runs.
+            ctx["tOrP"].fill(0.0)
+        else:
+            # The whole keep path is one basic block, as in the dense build, so that the
+            # compiler interleaves the P conversion and O rescale with the exp2s (MUFU-bound).
+            self.softmax_keep(ctx, acc_S, m_tile, kv_state_v)
 
     @cute.jit
     def decide_skip(self, ctx, m_tile: cute.Tensor, n_block: Int32) -> Boolean:
         """This decision group's BLASST vote for tile n_block (published for the PV skip)."""
         softmax = ctx["softmax"]
         wg_idx = ctx["wg_idx"]
-        vote = softmax.rows_vote_skip(m_tile, ctx["row_valid"], ctx["log2_lambda"])
-        vote = vote and ctx["skip_enabled"]
         skip = Boolean(False)
-        if const_expr(self.debug_no_vote):
+        if const_expr(self.fast_vote):
+            vote = Boolean(True)
+            for r in cutlass.range_constexpr(cute.size(m_tile)):
+                vote = vote and m_tile[r] < ctx["row_thr"][r]
+            skip = warp_vote_all(vote)
+        elif const_expr(self.debug_no_vote):
             skip = ctx["log2_lambda"] > Float32(1e30)
         elif const_expr(self.decision_rows == 16):
-            skip = warp_vote_all(vote)
+            skip = warp_vote_all(self.rows_vote(ctx, m_tile))
         elif const_expr(self.vote_smem):
             skip = warpgroup_vote_all(
-                vote, ctx["sVote"], n_block % 2, wg_idx,
+                self.rows_vote(ctx, m_tile), ctx["sVote"], n_block % 2, wg_idx,
                 int(NamedBarrierSm90.SkipVoteWG1) + wg_idx,
             )
         else:
-            skip = group_all(vote, int(NamedBarrierSm90.SkipVoteWG1) + wg_idx)
+            skip = group_all(self.rows_vote(ctx, m_tile), int(NamedBarrierSm90.SkipVoteWG1) + wg_idx)
         if const_expr(self.pv_skip):
-            publish_warp_flag(skip, ctx["sFlags"], n_block % 2, wg_idx)
+            publish_warp_flag(skip, ctx["sFlags"], self._slot(n_block), wg_idx)
         return skip
 
     @cute.jit
-    def softmax_keep(self, ctx, acc_S: cute.Tensor, m_tile: cute.Tensor, kv_state_v):
-        """Online softmax of a kept tile, then (once the previous PV is done) P and the O rescale."""
-        row_scale = ctx["softmax"].update(acc_S, m_tile, False)
+    def rows_vote(self, ctx, m_tile: cute.Tensor) -> Boolean:
+        """AND of this thread's row votes (the reference rule, evaluated per tile)."""
+        vote = ctx["softmax"].rows_vote_skip(m_tile, ctx["row_valid"], ctx["log2_lambda"])
+        return vote and ctx["skip_enabled"]
+
+    @cute.jit
+    def update_row_thresholds(self, ctx):
+        """fast_vote: refresh each row's skip threshold after m_run changed (kept tiles). In the
+        keep block, after the exp2s are issued, so ptxas places it in the MUFU shadow (computed
+        at the top of the next tile instead, ptxas sinks it next to the vote: SASS).
+        """
+        if const_expr(self.fast_vote):
+            row_max, row_thr, row_floor = ctx["softmax"].row_max, ctx["row_thr"], ctx["row_floor"]
+            for r in cutlass.range_constexpr(cute.size(row_thr)):
+                row_thr[r] = cute.arch.fmax(row_max[r] + ctx["margin"], row_floor[r])
+
+    def _slot(self, n_block):
+        """Flag slot (tile parity) of key tile n_block >= 0."""
+        if const_expr(self.fast_vote):
+            return n_block & 1
+        return n_block % 2
+
+    @cute.jit
+    def softmax_keep(self, ctx, acc_S: cute.Tensor, m_tile: cute.Tensor, kv_state_v,
+                     hold: Optional[Boolean] = None):
+        """Online softmax of a kept tile, then (once the previous PV is done) P and the O rescale.
+
+        hold (branchless_after_keep): this warp skips the tile after all: m, l and O stay
+        (bitwise) and P is zeroed; the exp2s start before the vote is known, as in the dense
+        build (the vote needs both of a thread's rows and the warp; the exp2s of a row only its
+        max).
+        """
+        if const_expr(hold is None):
+            row_scale = ctx["softmax"].update(acc_S, m_tile, False)
+        else:
+            row_scale = softmax_update_or_hold(ctx["softmax"], acc_S, m_tile, hold)
+        self.update_row_thresholds(ctx)
         warpgroup.wait_group(0)
         ctx["pipeline_v"].consumer_release(kv_state_v)
         convert_f32_to_16bit(acc_as_operand_a(acc_S), ctx["tOrP"])
         rescale_rows(ctx["acc_O"], row_scale)
+        if const_expr(hold is not None):
+            if hold:
+                ctx["tOrP"].fill(0.0)  # rare after a kept tile; zero P rows add nothing to PV
 
     # ------------------------------------------------------------------ ping-pong token
     def scheduler_sync(self, wg_idx: Int32):
