@@ -904,7 +904,6 @@ class BlasstFwdSm90:
     @cute.jit
     def decide_skip(self, ctx, m_tile: cute.Tensor, n_block: Int32) -> Boolean:
         """This decision group's BLASST vote for tile n_block (published for the PV skip)."""
-        softmax = ctx["softmax"]
         wg_idx = ctx["wg_idx"]
         skip = Boolean(False)
         if const_expr(self.fast_vote):
