@@ -26,17 +26,17 @@ from blasst_cute.kernels.sm90.prefill import (
 
 
 def prefill_geometry(head_dim: int, head_dim_v: int, causal: bool, dtype,
-                     decision_rows: int = 16) -> dict:
+                     decision_rows: int = 16, tile_m: Optional[int] = None) -> dict:
     """The tiling of the sm90 prefill kernel: what the reference needs to reproduce its decisions.
 
     Each warp (16 rows of a 64-row consumer warpgroup) makes its own skip decision
     (``rows_per_decision=16``); ``decision_rows=64`` describes the per-warpgroup variant
-    (``tuning={"decision_rows": 64}``).
+    (``tuning={"decision_rows": 64}``), ``tile_m`` a ``tuning={"tile_m": ...}`` launch.
     """
     check_head_dims(head_dim, head_dim_v)
     kernel_dtype(dtype, "sm90 prefill")
     cfg = default_tile_config(head_dim, causal, head_dim_v)
-    return dict(block_m=cfg["tile_m"], block_n=cfg["tile_n"], rows_per_decision=decision_rows,
+    return dict(block_m=tile_m or cfg["tile_m"], block_n=cfg["tile_n"], rows_per_decision=decision_rows,
                 order="reverse", pack_gqa=False)
 
 
@@ -98,7 +98,7 @@ def _config_key(config: dict) -> tuple:
     c.setdefault("head_dim_v", c["head_dim"])
     for k in ("causal", "has_skip", "has_stats", "varlen", "factor_per_batch"):
         c[k] = bool(c.get(k, False))
-    for k in ("tile_n", "num_stages"):
+    for k in ("tile_m", "tile_n", "num_stages"):
         c.setdefault(k, None)
     c.setdefault("intra_wg_overlap", True)
     c.setdefault("pingpong", None)
@@ -122,7 +122,8 @@ def _make_kernel(key: tuple) -> BlasstFwdSm90:
     return BlasstFwdSm90(
         TORCH_TO_CUTLASS[c["dtype"]], c["head_dim"], c["head_dim_v"], causal=c["causal"],
         has_skip=c["has_skip"], has_stats=c["has_stats"], varlen=c["varlen"],
-        factor_per_batch=c["factor_per_batch"], tile_n=c["tile_n"], num_stages=c["num_stages"],
+        factor_per_batch=c["factor_per_batch"], tile_m=c["tile_m"], tile_n=c["tile_n"],
+        num_stages=c["num_stages"],
         intra_wg_overlap=c["intra_wg_overlap"], pingpong=c["pingpong"],
         vote_smem=c["vote_smem"], lpt=c["lpt"], debug_no_vote=c["debug_no_vote"],
         decision_rows=c["decision_rows"], debug_no_v_load=c["debug_no_v_load"],
@@ -142,7 +143,7 @@ def compile_prefill_sm90(config: dict, options: Optional[str] = None):
     """Compile one configuration with fake tensors (no GPU needed; set CUTE_DSL_ARCH=sm_90a).
 
     config keys: dtype, head_dim, [head_dim_v], causal, has_skip, has_stats, varlen,
-    factor_per_batch, and optionally tile_n / num_stages / intra_wg_overlap / pingpong /
+    factor_per_batch, and optionally tile_m / tile_n / num_stages / intra_wg_overlap / pingpong /
     cluster_m / cluster_h (default 1).
     Returns the compiled callable (not launchable without a GPU).
     """
@@ -237,7 +238,7 @@ def run_prefill_sm90(q, k, v, out, lse, *, causal: bool, softmax_scale: float,
                   has_skip=has_skip, has_stats=has_stats, varlen=varlen,
                   factor_per_batch=factor_t is not None)
     if tuning:
-        config.update(tuning)  # experiments only: tile_n, num_stages, pingpong, vote_smem, lpt, lpt_heads, decision_rows, pv_skip, cluster_m, cluster_h, fast_vote, late_v_wait, branchless_after_keep
+        config.update(tuning)  # experiments only: tile_m, tile_n, num_stages, pingpong, vote_smem, lpt, lpt_heads, decision_rows, pv_skip, cluster_m, cluster_h, fast_vote, late_v_wait, branchless_after_keep
     config.update(prefill_cluster(bool(causal), q.shape[-2], k.shape[-2], tuning,
                                   has_skip=has_skip, factor=factor,
                                   seqlen_k=max_seqlen_k if varlen else k.shape[1],

@@ -3,7 +3,7 @@
     python perf/ab/prefill_ab.py [--seqlens 4096 16384 32768] [--rounds 7] [--iters 10] \
         [--variants dense skip0 sparse ...] [--baseline FILE] [--lambdas 0.3 0.95]
 
-Variants per shape (d128, Hq/Hk 32/8, B*L = 32k; names in PRESETS): the dense build, the skip
+Variants per shape (--head-dim, default 128; Hq/Hk 32/8, B*L = 32k; names in PRESETS): the dense build, the skip
 build at a factor that enables skipping but never skips (1e-30, "skip0") or at --sparse-factor
 ("sparse"; with --lambdas, one sparse column per lambda = factor / L: "sparse@0.3", ...), knob
 variants (pv_skip off, LPT section sizes, 2-CTA K/V multicast clusters of q-tile pairs "*_c2" (non-causal only) or of
@@ -58,11 +58,16 @@ PRESETS = {
     "skip0_c2": ("new", True, ZERO, dict(cluster_m=2, noncausal_only=True)),
     "sparse_c2": ("new", True, "sparse", dict(cluster_m=2, noncausal_only=True)),
     "sparse_s3": ("new", True, "sparse", dict(num_stages=3)),
+    "dense_s3": ("new", False, 0.0, dict(num_stages=3)),
     "sparse_c2s3": ("new", True, "sparse", dict(cluster_m=2, num_stages=3, noncausal_only=True)),
     "dense_c2s3": ("new", False, 0.0, dict(cluster_m=2, num_stages=3, noncausal_only=True)),
     "dense_h2": ("new", False, 0.0, dict(cluster_h=2)),
     "skip0_h2": ("new", True, ZERO, dict(cluster_h=2)),
     "sparse_h2": ("new", True, "sparse", dict(cluster_h=2)),
+    # 128-row q-tiles (2 consumer warpgroups): the earlier hdim-64 tiling (192 rows is its default)
+    "dense_m128": ("new", False, 0.0, dict(tile_m=128)),
+    "skip0_m128": ("new", True, ZERO, dict(tile_m=128)),
+    "sparse_m128": ("new", True, "sparse", dict(tile_m=128)),
     # issue #3 skip-cost variants, every knob explicit (independent of the class defaults):
     # rule = HEAD's vote (the rule each tile), fv = per-row thresholds, bl = branchless after
     # a kept tile, lvw = late V wait for skipped PVs
@@ -143,6 +148,7 @@ def main():
     p.add_argument("--seqlens", type=int, nargs="+", default=[4096, 16384, 32768])
     p.add_argument("--causal", choices=("true", "false", "both"), default="both")
     p.add_argument("--tokens", type=int, default=32768)
+    p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--sparse-factor", type=float, default=1000.0)
@@ -159,7 +165,7 @@ def main():
     zero = ZERO
     for L in a.seqlens:
         B = max(1, a.tokens // L)
-        sets = [synthetic_qkv(B, L, L, 32, 8, 128, device="cuda", seed=s) for s in range(1)]
+        sets = [synthetic_qkv(B, L, L, 32, 8, a.head_dim, device="cuda", seed=s) for s in range(1)]
         sparse_factors = ([(f"@{lam:g}", lam * L) for lam in a.lambdas] if a.lambdas
                           else [("", a.sparse_factor)])
         for causal in ([False, True] if a.causal == "both" else [a.causal == "true"]):

@@ -66,8 +66,10 @@ def run_kernel(q, k, v, *, causal, scale, factor=None, stats=False, cu_q=None, c
 
 
 def geometry(q, v, causal, tuning=None):
-    rows = (tuning or {}).get("decision_rows", 16)
-    return launch.prefill_geometry(q.shape[-1], v.shape[-1], causal, q.dtype, decision_rows=rows)
+    tuning = tuning or {}
+    return launch.prefill_geometry(q.shape[-1], v.shape[-1], causal, q.dtype,
+                                   decision_rows=tuning.get("decision_rows", 16),
+                                   tile_m=tuning.get("tile_m"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -176,13 +176,34 @@ def test_cluster_pair_unsupported_and_policy(monkeypatch):
 
 def test_geometry():
     block_n = {(64, 64): 128, (128, 128): 128, (256, 256): 80, (192, 128): 128}
+    block_m = {(64, 64): 192}  # 3 consumer warpgroups; 2 (128 rows) elsewhere
     for d, dv in HEAD_DIM_PAIRS:
         for causal in (False, True):
             g = launch.prefill_geometry(d, dv, causal, torch.bfloat16)
-            assert g["rows_per_decision"] == 16 and g["block_m"] == 128
+            assert g["rows_per_decision"] == 16 and g["block_m"] == block_m.get((d, dv), 128)
             assert g["block_n"] == block_n[(d, dv)]
             assert g["order"] == "reverse" and g["pack_gqa"] is False
             assert set(g) == {"block_m", "block_n", "rows_per_decision", "order", "pack_gqa"}
+    assert launch.prefill_geometry(64, 64, False, torch.bfloat16, tile_m=128)["block_m"] == 128
+
+
+@pytest.mark.parametrize("bad", [dict(head_dim=128, tile_m=192), dict(head_dim=192, head_dim_v=128,
+                                                                     tile_m=192),
+                                 dict(head_dim=64, tile_m=256), dict(head_dim=64, tile_m=64)])
+def test_unsupported_tile_m_raises(bad):
+    """192-row tiles (3 consumer warpgroups at 160 registers) only for head dims <= 64."""
+    with pytest.raises(NotImplementedError, match="tile_m"):
+        launch.compile_prefill_sm90(dict(dtype=torch.bfloat16, causal=False, **bad))
+
+
+@pytest.mark.parametrize("has_skip", [False, True])
+def test_compile_two_warpgroup_hdim64(has_skip):
+    """hdim 64 with 128-row tiles (2 consumer warpgroups, the earlier default) stays selectable."""
+    if os.environ.get("CUTE_DSL_ARCH", "sm_90a") != "sm_90a" and not _on_hopper():
+        pytest.skip("CUTE_DSL_ARCH is not sm_90a")
+    cfg = dict(dtype=torch.bfloat16, head_dim=64, causal=True, has_skip=has_skip,
+               has_stats=has_skip, tile_m=128)
+    assert launch.compile_prefill_sm90(cfg) is not None
 
 
 def test_dispatch_geometry_mla():
@@ -328,6 +349,17 @@ def test_skip_warpgroup_decision_variant(causal):
         pytest.skip("needs sm_90")
     assert smoke.check_skip(2, 1000, 1500, 4, 1, 128, causal, torch.bfloat16, 30.0,
                             tuning={"decision_rows": 64})
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.gpu
+def test_hdim64_two_warpgroup_variant(causal):
+    """hdim 64 with 128-row tiles (2 consumer warpgroups) stays selectable and correct."""
+    if not _on_hopper():
+        pytest.skip("needs sm_90")
+    tuning = {"tile_m": 128}
+    assert smoke.check_dense(2, 333, 1000, 8, 2, 64, causal, torch.bfloat16, tuning=tuning)
+    assert smoke.check_skip(2, 1000, 1500, 4, 1, 64, causal, torch.bfloat16, 30.0, tuning=tuning)
 
 
 @pytest.mark.gpu

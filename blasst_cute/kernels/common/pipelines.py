@@ -12,10 +12,14 @@ class NamedBarrierSm90(enum.IntEnum):
     """Named-barrier ids (0 is __syncthreads)."""
 
     Epilogue = 1
-    SchedulerWG1 = 2  # ping-pong token of consumer warpgroup 1 (2: WG2, ...)
+    # Ping-pong token of consumer warpgroup 1, 2, 3 (ids are used as SchedulerWG1 + group index).
+    SchedulerWG1 = 2
     SchedulerWG2 = 3
-    SkipVoteWG1 = 4  # BLASST decision of consumer warpgroup 1 (5: WG2)
-    SkipVoteWG2 = 5
+    SchedulerWG3 = 4
+    # BLASST decision of consumer warpgroup 1, 2, 3 (SkipVoteWG1 + group index).
+    SkipVoteWG1 = 5
+    SkipVoteWG2 = 6
+    SkipVoteWG3 = 7
 
 
 def wgmma(tiled_mma: cute.TiledMma, acc: cute.Tensor, tCrA: cute.Tensor, tCrB: cute.Tensor,

@@ -4,11 +4,12 @@
 #   warpgroup 0 : producer; its warp 0 issues TMA loads of Q (once) and K/V tiles into
 #                 `num_stages`-deep mbarrier pipelines (K of tile j is issued before V of tile j+1,
 #                 matching the consumers' software pipeline).
-#   warpgroups 1, 2 : consumers, 64 query rows each. Per key tile j (visited right to left):
+#   warpgroups 1..n : consumers (n = tile_m / 64: 2, or 3 for head dim 64), 64 query rows each.
+#                 Per key tile j (visited right to left):
 #                 S_j = Q K_j^T (wgmma, async) overlapped with O += P_{j+1} V_{j+1} (wgmma, P from
 #                 registers), then mask, tile row max, BLASST vote, online softmax (exp2 domain,
-#                 scale folded in), O rescale. A ping-pong token (named barriers) lets one warpgroup
-#                 issue its GEMMs while the other does softmax.
+#                 scale folded in), O rescale. A ping-pong token (named barriers, passed round
+#                 robin) lets one warpgroup issue its GEMMs while the others do softmax.
 # BLASST (rows_per_decision = 16): each warp owns 16 rows of its warpgroup's m64 accumulator and
 # decides alone (vote.all, no cross-warp sync) per tile; a skipping warp does no exp / row-sum /
 # max update / O rescale and zeroes its P rows. The warpgroup skips the PV wgmma of a tile when all
@@ -106,7 +107,10 @@ def check_head_dims(head_dim: int, head_dim_v: int) -> None:
 
 
 def default_tile_config(head_dim: int, causal: bool, head_dim_v: Optional[int] = None) -> dict:
-    """Tile sizes per head dims (2 consumer warpgroups of 64 rows each).
+    """Tile sizes per head dims (consumer warpgroups of 64 rows each: tile_m / 64).
+
+    64/64: 192 x 128 with 3 consumer warpgroups, as FA3/FA4 pick: with 128-row tiles the
+    MUFU-bound softmax of hdim 64 is not hidden behind the (short) GEMMs of one other warpgroup.
 
     192/128 (MLA prefill): 128 x 128 as FA3/FA4 pick for hdim <= 192 with hdim_v <= 128; the
     register budget is that of hdim 128 (O and P are sized by hdim_v and tile_n, Q stays in smem)
@@ -114,7 +118,7 @@ def default_tile_config(head_dim: int, causal: bool, head_dim_v: Optional[int] =
     """
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     if head_dim <= 64:
-        return dict(tile_m=128, tile_n=128, num_stages=2)
+        return dict(tile_m=192, tile_n=128, num_stages=2)
     if head_dim <= 128:
         return dict(tile_m=128, tile_n=128, num_stages=2)
     if head_dim <= 192:
@@ -203,8 +207,13 @@ class BlasstFwdSm90:
         self.tile_m = tile_m or cfg["tile_m"]
         self.tile_n = tile_n or cfg["tile_n"]
         self.num_stages = num_stages or cfg["num_stages"]
-        if self.tile_m != 128:
-            raise NotImplementedError("blasst sm90 prefill: tile_m must be 128 (2 x 64-row warpgroups)")
+        if self.tile_m not in (128, 192):
+            raise NotImplementedError(
+                f"blasst sm90 prefill: tile_m {self.tile_m} (128 or 192: 2 or 3 64-row warpgroups)")
+        if self.tile_m == 192 and max(head_dim, head_dim_v) > 64:
+            # 3 consumer warpgroups get 160 registers each: O, S and P of hdim <= 64 only.
+            raise NotImplementedError(
+                f"blasst sm90 prefill: tile_m 192 needs head dims <= 64 (got {head_dim}/{head_dim_v})")
         self.intra_wg_overlap = intra_wg_overlap
         # Rows per BLASST decision: 16 (default) = one warp of an m64 accumulator decides alone
         # (warp vote, no cross-warp sync) for its softmax; the warpgroup's PV wgmma is skipped when
@@ -269,7 +278,8 @@ class BlasstFwdSm90:
         self.pingpong = (head_dim <= 128 and intra_wg_overlap) if pingpong is None else pingpong
         self.num_threads = 128 * (self.num_mma_wg + 1)
         self.num_mma_threads = 128 * self.num_mma_wg
-        self.num_mma_regs, self.num_producer_regs = 240, 24
+        # 64K registers per SM: 2 consumer warpgroups at 240 + producer at 24, or 3 at 160 + 32.
+        self.num_mma_regs, self.num_producer_regs = (240, 24) if self.num_mma_wg == 2 else (160, 32)
 
     # ------------------------------------------------------------------ host-side derivations
     def _smem_layout(self, rows: int, cols: int, stages: Optional[int] = None):
@@ -981,9 +991,13 @@ class BlasstFwdSm90:
             )
 
     def scheduler_arrive(self, wg_idx: Int32):
+        """Pass the token to the next warpgroup (round robin)."""
         if const_expr(self.pingpong):
+            next_wg = 1 - wg_idx
+            if const_expr(self.num_mma_wg == 3):
+                next_wg = (wg_idx + 1) % 3
             cute.arch.barrier_arrive(
-                barrier_id=int(NamedBarrierSm90.SchedulerWG1) + (1 - wg_idx),
+                barrier_id=int(NamedBarrierSm90.SchedulerWG1) + next_wg,
                 number_of_threads=2 * 128,
             )
 
