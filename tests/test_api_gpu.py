@@ -183,16 +183,19 @@ def test_decode_head_major_caches_read_in_place():
         blasst_cute.decode(q, odd.transpose(1, 2), odd.transpose(1, 2), cache_seqlens=lens)
 
 
-def test_prefill_auto_cluster_equals_no_cluster(monkeypatch):
-    """blasst_cute.prefill at a long, high-lambda shape takes the launcher's automatic q-head
-    pair cluster; its output, lse and skip counts are bitwise those with clusters off."""
+def test_prefill_gated_v_equals_head_pairs(monkeypatch):
+    """blasst_cute.prefill at a long, high-lambda shape runs one CTA per q-tile whose V loads
+    wait for the skip votes (the launcher's "auto"); forcing the q-head pair cluster (which loads
+    every V) gives bitwise the same output, lse and skip counts."""
     from blasst_cute.kernels import launch
     L = launch.AUTO_MIN_SEQLEN_K
     q, k, v = synthetic_qkv(1, 512, L, 8, 2, 128, device="cuda", seed=51)
     kw = dict(causal=True, threshold_scale_factor=0.5 * L, return_lse=True, return_stats=True)
-    assert launch.prefill_cluster(True, 8, 2, has_skip=True, factor=0.5 * L, seqlen_k=L)["cluster_h"] == 2
+    assert launch.prefill_cluster(True, 8, 2, has_skip=True, factor=0.5 * L, seqlen_k=L) == \
+        dict(cluster_m=1, cluster_h=1)
     o1, l1, s1 = blasst_cute.prefill(q, k, v, **kw)
-    monkeypatch.setattr(launch, "CLUSTER_MODE", "never")
+    monkeypatch.setattr(launch, "CLUSTER_MODE", "heads")
+    assert launch.prefill_cluster(True, 8, 2, has_skip=True)["cluster_h"] == 2
     o2, l2, s2 = blasst_cute.prefill(q, k, v, **kw)
     assert torch.equal(o1, o2) and torch.equal(l1, l2)
     assert torch.equal(s1.skipped, s2.skipped) and int(s1.skipped.sum()) > 0

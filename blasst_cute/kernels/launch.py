@@ -41,7 +41,10 @@ def prefill_geometry(head_dim: int, head_dim_v: int, causal: bool, dtype,
 
 
 # 2-CTA clusters sharing each K/V tile by TMA multicast (BlasstFwdSm90 cluster_m / cluster_h):
-#   "auto" (default): q-head pairs where they measured faster (H100 and H200, d128 32/8,
+#   "auto" (default): one CTA, whose skip build loads V only for kept tiles (v_load_skip; as fast
+#       or faster than head pairs at high sparsity, perf/results/prefill-h100-vskip.md). With
+#       tuning v_load_skip=False, the earlier rule: q-head pairs where they measured faster
+#       (H100 and H200, d128 32/8,
 #       B*L = 32k, perf/results/prefill-h100-cluster.md): the skip build with a scalar factor,
 #       head dims 128/128, Hq/Hk even, L_k >= AUTO_MIN_SEQLEN_K and lambda = factor / L_k >=
 #       AUTO_MIN_LAMBDA (68-98% skipped there, where the kernel is bound by L2 -> SM traffic:
@@ -77,6 +80,9 @@ def prefill_cluster(causal: bool, heads_q: int, heads_kv: int, tuning: Optional[
         return c
     if CLUSTER_MODE not in CLUSTER_MODES:
         raise ValueError(f"launch.CLUSTER_MODE {CLUSTER_MODE!r} (one of {', '.join(CLUSTER_MODES)})")
+    if tuning.get("v_load_skip") or (CLUSTER_MODE == "auto" and has_skip
+                                     and tuning.get("v_load_skip") is not False):
+        return dict(cluster_m=1, cluster_h=1)  # per-CTA V decisions: no K/V-sharing pair
     if CLUSTER_MODE == "tiles" and not causal and not tuning.get("lpt"):
         return dict(cluster_m=2, cluster_h=1)
     lpt_heads = tuning.get("lpt_heads")
@@ -111,7 +117,7 @@ def _config_key(config: dict) -> tuple:
     c.setdefault("lpt_heads", None)
     c.setdefault("fast_vote", True)
     c.setdefault("late_v_wait", True)
-    c.setdefault("branchless_after_keep", False)
+    c.setdefault("v_load_skip", None)
     c["cluster_m"] = int(c.get("cluster_m", 1))
     c["cluster_h"] = int(c.get("cluster_h", 1))
     return tuple(sorted(c.items(), key=lambda kv: kv[0]))
@@ -129,7 +135,7 @@ def _make_kernel(key: tuple) -> BlasstFwdSm90:
         decision_rows=c["decision_rows"], debug_no_v_load=c["debug_no_v_load"],
         pv_skip=c["pv_skip"], lpt_heads=c["lpt_heads"], cluster_m=c["cluster_m"],
         cluster_h=c["cluster_h"], fast_vote=c["fast_vote"],
-        late_v_wait=c["late_v_wait"], branchless_after_keep=c["branchless_after_keep"],
+        late_v_wait=c["late_v_wait"], v_load_skip=c["v_load_skip"],
     )
 
 
@@ -238,7 +244,7 @@ def run_prefill_sm90(q, k, v, out, lse, *, causal: bool, softmax_scale: float,
                   has_skip=has_skip, has_stats=has_stats, varlen=varlen,
                   factor_per_batch=factor_t is not None)
     if tuning:
-        config.update(tuning)  # experiments only: tile_m, tile_n, num_stages, pingpong, vote_smem, lpt, lpt_heads, decision_rows, pv_skip, cluster_m, cluster_h, fast_vote, late_v_wait, branchless_after_keep
+        config.update(tuning)  # experiments only: tile_m, tile_n, num_stages, pingpong, vote_smem, lpt, lpt_heads, decision_rows, pv_skip, cluster_m, cluster_h, fast_vote, late_v_wait, v_load_skip
     config.update(prefill_cluster(bool(causal), q.shape[-2], k.shape[-2], tuning,
                                   has_skip=has_skip, factor=factor,
                                   seqlen_k=max_seqlen_k if varlen else k.shape[1],

@@ -65,22 +65,23 @@ PRESETS = {
     "skip0_h2": ("new", True, ZERO, dict(cluster_h=2)),
     "sparse_h2": ("new", True, "sparse", dict(cluster_h=2)),
     # 128-row q-tiles (2 consumer warpgroups): the earlier hdim-64 tiling (192 rows is its default)
+    # V loads gated by the skip decisions (one CTA; the skip build's default) or every V loaded
+    "skip0_vs": ("new", True, ZERO, dict(v_load_skip=True)),
+    "sparse_vs": ("new", True, "sparse", dict(v_load_skip=True)),
+    "skip0_allv": ("new", True, ZERO, dict(v_load_skip=False)),
+    "sparse_allv": ("new", True, "sparse", dict(v_load_skip=False)),
     "dense_m128": ("new", False, 0.0, dict(tile_m=128)),
     "skip0_m128": ("new", True, ZERO, dict(tile_m=128)),
     "sparse_m128": ("new", True, "sparse", dict(tile_m=128)),
     # issue #3 skip-cost variants, every knob explicit (independent of the class defaults):
-    # rule = HEAD's vote (the rule each tile), fv = per-row thresholds, bl = branchless after
-    # a kept tile, lvw = late V wait for skipped PVs
-    "skip0_rule": ("new", True, ZERO, dict(fast_vote=False, branchless_after_keep=False, late_v_wait=False)),
-    "sparse_rule": ("new", True, "sparse", dict(fast_vote=False, branchless_after_keep=False, late_v_wait=False)),
-    "skip0_fv": ("new", True, ZERO, dict(fast_vote=True, branchless_after_keep=False, late_v_wait=False)),
-    "sparse_fv": ("new", True, "sparse", dict(fast_vote=True, branchless_after_keep=False, late_v_wait=False)),
-    "skip0_fvbl": ("new", True, ZERO, dict(fast_vote=True, branchless_after_keep=True, late_v_wait=False)),
-    "sparse_fvbl": ("new", True, "sparse", dict(fast_vote=True, branchless_after_keep=True, late_v_wait=False)),
-    "skip0_fvlvw": ("new", True, ZERO, dict(fast_vote=True, branchless_after_keep=False, late_v_wait=True)),
-    "sparse_fvlvw": ("new", True, "sparse", dict(fast_vote=True, branchless_after_keep=False, late_v_wait=True)),
-    "skip0_fvbllvw": ("new", True, ZERO, dict(fast_vote=True, branchless_after_keep=True, late_v_wait=True)),
-    "sparse_fvbllvw": ("new", True, "sparse", dict(fast_vote=True, branchless_after_keep=True, late_v_wait=True)),
+    # rule = the vote evaluated from the rule each tile, fv = per-row thresholds, lvw = late V
+    # wait for skipped PVs (all three load every V)
+    "skip0_rule": ("new", True, ZERO, dict(fast_vote=False, late_v_wait=False, v_load_skip=False)),
+    "sparse_rule": ("new", True, "sparse", dict(fast_vote=False, late_v_wait=False, v_load_skip=False)),
+    "skip0_fv": ("new", True, ZERO, dict(fast_vote=True, late_v_wait=False, v_load_skip=False)),
+    "sparse_fv": ("new", True, "sparse", dict(fast_vote=True, late_v_wait=False, v_load_skip=False)),
+    "skip0_fvlvw": ("new", True, ZERO, dict(fast_vote=True, late_v_wait=True, v_load_skip=False)),
+    "sparse_fvlvw": ("new", True, "sparse", dict(fast_vote=True, late_v_wait=True, v_load_skip=False)),
 }
 
 
@@ -105,6 +106,15 @@ def make_runner(name, module, causal, has_skip, factor, **kw):
             print(f"  compiled {name} causal={causal} in {time.time() - t:.1f}s", flush=True)
             _compiled[key] = fn
         fn(*args)
+    return run
+
+
+def fa4_runner(causal):
+    """FlashAttention-4 (flash_attn.cute, the GPU host's .gpu/part2) on the same buffers."""
+    from flash_attn.cute import flash_attn_func
+
+    def run(q, k, v, out, lse):
+        flash_attn_func(q, k, v, causal=causal)
     return run
 
 
@@ -156,7 +166,8 @@ def main():
                    help="sparse points as lambda = factor / L (each < 1), instead of --sparse-factor")
     p.add_argument("--baseline", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                       "prefill_baseline.py"))
-    p.add_argument("--variants", nargs="+", default=["dense", "skip0", "sparse"])
+    p.add_argument("--variants", nargs="+", default=["dense", "skip0", "sparse"],
+                   help="names in PRESETS, or fa4 (FlashAttention-4 dense, needs flash_attn.cute)")
     a = p.parse_args()
     if "dense" not in a.variants:
         p.error("--variants must include dense (the reference of every ratio)")
@@ -173,6 +184,9 @@ def main():
             ss = {tag: sparsity(*sets[0], causal, f)[0] for tag, f in sparse_factors}
             variants = {}
             for name in a.variants:
+                if name == "fa4":  # the dense peer, timed in the same rounds
+                    variants[name] = fa4_runner(causal)
+                    continue
                 mod, has_skip, factor, kw = PRESETS[name]
                 if kw.get("causal_only") and not causal:
                     continue

@@ -7,7 +7,7 @@
 set -uo pipefail
 out=${1:-.}
 shift || true
-variants=${*:-dense skip0_rule skip0_fv skip0_fvbl skip0 sparse_rule sparse_fvlvw sparse_fvbl sparse}
+variants=${*:-dense skip0_rule skip0_fv skip0 sparse_rule sparse_fvlvw sparse}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv,noheader | tee "$out/gpu.txt"
 if [ -z "${NO_TESTS:-}" ]; then

@@ -143,7 +143,7 @@ def check_varlen(seqs_q, seqs_k, Hq, Hk, D, causal, dtype, factor=None, seed=0, 
     torch.cuda.synchronize()
     ro, rl, st = reference.blasst_attention_varlen(
         q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=causal, softmax_scale=scale,
-        threshold_scale_factor=factor, **geometry(q, v, causal))
+        threshold_scale_factor=factor, **geometry(q, v, causal, tuning))
     nan = int(torch.isnan(out).sum()) + int(torch.isnan(lse).sum())
     e, el = rel_err(out, ro), lse_err(lse, rl)
     ok = nan == 0 and e < 1.5e-2 and el < 5e-2

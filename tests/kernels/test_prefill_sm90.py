@@ -71,19 +71,19 @@ def test_compile_sm90a(dtype, dims, causal, variant, varlen):
 @pytest.mark.parametrize("tuning", [dict(decision_rows=64), dict(decision_rows=64, vote_smem=False),
                                     dict(pv_skip=False), dict(num_stages=3),
                                     dict(fast_vote=False), dict(late_v_wait=False),
-                                    dict(branchless_after_keep=True),
-                                    dict(fast_vote=False, branchless_after_keep=False,
-                                         late_v_wait=False)], ids=str)
+                                    dict(v_load_skip=False),
+                                    dict(fast_vote=False, late_v_wait=False, v_load_skip=False)],
+                         ids=str)
 @pytest.mark.parametrize("dims", [(128, 128), (256, 256), MLA], ids=_dims_id)
 def test_compile_skip_variants(tuning, dims):
     """Selectable skip variants compile: per-warpgroup decision, PV always issued, 3 stages, the
-    vote from the rule each tile (no per-row thresholds), the V wait before a skipped PV, the skip
-    branch after kept tiles too, and all three (the previous kernel)."""
+    vote from the rule each tile (no per-row thresholds), the V wait before a skipped PV, every V
+    loaded, and the last three together (the earlier kernel)."""
     if os.environ.get("CUTE_DSL_ARCH", "sm_90a") != "sm_90a" and not _on_hopper():
         pytest.skip("CUTE_DSL_ARCH is not sm_90a")
     if dims[0] > 128 and tuning.get("num_stages") == 3:
         pytest.skip(f"hdim {dims[0]}/{dims[1]} x 3 stages does not fit shared memory")
-    if dims != (128, 128) and set(tuning) <= {"fast_vote", "late_v_wait", "branchless_after_keep"}:
+    if dims != (128, 128) and set(tuning) <= {"fast_vote", "late_v_wait", "v_load_skip"}:
         pytest.skip("schedule variants: hdim 128 on CPU (the GPU tests run them at 64, 128, MLA)")
     cfg = dict(dtype=torch.bfloat16, head_dim=dims[0], head_dim_v=dims[1], causal=True,
                has_skip=True, has_stats=True, **tuning)
@@ -157,14 +157,17 @@ def test_cluster_pair_unsupported_and_policy(monkeypatch):
         launch.prefill_cluster(True, 24, 8, dict(cluster_h=2))
     monkeypatch.setattr(launch, "CLUSTER_MODE", "auto")  # the default
     hi = dict(has_skip=True, factor=0.3 * 16384, seqlen_k=16384)
+    old = dict(v_load_skip=False)  # the rule from before V loads were gated by the votes
     for causal in (False, True):
-        assert launch.prefill_cluster(causal, 32, 8, **hi) == heads
+        assert launch.prefill_cluster(causal, 32, 8, **hi) == one  # v_load_skip instead
+        assert launch.prefill_cluster(causal, 32, 8, old, **hi) == heads
         assert launch.prefill_cluster(causal, 32, 8) == one  # dense
-        assert launch.prefill_cluster(causal, 32, 8, **dict(hi, seqlen_k=8192, factor=0.3 * 8192)) == one
-        assert launch.prefill_cluster(causal, 32, 8, **dict(hi, factor=0.1 * 16384)) == one
-        assert launch.prefill_cluster(causal, 32, 8, **dict(hi, seqlen_k=None)) == one
-        assert launch.prefill_cluster(causal, 24, 8, **hi) == one
-        assert launch.prefill_cluster(causal, 32, 8, **dict(hi, head_dims=(64, 64))) == one
+        assert launch.prefill_cluster(causal, 32, 8, old, **dict(hi, seqlen_k=8192, factor=0.3 * 8192)) == one
+        assert launch.prefill_cluster(causal, 32, 8, old, **dict(hi, factor=0.1 * 16384)) == one
+        assert launch.prefill_cluster(causal, 32, 8, old, **dict(hi, seqlen_k=None)) == one
+        assert launch.prefill_cluster(causal, 24, 8, old, **hi) == one
+        assert launch.prefill_cluster(causal, 32, 8, old, **dict(hi, head_dims=(64, 64))) == one
+        assert launch.prefill_cluster(causal, 32, 8, dict(v_load_skip=True), **hi) == one
     monkeypatch.setattr(launch, "CLUSTER_MODE", "never")
     assert launch.prefill_cluster(False, 32, 8) == one
     assert launch.prefill_cluster(False, 32, 8, **hi) == one
@@ -311,15 +314,15 @@ def test_skip_rule_vote_variant(causal):
 @pytest.mark.parametrize("dims", [(128, 128), (64, 64), MLA], ids=_dims_id)
 @pytest.mark.gpu
 def test_skip_schedule_variants_bitwise(causal, dims):
-    """branchless_after_keep (after a kept tile the exp2s start before the vote; a skip then
-    holds m, l, O and zeroes P) and late_v_wait (a skipped PV's V stage is waited for after the
-    ping-pong token), each on or off: the same bits, counters included, as the build with both
-    off at mixed sparsity; and each matches the reference (skip, varlen)."""
+    """late_v_wait (a skipped PV's V stage is waited for after the ping-pong token) and
+    v_load_skip (V loads gated by the votes), each on or off: the same bits, counters included,
+    as the build with both off at mixed sparsity; and each matches the reference (skip,
+    varlen)."""
     if not _on_hopper():
         pytest.skip("needs sm_90")
     from blasst_cute.workloads import synthetic_qkv
     d, dv = dims
-    combos = [dict(branchless_after_keep=bl, late_v_wait=lvw) for bl in (False, True)
+    combos = [dict(v_load_skip=vs, late_v_wait=lvw) for vs in (False, True)
               for lvw in (False, True)]
     mixed = 0
     for (B, Lq, Lk, Hq, Hk), factor in [((2, 1000, 1500, 4, 1), 30.0), ((1, 700, 2100, 4, 2), 300.0),
@@ -339,6 +342,35 @@ def test_skip_schedule_variants_bitwise(causal, dims):
                                 tuning=t)
     assert smoke.check_varlen([100, 1, 300, 257, 0], [200, 5, 300, 700, 3], 4, 2, d, causal,
                               torch.bfloat16, 20.0, Dv=dv, tuning=combos[-1])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dims", HEAD_DIM_PAIRS, ids=_dims_id)
+@pytest.mark.gpu
+def test_v_load_skip_bitwise(dims, causal):
+    """V loads gated by the skip decisions (v_load_skip, the skip build's default): outputs, lse
+    and counters are bitwise those of the build that loads every V (same math; only which V
+    tiles reach smem differs), from low to near-total sparsity; against the reference, with
+    varlen too."""
+    if not _on_hopper():
+        pytest.skip("needs sm_90")
+    from blasst_cute.workloads import synthetic_qkv
+    d, dv = dims
+    gated, every_v = dict(v_load_skip=True), dict(v_load_skip=False)
+    for (B, Lq, Lk, Hq, Hk), factor in [((2, 1000, 1500, 4, 1), 30.0), ((1, 700, 2100, 4, 2), 300.0),
+                                        ((2, 333, 1000, 2, 2), 3000.0), ((1, 512, 4096, 2, 1), 1e5)]:
+        q, k, v = synthetic_qkv(B, Lq, Lk, Hq, Hk, d, dv, device="cuda", seed=Lq + Lk)
+        o1, l1, v1, s1 = smoke.run_kernel(q, k, v, causal=causal, scale=d ** -0.5, factor=factor,
+                                          stats=True, tuning=every_v)
+        o2, l2, v2, s2 = smoke.run_kernel(q, k, v, causal=causal, scale=d ** -0.5, factor=factor,
+                                          stats=True, tuning=gated)
+        torch.cuda.synchronize()
+        assert torch.equal(v1, v2) and torch.equal(s1, s2), (B, Lq, Lk, factor)
+        assert torch.equal(o1, o2) and torch.equal(l1, l2), (B, Lq, Lk, factor)
+    assert smoke.check_skip(2, 1000, 1500, 4, 1, d, causal, torch.bfloat16, 30.0, Dv=dv,
+                            tuning=gated)
+    assert smoke.check_varlen([100, 1, 300, 257, 0], [200, 5, 300, 700, 3], 4, 2, d, causal,
+                              torch.bfloat16, 20.0, Dv=dv, tuning=gated)
 
 
 @pytest.mark.parametrize("causal", [False, True])

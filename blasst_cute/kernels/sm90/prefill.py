@@ -3,7 +3,8 @@
 # Structure (per CTA = one q-tile of tile_m rows of one (batch, q-head)):
 #   warpgroup 0 : producer; its warp 0 issues TMA loads of Q (once) and K/V tiles into
 #                 `num_stages`-deep mbarrier pipelines (K of tile j is issued before V of tile j+1,
-#                 matching the consumers' software pipeline).
+#                 matching the consumers' software pipeline); with v_load_skip warp 0 issues Q and
+#                 K, warp 1 the V tiles the consumer warps' votes keep.
 #   warpgroups 1..n : consumers (n = tile_m / 64: 2, or 3 for head dim 64), 64 query rows each.
 #                 Per key tile j (visited right to left):
 #                 S_j = Q K_j^T (wgmma, async) overlapped with O += P_{j+1} V_{j+1} (wgmma, P from
@@ -16,7 +17,8 @@
 # 4 warps skipped it: each warp publishes a byte flag (smem, slot = tile parity) that the group
 # reads one iteration later behind the ping-pong bar.sync it passes anyway (a warpgroup barrier
 # when there is no ping-pong, and once for the last PV). Every pipeline wait/release and barrier is
-# identical on both paths; V is still loaded. The first visited tile is never skipped.
+# identical on both paths; V is loaded unless every warp skipped the tile (v_load_skip, below).
+# The first visited tile is never skipped.
 # fast_vote (default): each row's skip threshold in raw score units, m_run + log2(lambda) /
 # scale_log2, is refreshed on kept tiles (in the exp2 block's MUFU shadow), so a tile's vote is
 # one compare per row right after the tile row max; fast_vote=False evaluates the rule as written
@@ -27,8 +29,6 @@
 # rule vote. What remains is structural (a build with no vote at all costs as much): ~20 more
 # instructions per kept tile, and the keep block waits for the warp vote over both of a thread's
 # rows, while the dense build starts row 0's exp2s during row 1's max reduction.
-# branchless_after_keep (off: no faster at 0 %, 1-3 % slower sparse) speculates the exp2s past
-# the vote after a kept tile.
 # decision_rows=64 keeps the older per-warpgroup decision (vote + smem + barrier each tile).
 #
 # 2-CTA clusters sharing K/V: two CTAs that walk the same key tiles of the same KV head run as a
@@ -46,8 +46,13 @@
 # the mbarrier init and before exit keep the peer's barriers alive. Skip decisions stay per CTA
 # (same geometry and reference; outputs are bitwise those without a cluster). Measured (H100,
 # H200; perf/results/prefill-h100-cluster.md): +3-8 % at >= 70 % skipped with L >= 16k, but
-# 2-9 % slower dense and at short L (the pair runs in lock step), so launch.CLUSTER_MODE picks it
-# only for the former.
+# 2-9 % slower dense and at short L (the pair runs in lock step). Since the skip build gates its
+# V loads by the votes (v_load_skip, below), which measured as fast or faster at high sparsity,
+# launch.CLUSTER_MODE "auto" picks a pair only for a skip build with v_load_skip turned off.
+#
+# v_load_skip (default for the 2-warpgroup skip build without a cluster): producer warp 1 issues
+# the V loads, each only once the consumer warps' votes show that some warp keeps the tile (or at
+# once after a tile the CTA kept); a tile all warps skipped never leaves L2 for V. See __init__.
 # Idioms follow FlashAttention-4's SM90 forward (flash_attn/cute/flash_fwd_sm90.py) and CUTLASS's
 # CuTe DSL Hopper FMHA example; the code here is written for blasst_cute.
 
@@ -126,34 +131,6 @@ def default_tile_config(head_dim: int, causal: bool, head_dim_v: Optional[int] =
     return dict(tile_m=128, tile_n=80, num_stages=2)
 
 
-@cute.jit
-def softmax_update_or_hold(softmax: OnlineSoftmax, acc_S: cute.Tensor, m_tile: cute.Tensor,
-                           hold: Boolean) -> cute.Tensor:
-    """OnlineSoftmax.update of a non-first tile whose exp2s do not wait for the skip vote: with
-    hold (the warp skips the tile after all) m and the row sum stay as they were and the O
-    factor is exactly 1 (the caller zeroes P), bitwise what the skip path leaves. Returns the O
-    rescale factors."""
-    s_mn = acc_rows_cols(acc_S)
-    row_scale = cute.make_rmem_tensor(softmax.num_rows, Float32)
-    scale_log2 = softmax.scale_log2
-    for r in cutlass.range_constexpr(softmax.num_rows):
-        m_old = softmax.row_max[r]
-        m_new = cute.arch.fmax(m_old, m_tile[r])
-        # Rows that have seen no key keep m = -inf; use 0 so exp2 gives 0, not NaN.
-        m_safe = Float32(0.0) if m_new == -Float32.inf else m_new
-        m_scaled = m_safe * scale_log2
-        row = s_mn[r, None].load()
-        p = cute.math.exp2(row * scale_log2 - m_scaled, fastmath=True)
-        s_mn[r, None].store(p)
-        p_sum = p.reduce(cute.ReductionOp.ADD, Float32.zero, 0)
-        sc = cute.math.exp2(m_old * scale_log2 - m_scaled, fastmath=True)
-        softmax.row_max[r] = m_old if hold else m_new
-        sc = Float32(1.0) if hold else sc
-        row_scale[r] = sc
-        softmax.row_sum[r] = softmax.row_sum[r] * sc + (Float32(0.0) if hold else p_sum)
-    return row_scale
-
-
 class BlasstFwdSm90:
     """Static configuration of one compiled prefill kernel (see module comment).
 
@@ -187,7 +164,7 @@ class BlasstFwdSm90:
         cluster_h: int = 1,
         fast_vote: bool = True,
         late_v_wait: bool = True,
-        branchless_after_keep: bool = False,
+        v_load_skip: Optional[bool] = None,
     ):
         head_dim_v = head_dim if head_dim_v is None else head_dim_v
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
@@ -245,13 +222,27 @@ class BlasstFwdSm90:
         # landed before releasing it: wait for it after passing the ping-pong token (and the QK
         # wait), not before, so that a late V does not hold back the other warpgroup's GEMMs.
         self.late_v_wait = late_v_wait and self.pv_skip
-        # After a tile this warp kept, the next tile's exp2s run before the skip vote is known
-        # (as in the dense build, row 0's exp2s overlap row 1's max); a skip then holds m, l (O
-        # factor 1) and zeroes P, bitwise what the skip path leaves. After a skipped tile the
-        # vote branches first, so runs of skipped tiles do no exp2. (16-row decisions only.)
-        # Off by default: no faster at 0 % skipped, 1-3 % slower at 50-98 % (H100 A/B).
-        self.branchless_after_keep = (branchless_after_keep and has_skip and decision_rows == 16
-                                      and not debug_no_vote)
+        # V loads gated by the skip decisions (one CTA; pv_skip): producer warp 1 issues the V
+        # tiles, warp 0 Q and K. V of tile j is loaded at once if the CTA kept the previous tile
+        # (j + 1; runs of kept tiles load as before), else only once the consumer warps' votes on
+        # tile j (their published flags, counted by a decision mbarrier per flag slot) show a warp
+        # that keeps it; a tile every warp skipped completes its V stage with a plain arrive and
+        # no bytes. Why: at high sparsity a skipped tile costs the same 64 KiB of K+V from L2 as a
+        # kept one and the kernel is bound by the L2 -> SM port (ncu); a debug build that loads
+        # no V at all was 7-9 % faster there. The cost: a kept tile after a skipped one waits for
+        # its V (about one L2 round trip). Default (None): on for the skip build of 2 consumer
+        # warpgroups without a cluster (H100, perf/results/prefill-h100-vskip.md: hdim 128 up to
+        # +10 % at 85-98 % skipped, a few % either way below ~80 %; hdim 256 +3-10 %; as fast
+        # as the K/V-sharing head pairs or faster), off for hdim 64's 3 warpgroups (the V of a
+        # tile waits for the last of 3 votes; -4 to +3 % there).
+        if v_load_skip is None:
+            v_load_skip = has_skip and pv_skip and cluster_m * cluster_h == 1 and self.tile_m == 128
+        if v_load_skip and not (has_skip and pv_skip):
+            raise NotImplementedError("blasst sm90 prefill: v_load_skip needs the skip build with pv_skip")
+        if v_load_skip and cluster_m * cluster_h > 1:
+            raise NotImplementedError(
+                "blasst sm90 prefill: v_load_skip with a 2-CTA cluster (each CTA decides alone)")
+        self.v_load_skip = v_load_skip and not debug_no_v_load
         # Causal: longest-first q-tiles, heads grouped so their K/V fit in L2 (FA4-style LPT).
         self.lpt = (causal and not varlen) if lpt is None else (lpt and not varlen)
         # (head, batch) pairs per LPT section; None: as many as have K/V fitting in L2.
@@ -373,6 +364,8 @@ class BlasstFwdSm90:
             mbar_Q: cute.struct.MemRange[cutlass.Int64, 2]
             mbar_K: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
             mbar_V: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
+            # v_load_skip: consumer warps -> V producer, one per flag slot (tile parity)
+            mbar_decision: cute.struct.MemRange[cutlass.Int64, 2]
             votes: cute.struct.MemRange[Int32, 2 * self.num_mma_wg * 4]
             flags: cute.struct.Align[cute.struct.MemRange[cutlass.Int8, 2 * self.num_mma_wg * 4], 16]
             sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sQ_layout)], 1024]
@@ -517,6 +510,12 @@ class BlasstFwdSm90:
             producer_group=tma_warp, consumer_group=mma_warps_kv,
             tx_count=self.tx_bytes_V, cta_layout_vmnk=kv_cluster, defer_sync=True,
         )
+        mbar_decision = storage.mbar_decision.data_ptr()
+        if const_expr(self.v_load_skip):
+            if warp_idx == 0:
+                with cute.arch.elect_one():
+                    for slot in cutlass.range_constexpr(2):
+                        cute.arch.mbarrier_init(mbar_decision + slot, self.num_mma_threads // 32)
         # (with a cluster: the mbarrier init is visible to the peer before its multicasts and
         # remote arrivals)
         pipeline_init_arrive(cluster_shape_mn=(self.cluster_size, 1), is_relaxed=True)
@@ -555,10 +554,16 @@ class BlasstFwdSm90:
                         m_block, head_idx // qhead_per_kvhead, head_idx, batch_idx,
                         n_block_min, n_block_max, cta_rank,
                     )
+                if const_expr(self.v_load_skip):
+                    if warp_idx == 1:
+                        self.load_v_gated(
+                            mV, sV, tma_atom_V, pipeline_v, sFlags, mbar_decision, seq,
+                            head_idx // qhead_per_kvhead, batch_idx, n_block_min, n_block_max,
+                        )
             else:
                 cute.arch.setmaxregister_increase(self.num_mma_regs)
                 self.mma(
-                    mO, mLSE, sQ, sK, sVt, sO, sVote, sFlags,
+                    mO, mLSE, sQ, sK, sVt, sO, sVote, sFlags, mbar_decision,
                     tiled_mma_qk, tiled_mma_pv, gmem_copy_O,
                     pipeline_q, pipeline_k, pipeline_v,
                     tidx - 128, seq, m_block, head_idx, batch_idx,
@@ -631,18 +636,71 @@ class BlasstFwdSm90:
                     tma_atom_K, tKgK[None, n_prev - 1], tKsK[None, kv_state.index],
                     tma_bar_ptr=pipeline_k.producer_get_barrier(kv_state), **mcast,
                 )
-                pipeline_v.producer_acquire(state_prev)
+                if const_expr(not self.v_load_skip):  # else warp 1 issues V: load_v_gated
+                    pipeline_v.producer_acquire(state_prev)
+                    if const_expr(not self.debug_no_v_load):
+                        cute.copy(
+                            tma_atom_V, tVgV[None, n_prev], tVsV[None, state_prev.index],
+                            tma_bar_ptr=pipeline_v.producer_get_barrier(state_prev), **mcast,
+                        )
+            if const_expr(not self.v_load_skip):
+                pipeline_v.producer_acquire(kv_state)
                 if const_expr(not self.debug_no_v_load):
                     cute.copy(
-                        tma_atom_V, tVgV[None, n_prev], tVsV[None, state_prev.index],
-                        tma_bar_ptr=pipeline_v.producer_get_barrier(state_prev), **mcast,
+                        tma_atom_V, tVgV[None, n_block_min], tVsV[None, kv_state.index],
+                        tma_bar_ptr=pipeline_v.producer_get_barrier(kv_state), **mcast,
                     )
-            pipeline_v.producer_acquire(kv_state)
-            if const_expr(not self.debug_no_v_load):
+
+    @cute.jit
+    def load_v_gated(
+        self, mV: cute.Tensor, sV: cute.Tensor, tma_atom_V: cute.CopyAtom, pipeline_v,
+        sFlags: cute.Tensor, mbar_decision, seq: SeqInfo, head_kv: Int32, batch_idx: Int32,
+        n_block_min: Int32, n_block_max: Int32,
+    ):
+        """v_load_skip: V tile n (visit i) is loaded if the CTA kept the previous tile n + 1, or
+        any consumer warp keeps n; otherwise its stage completes with a plain arrive (no bytes:
+        no consumer reads it, since every warpgroup skips that PV).
+
+        The flags of tile n sit in slot n & 1 until the consumers publish tile n - 2's, which
+        needs V_n's stage first (PV of tile n is issued in the iteration of tile n - 1), so a
+        slot is never overwritten before it is read here; a decision barrier completes once per
+        use of its slot, so visit i waits phase (i // 2) & 1.
+        """
+        gV = cute.local_tile(
+            seq.k_slice(mV, head_kv, batch_idx), (self.tile_n, self.head_dim_v), (None, 0)
+        )
+        tVsV, tVgV = cpasync.tma_partition(
+            tma_atom_V, 0, cute.make_layout(1),
+            cute.group_modes(sV, 0, 2), cute.group_modes(gV, 0, 2),
+        )
+        v_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
+        for i in cutlass.range(n_block_max - n_block_min, unroll=1):
+            n_block = n_block_max - 1 - i
+            load = Boolean(True)  # the first visited tile is never skipped
+            if i > 0:
+                cute.arch.mbarrier_wait(mbar_decision + ((n_block + 1) & 1), ((i - 1) >> 1) & 1)
+                if self.cta_skipped(sFlags, n_block + 1):
+                    cute.arch.mbarrier_wait(mbar_decision + (n_block & 1), (i >> 1) & 1)
+                    load = not self.cta_skipped(sFlags, n_block)
+            if load:
+                pipeline_v.producer_acquire(v_state)
                 cute.copy(
-                    tma_atom_V, tVgV[None, n_block_min], tVsV[None, kv_state.index],
-                    tma_bar_ptr=pipeline_v.producer_get_barrier(kv_state), **mcast,
+                    tma_atom_V, tVgV[None, n_block], tVsV[None, v_state.index],
+                    tma_bar_ptr=pipeline_v.producer_get_barrier(v_state),
                 )
+            else:
+                pipeline_v.sync_object_empty.wait(v_state.index, v_state.phase)
+                with cute.arch.elect_one():
+                    cute.arch.mbarrier_arrive(pipeline_v.producer_get_barrier(v_state))
+            v_state.advance()
+
+    @cute.jit
+    def cta_skipped(self, sFlags: cute.Tensor, n_block: Int32) -> Boolean:
+        """True iff every consumer warp published a skip flag for tile n_block."""
+        skipped = Boolean(True)
+        for g in cutlass.range_constexpr(self.num_mma_wg):
+            skipped = skipped and group_all_published(sFlags, self._slot(n_block), g)
+        return skipped
 
     # ------------------------------------------------------------------ consumers
     @cute.jit
@@ -650,7 +708,7 @@ class BlasstFwdSm90:
         self,
         mO: cute.Tensor, mLSE: cute.Tensor,
         sQ: cute.Tensor, sK: cute.Tensor, sVt: cute.Tensor, sO: cute.Tensor, sVote: cute.Tensor,
-        sFlags: cute.Tensor,
+        sFlags: cute.Tensor, mbar_decision,
         tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma, gmem_copy_O: cute.TiledCopy,
         pipeline_q, pipeline_k, pipeline_v,
         tidx: Int32,
@@ -726,8 +784,8 @@ class BlasstFwdSm90:
             acc_S_shape=acc_S_shape, tScS=tScS, t0ScS=t0ScS,
             pipeline_k=pipeline_k, pipeline_v=pipeline_v,
             softmax=softmax, seq=seq, m_block=m_block, wg_idx=wg_idx,
-            sVote=sVote, sFlags=sFlags, row_valid=row_valid, log2_lambda=log2_lambda,
-            skip_enabled=skip_enabled, row_thr=row_thr, row_floor=row_floor, margin=margin,
+            sVote=sVote, sFlags=sFlags, mbar_decision=mbar_decision, row_valid=row_valid,
+            log2_lambda=log2_lambda, skip_enabled=skip_enabled, row_thr=row_thr, row_floor=row_floor, margin=margin,
         )
 
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.num_stages)
@@ -735,7 +793,6 @@ class BlasstFwdSm90:
         pipeline_q.consumer_wait(q_state)
 
         num_skipped = Int32(0)
-        prev_kept = Int32(1)  # the first visited tile is always kept
         if n_block_max > n_block_min:
             # First tile (never skipped), masked for the key length (and the diagonal).
             self.first_block(ctx, kv_state, n_block_max - 1)
@@ -743,12 +800,12 @@ class BlasstFwdSm90:
             if const_expr(self.causal):
                 n_first_unmasked = cutlass.max(cutlass.min(n_block_causal, n_block_max - 1), n_block_min)
                 for i in cutlass.range(n_block_max - 1 - n_first_unmasked, unroll=1):
-                    kv_state, num_skipped, prev_kept = self.next_block(
-                        ctx, kv_state, n_block_max - 2 - i, num_skipped, prev_kept, True
+                    kv_state, num_skipped = self.next_block(
+                        ctx, kv_state, n_block_max - 2 - i, num_skipped, True
                     )
             for i in cutlass.range(n_first_unmasked - n_block_min, unroll=1):
-                kv_state, num_skipped, prev_kept = self.next_block(
-                    ctx, kv_state, n_first_unmasked - 1 - i, num_skipped, prev_kept, False
+                kv_state, num_skipped = self.next_block(
+                    ctx, kv_state, n_first_unmasked - 1 - i, num_skipped, False
                 )
             pipeline_q.consumer_release(q_state)
             # Last PV of the software pipeline (tile n_block_min).
@@ -805,7 +862,7 @@ class BlasstFwdSm90:
         )
         if const_expr(self.pv_skip):
             # The first tile is never skipped: its PV is always issued.
-            publish_warp_flag(Boolean(False), ctx["sFlags"], self._slot(n_block), ctx["wg_idx"])
+            self.publish_decision(ctx, Boolean(False), n_block)
         softmax = ctx["softmax"]
         m_tile = softmax.tile_row_max(acc_S)
         softmax.update(acc_S, m_tile, True)
@@ -814,7 +871,7 @@ class BlasstFwdSm90:
 
     @cute.jit
     def next_block(
-        self, ctx, kv_state, n_block: Int32, num_skipped: Int32, prev_kept: Int32,
+        self, ctx, kv_state, n_block: Int32, num_skipped: Int32,
         mask_causal: cutlass.Constexpr[bool],
     ):
         """Tile n_block: S = QK^T overlapped with the PV of the previous tile (n_block + 1).
@@ -825,9 +882,7 @@ class BlasstFwdSm90:
         = tile parity) are read one iteration later, behind the ping-pong bar.sync every warp of
         the warpgroup passes (or a warpgroup barrier without ping-pong). Every pipeline wait /
         release and barrier is the same on both paths.
-        branchless_after_keep: after a tile the warp kept (prev_kept) the softmax block has no
-        skip branch (a skip holds m, l, O and zeroes P), after a skipped one it branches first.
-        Returns the pipeline state, the skip count and whether this tile was kept.
+        Returns the pipeline state and the skip count.
         """
         pipeline_k, pipeline_v = ctx["pipeline_k"], ctx["pipeline_v"]
         softmax = ctx["softmax"]
@@ -864,7 +919,13 @@ class BlasstFwdSm90:
         self.scheduler_arrive(wg_idx)
         warpgroup.wait_group(1)
         pipeline_k.consumer_release(kv_state)
-        if const_expr(self.late_v_wait):
+        # v_load_skip: the V stage of a skipped PV is waited for and released at the end of this
+        # iteration instead: its (byte-less) completion needs the other warpgroups' votes on
+        # that tile, which land while this one does its softmax.
+        release_v = None
+        if const_expr(self.v_load_skip):
+            release_v = not pv_skip
+        elif const_expr(self.late_v_wait):
             if pv_skip:
                 pipeline_v.consumer_wait(kv_state_v)  # before its release below
 
@@ -873,43 +934,43 @@ class BlasstFwdSm90:
                 acc_S, ctx["tScS"], ctx["t0ScS"], ctx["m_block"], n_block, seq.seqlen_q,
                 seq.seqlen_k, self.tile_m, self.tile_n, False, True,
             )
-        if const_expr(self.branchless_after_keep):
-            skip = Boolean(False)
-            if prev_kept != 0:
-                # one block from the row max to the O rescale, as in the dense build
-                m_tile = softmax.tile_row_max(acc_S)
-                skip = self.decide_skip(ctx, m_tile, n_block)
-                self.softmax_keep(ctx, acc_S, m_tile, kv_state_v, hold=skip)
-            else:
-                m_tile = softmax.tile_row_max(acc_S)
-                skip = self.decide_skip(ctx, m_tile, n_block)
-                self.softmax_skip_or_keep(ctx, acc_S, m_tile, kv_state_v, skip)
-            prev_kept = Int32(0) if skip else Int32(1)
-            if skip:
-                num_skipped += 1
-        elif const_expr(self.has_skip):
+        if const_expr(self.has_skip):
             m_tile = softmax.tile_row_max(acc_S)
             skip = self.decide_skip(ctx, m_tile, n_block)
             if skip:
                 num_skipped += 1
-            self.softmax_skip_or_keep(ctx, acc_S, m_tile, kv_state_v, skip)
+            self.softmax_skip_or_keep(ctx, acc_S, m_tile, kv_state_v, skip, release_v)
         else:
             m_tile = softmax.tile_row_max(acc_S)
             self.softmax_keep(ctx, acc_S, m_tile, kv_state_v)
-        return kv_state, num_skipped, prev_kept
+        if const_expr(self.v_load_skip):
+            if pv_skip:
+                pipeline_v.consumer_wait(kv_state_v)
+                pipeline_v.consumer_release(kv_state_v)
+        return kv_state, num_skipped
 
     @cute.jit
     def softmax_skip_or_keep(self, ctx, acc_S: cute.Tensor, m_tile: cute.Tensor, kv_state_v,
-                             skip: Boolean):
+                             skip: Boolean, release_v: Optional[Boolean] = None):
+        """release_v (v_load_skip): whether to release the V stage of the previous tile's PV
+        here (None: always)."""
         if skip:
             warpgroup.wait_group(0)
-            ctx["pipeline_v"].consumer_release(kv_state_v)
+            self.release_v_stage(ctx, kv_state_v, release_v)
             # Zero P rows add nothing if the warpgroup's PV of this tile still runs.
             ctx["tOrP"].fill(0.0)
         else:
             # The whole keep path is one basic block, as in the dense build, so that the
             # compiler interleaves the P conversion and O rescale with the exp2s (MUFU-bound).
-            self.softmax_keep(ctx, acc_S, m_tile, kv_state_v)
+            self.softmax_keep(ctx, acc_S, m_tile, kv_state_v, release_v=release_v)
+
+    @cute.jit
+    def release_v_stage(self, ctx, kv_state_v, release_v: Optional[Boolean]):
+        if const_expr(release_v is None):
+            ctx["pipeline_v"].consumer_release(kv_state_v)
+        else:
+            if release_v:
+                ctx["pipeline_v"].consumer_release(kv_state_v)
 
     @cute.jit
     def decide_skip(self, ctx, m_tile: cute.Tensor, n_block: Int32) -> Boolean:
@@ -933,8 +994,17 @@ class BlasstFwdSm90:
         else:
             skip = group_all(self.rows_vote(ctx, m_tile), int(NamedBarrierSm90.SkipVoteWG1) + wg_idx)
         if const_expr(self.pv_skip):
-            publish_warp_flag(skip, ctx["sFlags"], self._slot(n_block), wg_idx)
+            self.publish_decision(ctx, skip, n_block)
         return skip
+
+    @cute.jit
+    def publish_decision(self, ctx, skip: Boolean, n_block: Int32):
+        """This warp's flag for tile n_block (read by its warpgroup for the PV skip, and with
+        v_load_skip by the V producer once the slot's decision barrier completes)."""
+        publish_warp_flag(skip, ctx["sFlags"], self._slot(n_block), ctx["wg_idx"])
+        if const_expr(self.v_load_skip):
+            if cute.arch.lane_idx() == 0:
+                cute.arch.mbarrier_arrive(ctx["mbar_decision"] + self._slot(n_block))
 
     @cute.jit
     def rows_vote(self, ctx, m_tile: cute.Tensor) -> Boolean:
@@ -961,26 +1031,14 @@ class BlasstFwdSm90:
 
     @cute.jit
     def softmax_keep(self, ctx, acc_S: cute.Tensor, m_tile: cute.Tensor, kv_state_v,
-                     hold: Optional[Boolean] = None):
-        """Online softmax of a kept tile, then (once the previous PV is done) P and the O rescale.
-
-        hold (branchless_after_keep): this warp skips the tile after all: m, l and O stay
-        (bitwise) and P is zeroed; the exp2s start before the vote is known, as in the dense
-        build (the vote needs both of a thread's rows and the warp; the exp2s of a row only its
-        max).
-        """
-        if const_expr(hold is None):
-            row_scale = ctx["softmax"].update(acc_S, m_tile, False)
-        else:
-            row_scale = softmax_update_or_hold(ctx["softmax"], acc_S, m_tile, hold)
+                     release_v: Optional[Boolean] = None):
+        """Online softmax of a kept tile, then (once the previous PV is done) P and the O rescale."""
+        row_scale = ctx["softmax"].update(acc_S, m_tile, False)
         self.update_row_thresholds(ctx)
         warpgroup.wait_group(0)
-        ctx["pipeline_v"].consumer_release(kv_state_v)
+        self.release_v_stage(ctx, kv_state_v, release_v)
         convert_f32_to_16bit(acc_as_operand_a(acc_S), ctx["tOrP"])
         rescale_rows(ctx["acc_O"], row_scale)
-        if const_expr(hold is not None):
-            if hold:
-                ctx["tOrP"].fill(0.0)  # rare after a kept tile; zero P rows add nothing to PV
 
     # ------------------------------------------------------------------ ping-pong token
     def scheduler_sync(self, wg_idx: Int32):
