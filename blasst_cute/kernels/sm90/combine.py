@@ -124,21 +124,12 @@ def merge_split_row(mOp: cute.Tensor, mLSEp: cute.Tensor, mO: cute.Tensor, mLSE:
 
 
 @cute.jit
-def merge_split_rows(mOp: cute.Tensor, mLSEp: cute.Tensor, mO: cute.Tensor, mLSE: cute.Tensor,
-                     b: Int32, pos: list, head: list, valid: Optional[list], lane: Int32,
-                     per_lane: cutlass.Constexpr = None, chunk: Int32 = 0):
-    """One warp merges the output rows (b, pos[i], head[i]) of sequence b together: every load of
-    a split serves all of them, so the warp waits for memory once per split batch instead of once
-    per row and split (the fused merge of a GQA tile has up to 16 rows per warp's share and up to
-    ~130 splits). valid[i] False: row i is not written (a duplicate padding the batch); None: all
-    rows are written. Lanes own head_dim / 32 contiguous columns, or, with per_lane, the warp
-    covers columns [chunk * 32 * per_lane, (chunk + 1) * 32 * per_lane) (chunk 0 writes lse)."""
+def merged_lse(mLSEp: cute.Tensor, num_splits: Int32, b: Int32, pos: list, head: list,
+               lane: Int32) -> cute.Tensor:
+    """The merged lse of rows (b, pos[i], head[i]) over all splits: per-row max, then the sum of
+    exp over the splits' lse (lanes stride the splits; the second pass re-reads what the first
+    brought into L1); -inf for a row every split left empty."""
     n = len(pos)
-    if const_expr(per_lane is None):
-        per_lane = mO.shape[3] // 32
-    col_tile = chunk * 32 + lane
-    num_splits = mOp.shape[0]
-    # Pass 1 and 2: per-row max and sum of exp over the splits' lse (lanes stride the splits).
     mx = cute.make_rmem_tensor((n,), Float32)
     mx.fill(-Float32.inf)
     for s in cutlass.range(lane, num_splits, 32, unroll=1):
@@ -159,6 +150,38 @@ def merge_split_rows(mOp: cute.Tensor, mLSEp: cute.Tensor, mO: cute.Tensor, mLSE
         lse[i] = -Float32.inf
         if total_w > Float32(0.0):
             lse[i] = m_safe[i] + cute.math.log2(total_w, fastmath=False) * LN_2
+    return lse
+
+
+@cute.jit
+def _store_rows(mO: cute.Tensor, mLSE: cute.Tensor, accs: list, lse: cute.Tensor, b: Int32,
+                pos: list, head: list, valid: Optional[list], lane: Int32, col_tile: Int32,
+                per_lane: cutlass.Constexpr):
+    """Store the merged rows (valid[i] False: row i is a duplicate and not written)."""
+    for i in cutlass.range_constexpr(len(pos)):
+        if const_expr(valid is None):
+            _store_row(mO, mLSE, accs[i], lse[i], b, pos[i], head[i], lane, col_tile, per_lane)
+        else:
+            if valid[i]:
+                _store_row(mO, mLSE, accs[i], lse[i], b, pos[i], head[i], lane, col_tile, per_lane)
+
+
+@cute.jit
+def merge_split_rows(mOp: cute.Tensor, mLSEp: cute.Tensor, mO: cute.Tensor, mLSE: cute.Tensor,
+                     b: Int32, pos: list, head: list, valid: Optional[list], lane: Int32,
+                     per_lane: cutlass.Constexpr = None, chunk: Int32 = 0):
+    """One warp merges the output rows (b, pos[i], head[i]) of sequence b together: every load of
+    a split serves all of them, so the warp waits for memory once per split batch instead of once
+    per row and split (the fused merge of a GQA tile has up to 16 rows per warp's share and up to
+    ~130 splits). valid[i] False: row i is not written (a duplicate padding the batch); None: all
+    rows are written. Lanes own head_dim / 32 contiguous columns, or, with per_lane, the warp
+    covers columns [chunk * 32 * per_lane, (chunk + 1) * 32 * per_lane) (chunk 0 writes lse)."""
+    n = len(pos)
+    if const_expr(per_lane is None):
+        per_lane = mO.shape[3] // 32
+    col_tile = chunk * 32 + lane
+    num_splits = mOp.shape[0]
+    lse = merged_lse(mLSEp, num_splits, b, pos, head, lane)
 
     accs = [cute.make_rmem_tensor((per_lane,), Float32) for _ in range(n)]
     parts = [cute.make_rmem_tensor((per_lane,), Float32) for _ in range(n)]
@@ -176,12 +199,7 @@ def merge_split_rows(mOp: cute.Tensor, mLSEp: cute.Tensor, mO: cute.Tensor, mLSE
                 w = cute.math.exp2((ls - lse[i]) * LOG2_E, fastmath=True)
                 for j in cutlass.range_constexpr(per_lane):
                     accs[i][j] = accs[i][j] + w * parts[i][j]
-    for i in cutlass.range_constexpr(n):
-        if const_expr(valid is None):
-            _store_row(mO, mLSE, accs[i], lse[i], b, pos[i], head[i], lane, col_tile, per_lane)
-        else:
-            if valid[i]:
-                _store_row(mO, mLSE, accs[i], lse[i], b, pos[i], head[i], lane, col_tile, per_lane)
+    _store_rows(mO, mLSE, accs, lse, b, pos, head, valid, lane, col_tile, per_lane)
 
 
 @cute.jit
@@ -208,28 +226,7 @@ def merge_split_rows_pipelined(mOp: cute.Tensor, mLSEp: cute.Tensor, mO: cute.Te
     per_lane = mO.shape[3] // 32
     num_splits = mOp.shape[0]
     batch = min(16, max(1, 64 // (n * per_lane)))
-    # Pass 1 and 2: per-row max and sum of exp over the splits' lse (lanes stride the splits;
-    # pass 2 re-reads what pass 1 brought into L1).
-    mx = cute.make_rmem_tensor((n,), Float32)
-    mx.fill(-Float32.inf)
-    for s in cutlass.range(lane, num_splits, 32, unroll=1):
-        for i in cutlass.range_constexpr(n):
-            mx[i] = cute.arch.fmax(mx[i], mLSEp[s, b, head[i], pos[i]])
-    m_safe = cute.make_rmem_tensor((n,), Float32)
-    for i in cutlass.range_constexpr(n):
-        m = cute.arch.warp_reduction_max(mx[i])
-        m_safe[i] = Float32(0.0) if m == -Float32.inf else m
-    tot = cute.make_rmem_tensor((n,), Float32)
-    tot.fill(0.0)
-    for s in cutlass.range(lane, num_splits, 32, unroll=1):
-        for i in cutlass.range_constexpr(n):
-            tot[i] += cute.math.exp2((mLSEp[s, b, head[i], pos[i]] - m_safe[i]) * LOG2_E, fastmath=True)
-    lse = cute.make_rmem_tensor((n,), Float32)
-    for i in cutlass.range_constexpr(n):
-        total_w = cute.arch.warp_reduction(tot[i], lambda x, y: x + y)
-        lse[i] = -Float32.inf
-        if total_w > Float32(0.0):
-            lse[i] = m_safe[i] + cute.math.log2(total_w, fastmath=False) * LN_2
+    lse = merged_lse(mLSEp, num_splits, b, pos, head, lane)
 
     accs = [cute.make_rmem_tensor((per_lane,), Float32) for _ in range(n)]
     for i in cutlass.range_constexpr(n):
@@ -254,9 +251,4 @@ def merge_split_rows_pipelined(mOp: cute.Tensor, mLSEp: cute.Tensor, mO: cute.Te
                 for e in cutlass.range_constexpr(per_lane):
                     term = w * parts[j][i][e]
                     accs[i][e] = accs[i][e] + (term if use else Float32(0.0))
-    for i in cutlass.range_constexpr(n):
-        if const_expr(valid is None):
-            _store_row(mO, mLSE, accs[i], lse[i], b, pos[i], head[i], lane, lane, per_lane)
-        else:
-            if valid[i]:
-                _store_row(mO, mLSE, accs[i], lse[i], b, pos[i], head[i], lane, lane, per_lane)
+    _store_rows(mO, mLSE, accs, lse, b, pos, head, valid, lane, lane, per_lane)
