@@ -3,13 +3,13 @@
     python perf/ab/prefill_ab.py [--seqlens 4096 16384 32768] [--rounds 7] [--iters 10] \
         [--variants dense skip0 sparse ...] [--baseline FILE] [--lambdas 0.3 0.95]
 
-Variants per shape (--head-dim, default 128; Hq/Hk 32/8, B*L = 32k; names in PRESETS): the dense build, the skip
-build at a factor that enables skipping but never skips (1e-30, "skip0") or at --sparse-factor
-("sparse"; with --lambdas, one sparse column per lambda = factor / L: "sparse@0.3", ...), knob
-variants (pv_skip off, LPT section sizes, 2-CTA K/V multicast clusters of q-tile pairs "*_c2" (non-causal only) or of
-q-head pairs "*_h2",
-3 stages "*_s3", ...), and "base_*" variants built from
-another version of prefill.py given as --baseline, e.g.
+Variants per shape (--head-dim, default 128; Hq/Hk 32/8, B*L = 32k; names in PRESETS, or
+"fa4" for FlashAttention-4 dense): the dense build, the skip build at a factor that enables
+skipping but never skips (1e-30, "skip0") or at --sparse-factor ("sparse"; with --lambdas, one
+sparse column per lambda = factor / L: "sparse@0.3", ...), knob variants (pv_skip off, LPT
+section sizes, 2-CTA K/V multicast clusters of q-tile pairs "*_c2" (non-causal only) or of q-head
+pairs "*_h2", 3 stages "*_s3", every V loaded "*_allv", 128-row tiles "*_m128", ...), and
+"base_*" variants built from another version of prefill.py given as --baseline, e.g.
 ``git show 0b9c92e:blasst_cute/kernels/sm90/prefill.py > perf/ab/prefill_baseline.py``.
 Rounds interleave the variants so that clock/power drift (H100 at its 700 W cap) hits all of
 them alike; the table shows the median over rounds of per-round medians, and the spread.
@@ -64,12 +64,13 @@ PRESETS = {
     "dense_h2": ("new", False, 0.0, dict(cluster_h=2)),
     "skip0_h2": ("new", True, ZERO, dict(cluster_h=2)),
     "sparse_h2": ("new", True, "sparse", dict(cluster_h=2)),
-    # 128-row q-tiles (2 consumer warpgroups): the earlier hdim-64 tiling (192 rows is its default)
-    # V loads gated by the skip decisions (one CTA; the skip build's default) or every V loaded
+    # V loads gated by the skip decisions (one CTA; the 2-warpgroup skip build's default) or
+    # every V loaded
     "skip0_vs": ("new", True, ZERO, dict(v_load_skip=True)),
     "sparse_vs": ("new", True, "sparse", dict(v_load_skip=True)),
     "skip0_allv": ("new", True, ZERO, dict(v_load_skip=False)),
     "sparse_allv": ("new", True, "sparse", dict(v_load_skip=False)),
+    # 128-row q-tiles (2 consumer warpgroups): the earlier hdim-64 tiling (192 rows is its default)
     "dense_m128": ("new", False, 0.0, dict(tile_m=128)),
     "skip0_m128": ("new", True, ZERO, dict(tile_m=128)),
     "sparse_m128": ("new", True, "sparse", dict(tile_m=128)),

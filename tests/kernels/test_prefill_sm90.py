@@ -348,7 +348,7 @@ def test_skip_schedule_variants_bitwise(causal, dims):
 @pytest.mark.parametrize("dims", HEAD_DIM_PAIRS, ids=_dims_id)
 @pytest.mark.gpu
 def test_v_load_skip_bitwise(dims, causal):
-    """V loads gated by the skip decisions (v_load_skip, the skip build's default): outputs, lse
+    """V loads gated by the skip decisions (v_load_skip, default for 2 warpgroups): outputs, lse
     and counters are bitwise those of the build that loads every V (same math; only which V
     tiles reach smem differs), from low to near-total sparsity; against the reference, with
     varlen too."""
