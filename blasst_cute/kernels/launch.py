@@ -118,6 +118,7 @@ def _config_key(config: dict) -> tuple:
     c.setdefault("fast_vote", True)
     c.setdefault("late_v_wait", True)
     c.setdefault("v_load_skip", None)
+    c.setdefault("v_warp", False)
     c["cluster_m"] = int(c.get("cluster_m", 1))
     c["cluster_h"] = int(c.get("cluster_h", 1))
     return tuple(sorted(c.items(), key=lambda kv: kv[0]))
@@ -135,7 +136,7 @@ def _make_kernel(key: tuple) -> BlasstFwdSm90:
         decision_rows=c["decision_rows"], debug_no_v_load=c["debug_no_v_load"],
         pv_skip=c["pv_skip"], lpt_heads=c["lpt_heads"], cluster_m=c["cluster_m"],
         cluster_h=c["cluster_h"], fast_vote=c["fast_vote"],
-        late_v_wait=c["late_v_wait"], v_load_skip=c["v_load_skip"],
+        late_v_wait=c["late_v_wait"], v_load_skip=c["v_load_skip"], v_warp=c["v_warp"],
     )
 
 
@@ -244,7 +245,7 @@ def run_prefill_sm90(q, k, v, out, lse, *, causal: bool, softmax_scale: float,
                   has_skip=has_skip, has_stats=has_stats, varlen=varlen,
                   factor_per_batch=factor_t is not None)
     if tuning:
-        config.update(tuning)  # experiments only: tile_m, tile_n, num_stages, pingpong, vote_smem, lpt, lpt_heads, decision_rows, pv_skip, cluster_m, cluster_h, fast_vote, late_v_wait, v_load_skip
+        config.update(tuning)  # experiments only: tile_m, tile_n, num_stages, pingpong, vote_smem, lpt, lpt_heads, decision_rows, pv_skip, cluster_m, cluster_h, fast_vote, late_v_wait, v_load_skip, v_warp
     config.update(prefill_cluster(bool(causal), q.shape[-2], k.shape[-2], tuning,
                                   has_skip=has_skip, factor=factor,
                                   seqlen_k=max_seqlen_k if varlen else k.shape[1],

@@ -51,6 +51,8 @@ PRESETS = {
     "skip0_novote": ("new", True, ZERO, dict(debug_no_vote=True)),
     "base_skip0": ("base", True, ZERO, {}),
     "base_sparse": ("base", True, "sparse", {}),
+    "base_skip0_vs": ("base", True, ZERO, dict(v_load_skip=True)),
+    "base_sparse_vs": ("base", True, "sparse", dict(v_load_skip=True)),
     "dense_nolpt": ("new", False, 0.0, dict(lpt=False, causal_only=True)),
     "dense_lpt4": ("new", False, 0.0, dict(lpt_heads=4, causal_only=True)),
     "dense_lpt8": ("new", False, 0.0, dict(lpt_heads=8, causal_only=True)),
@@ -70,6 +72,10 @@ PRESETS = {
     "sparse_vs": ("new", True, "sparse", dict(v_load_skip=True)),
     "skip0_allv": ("new", True, ZERO, dict(v_load_skip=False)),
     "sparse_allv": ("new", True, "sparse", dict(v_load_skip=False)),
+    # V tiles from producer warp 1 without gating (the dense build; the skip build loading every V)
+    "dense_vw": ("new", False, 0.0, dict(v_warp=True)),
+    "skip0_allvw": ("new", True, ZERO, dict(v_load_skip=False, v_warp=True)),
+    "sparse_allvw": ("new", True, "sparse", dict(v_load_skip=False, v_warp=True)),
     # 128-row q-tiles (2 consumer warpgroups): the earlier hdim-64 tiling (192 rows is its default)
     "dense_m128": ("new", False, 0.0, dict(tile_m=128)),
     "skip0_m128": ("new", True, ZERO, dict(tile_m=128)),

@@ -71,7 +71,7 @@ def test_compile_sm90a(dtype, dims, causal, variant, varlen):
 @pytest.mark.parametrize("tuning", [dict(decision_rows=64), dict(decision_rows=64, vote_smem=False),
                                     dict(pv_skip=False), dict(num_stages=3),
                                     dict(fast_vote=False), dict(late_v_wait=False),
-                                    dict(v_load_skip=False),
+                                    dict(v_load_skip=False), dict(v_load_skip=False, v_warp=True),
                                     dict(fast_vote=False, late_v_wait=False, v_load_skip=False)],
                          ids=str)
 @pytest.mark.parametrize("dims", [(128, 128), (256, 256), MLA], ids=_dims_id)
@@ -83,7 +83,7 @@ def test_compile_skip_variants(tuning, dims):
         pytest.skip("CUTE_DSL_ARCH is not sm_90a")
     if dims[0] > 128 and tuning.get("num_stages") == 3:
         pytest.skip(f"hdim {dims[0]}/{dims[1]} x 3 stages does not fit shared memory")
-    if dims != (128, 128) and set(tuning) <= {"fast_vote", "late_v_wait", "v_load_skip"}:
+    if dims != (128, 128) and set(tuning) <= {"fast_vote", "late_v_wait", "v_load_skip", "v_warp"}:
         pytest.skip("schedule variants: hdim 128 on CPU (the GPU tests run them at 64, 128, MLA)")
     cfg = dict(dtype=torch.bfloat16, head_dim=dims[0], head_dim_v=dims[1], causal=True,
                has_skip=True, has_stats=True, **tuning)
@@ -371,6 +371,31 @@ def test_v_load_skip_bitwise(dims, causal):
                             tuning=gated)
     assert smoke.check_varlen([100, 1, 300, 257, 0], [200, 5, 300, 700, 3], 4, 2, d, causal,
                               torch.bfloat16, 20.0, Dv=dv, tuning=gated)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dims", HEAD_DIM_PAIRS, ids=_dims_id)
+@pytest.mark.gpu
+def test_v_warp_bitwise(dims, causal):
+    """V tiles issued by a second producer warp (v_warp) without gating: the dense build and the
+    skip build that loads every V give the bits of their one-producer-warp builds."""
+    if not _on_hopper():
+        pytest.skip("needs sm_90")
+    from blasst_cute.workloads import synthetic_qkv
+    d, dv = dims
+    q, k, v = synthetic_qkv(2, 1000, 1500, 4, 2, d, dv, device="cuda", seed=7)
+    for factor, base in ((None, {}), (300.0, dict(v_load_skip=False))):
+        stats = factor is not None
+        o1, l1, v1, s1 = smoke.run_kernel(q, k, v, causal=causal, scale=d ** -0.5, factor=factor,
+                                          stats=stats, tuning=base)
+        o2, l2, v2, s2 = smoke.run_kernel(q, k, v, causal=causal, scale=d ** -0.5, factor=factor,
+                                          stats=stats, tuning=dict(base, v_warp=True))
+        torch.cuda.synchronize()
+        assert torch.equal(o1, o2) and torch.equal(l1, l2), factor
+        if stats:
+            assert torch.equal(v1, v2) and torch.equal(s1, s2)
+    assert smoke.check_dense(2, 333, 1000, 8, 2, d, causal, torch.bfloat16, Dv=dv,
+                             tuning=dict(v_warp=True))
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -165,6 +165,7 @@ class BlasstFwdSm90:
         fast_vote: bool = True,
         late_v_wait: bool = True,
         v_load_skip: Optional[bool] = None,
+        v_warp: bool = False,
     ):
         head_dim_v = head_dim if head_dim_v is None else head_dim_v
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
@@ -243,6 +244,12 @@ class BlasstFwdSm90:
             raise NotImplementedError(
                 "blasst sm90 prefill: v_load_skip with a 2-CTA cluster (each CTA decides alone)")
         self.v_load_skip = v_load_skip and not debug_no_v_load
+        # V tiles issued by producer warp 1 (warp 0: Q and K), so that neither stream waits for
+        # the other's stages; implied by v_load_skip (one CTA only). On its own (every V loaded)
+        # an option, off: 0.96-1.02x on the dense build (H100, prefill-h100-vskip.md run 5).
+        if v_warp and cluster_m * cluster_h > 1:
+            raise NotImplementedError("blasst sm90 prefill: v_warp with a 2-CTA cluster")
+        self.v_warp = (v_warp or self.v_load_skip) and not debug_no_v_load
         # Causal: longest-first q-tiles, heads grouped so their K/V fit in L2 (FA4-style LPT).
         self.lpt = (causal and not varlen) if lpt is None else (lpt and not varlen)
         # (head, batch) pairs per LPT section; None: as many as have K/V fitting in L2.
@@ -554,9 +561,9 @@ class BlasstFwdSm90:
                         m_block, head_idx // qhead_per_kvhead, head_idx, batch_idx,
                         n_block_min, n_block_max, cta_rank,
                     )
-                if const_expr(self.v_load_skip):
+                if const_expr(self.v_warp):
                     if warp_idx == 1:
-                        self.load_v_gated(
+                        self.load_v(
                             mV, sV, tma_atom_V, pipeline_v, sFlags, mbar_decision, seq,
                             head_idx // qhead_per_kvhead, batch_idx, n_block_min, n_block_max,
                         )
@@ -636,14 +643,14 @@ class BlasstFwdSm90:
                     tma_atom_K, tKgK[None, n_prev - 1], tKsK[None, kv_state.index],
                     tma_bar_ptr=pipeline_k.producer_get_barrier(kv_state), **mcast,
                 )
-                if const_expr(not self.v_load_skip):  # else warp 1 issues V: load_v_gated
+                if const_expr(not self.v_warp):  # else warp 1 issues V: load_v
                     pipeline_v.producer_acquire(state_prev)
                     if const_expr(not self.debug_no_v_load):
                         cute.copy(
                             tma_atom_V, tVgV[None, n_prev], tVsV[None, state_prev.index],
                             tma_bar_ptr=pipeline_v.producer_get_barrier(state_prev), **mcast,
                         )
-            if const_expr(not self.v_load_skip):
+            if const_expr(not self.v_warp):
                 pipeline_v.producer_acquire(kv_state)
                 if const_expr(not self.debug_no_v_load):
                     cute.copy(
@@ -652,14 +659,16 @@ class BlasstFwdSm90:
                     )
 
     @cute.jit
-    def load_v_gated(
+    def load_v(
         self, mV: cute.Tensor, sV: cute.Tensor, tma_atom_V: cute.CopyAtom, pipeline_v,
         sFlags: cute.Tensor, mbar_decision, seq: SeqInfo, head_kv: Int32, batch_idx: Int32,
         n_block_min: Int32, n_block_max: Int32,
     ):
-        """v_load_skip: V tile n (visit i) is loaded if the CTA kept the previous tile n + 1, or
-        any consumer warp keeps n; otherwise its stage completes with a plain arrive (no bytes:
-        no consumer reads it, since every warpgroup skips that PV).
+        """Producer warp 1 (v_warp): the V tiles in visit order. With v_load_skip, V tile n (visit
+        i) is loaded if the CTA kept the previous tile n + 1, or any consumer warp keeps n;
+        otherwise its stage completes with a plain arrive (no bytes: no consumer reads it, since
+        every warpgroup skips that PV). (Loading the second visited tile's V without waiting for
+        the first tile's votes, which always keep it, measured 4-8% slower on causal shapes.)
 
         The flags of tile n sit in slot n & 1 until the consumers publish tile n - 2's, which
         needs V_n's stage first (PV of tile n is issued in the iteration of tile n - 1), so a
@@ -676,23 +685,31 @@ class BlasstFwdSm90:
         v_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
         for i in cutlass.range(n_block_max - n_block_min, unroll=1):
             n_block = n_block_max - 1 - i
-            load = Boolean(True)  # the first visited tile is never skipped
-            if i > 0:
-                cute.arch.mbarrier_wait(mbar_decision + ((n_block + 1) & 1), ((i - 1) >> 1) & 1)
-                if self.cta_skipped(sFlags, n_block + 1):
-                    cute.arch.mbarrier_wait(mbar_decision + (n_block & 1), (i >> 1) & 1)
-                    load = not self.cta_skipped(sFlags, n_block)
-            if load:
-                pipeline_v.producer_acquire(v_state)
-                cute.copy(
-                    tma_atom_V, tVgV[None, n_block], tVsV[None, v_state.index],
-                    tma_bar_ptr=pipeline_v.producer_get_barrier(v_state),
-                )
+            if const_expr(self.v_load_skip):
+                load = Boolean(True)  # the first visited tile is never skipped
+                if i > 0:
+                    cute.arch.mbarrier_wait(mbar_decision + ((n_block + 1) & 1), ((i - 1) >> 1) & 1)
+                    if self.cta_skipped(sFlags, n_block + 1):
+                        cute.arch.mbarrier_wait(mbar_decision + (n_block & 1), (i >> 1) & 1)
+                        load = not self.cta_skipped(sFlags, n_block)
+                if load:
+                    self.issue_v(pipeline_v, v_state, tma_atom_V, tVgV, tVsV, n_block)
+                else:
+                    pipeline_v.sync_object_empty.wait(v_state.index, v_state.phase)
+                    with cute.arch.elect_one():
+                        cute.arch.mbarrier_arrive(pipeline_v.producer_get_barrier(v_state))
             else:
-                pipeline_v.sync_object_empty.wait(v_state.index, v_state.phase)
-                with cute.arch.elect_one():
-                    cute.arch.mbarrier_arrive(pipeline_v.producer_get_barrier(v_state))
+                self.issue_v(pipeline_v, v_state, tma_atom_V, tVgV, tVsV, n_block)
             v_state.advance()
+
+    @cute.jit
+    def issue_v(self, pipeline_v, v_state, tma_atom_V: cute.CopyAtom, tVgV: cute.Tensor,
+                tVsV: cute.Tensor, n_block: Int32):
+        pipeline_v.producer_acquire(v_state)
+        cute.copy(
+            tma_atom_V, tVgV[None, n_block], tVsV[None, v_state.index],
+            tma_bar_ptr=pipeline_v.producer_get_barrier(v_state),
+        )
 
     @cute.jit
     def cta_skipped(self, sFlags: cute.Tensor, n_block: Int32) -> Boolean:
