@@ -58,6 +58,14 @@ def lse_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # called.
 # ---------------------------------------------------------------------------------------------
 
+def round_order(items, round_idx: int) -> list:
+    """The order in which an interleaved A/B runs its variants in round ``round_idx``: as given
+    on even rounds, reversed on odd ones. A fixed order biases variants by their place in the
+    round (H100 at its power cap: up to ~4%, the clock recovering during lighter variants)."""
+    items = list(items)
+    return items if round_idx % 2 == 0 else items[::-1]
+
+
 def time_per_call(fn, iters: int = 20, warmup: int = 3) -> float:
     """Seconds per call of ``fn`` run back to back on the current stream (CUDA events), after
     ``warmup`` untimed calls and a device sync."""

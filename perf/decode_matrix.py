@@ -36,7 +36,7 @@ sys.path.insert(0, HERE)
 
 import blasst_cute  # noqa: E402
 from blasst_cute.kernels import launch_decode  # noqa: E402
-from blasst_cute.testing import capture_graph, time_graph_cycle, time_per_call  # noqa: E402
+from blasst_cute.testing import capture_graph, round_order, time_graph_cycle, time_per_call  # noqa: E402
 from blasst_cute.workloads import WorkloadSpec, synthetic_qkv, to_paged  # noqa: E402
 from bench import bench_ms, n_rotations, stamp  # noqa: E402
 
@@ -152,10 +152,11 @@ def same_size_copy_ms(kv_bytes, n_sets):
 
 def interleaved_ms(variants, iters, rounds=3):
     """Median ms of each variant (a list of per-input-set callables), the variants timed in
-    alternation ``rounds`` times (bench_ms medians, then the median over rounds)."""
+    alternation ``rounds`` times, reversed on odd rounds (bench_ms medians, then the median over
+    rounds)."""
     res = [[] for _ in variants]
-    for _ in range(rounds):
-        for r, fns in zip(res, variants):
+    for k in range(rounds):
+        for r, fns in round_order(zip(res, variants), k):
             r.append(bench_ms(fns, iters=max(5, iters // rounds)))
     return [sorted(r)[len(r) // 2] for r in res]
 
@@ -368,8 +369,8 @@ def b1_rounds(peer_fns, iters, rounds=3, factors=(60000.0, 130000.0)):
             lambda _s, f=f: blasst_cute.decode(_s["q"], _s["kc"], _s["vc"], cache_seqlens=_s["lens"],
                                                block_table=_s["bt"], threshold_scale_factor=f))
     res = {n: [] for n in fns}
-    for _ in range(rounds):
-        for n, fn in fns.items():
+    for k in range(rounds):
+        for n, fn in round_order(fns.items(), k):
             res[n].append(bench_ms([lambda fn=fn: fn(s)], iters=iters))
     for n, v in res.items():
         log(f"B=1 L=131072 32/8 {n:<28} " + " ".join(f"{x * 1e3:7.1f}" for x in v) + " us")

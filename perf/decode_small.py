@@ -7,7 +7,7 @@ time against a copy of the same bytes, and where the host time of a call goes.
 --ab: the kernel variants of VARIANTS (launcher tuning, split counts, a preallocated workspace
 with the merge's arrival counters, i.e. no zero-fill kernel in the graph), dense and skip-on at
 0% sparsity (factor 1e-6), each captured once (16 calls cycling the input sets) and the graphs
-replayed in alternation for --rounds rounds; medians. Every variant's output is checked first.
+replayed in alternation for --rounds rounds (reverse order on odd rounds); medians. Every variant's output is checked first.
 
 Kernel time = CUDA-graph replay of many back-to-back calls, cycling through input sets larger
 than the L2 together (so K/V come from DRAM), divided by the number of calls: the launch gap is
@@ -37,6 +37,7 @@ from blasst_cute.kernels import launch_decode  # noqa: E402
 from blasst_cute.testing import (  # noqa: E402
     capture_cycle,
     rel_err,
+    round_order,
     time_graph_cycle,
     time_per_call,
 )
@@ -184,8 +185,8 @@ def ab_main(args, log):
                 except Exception as e:  # noqa: BLE001
                     log(f"| {B} | {L} | {hq}/{hk} | {build} | {name} | ERROR {type(e).__name__}: "
                         f"{str(e)[:150]} |")
-        for _ in range(args.rounds):
-            for e in entries:
+        for r in range(args.rounds):
+            for e in round_order(entries, r):
                 e["times"].append(time_per_call(e["graph"].replay, 10, warmup=1)
                                   / CALLS_PER_GRAPH * 1e6)
         first = {}

@@ -119,6 +119,8 @@ def _config_key(config: dict) -> tuple:
     c.setdefault("late_v_wait", True)
     c.setdefault("v_load_skip", None)
     c.setdefault("v_warp", False)
+    c.setdefault("lazy_p_zero", False)
+    c.setdefault("defer_v_release", None)
     c["cluster_m"] = int(c.get("cluster_m", 1))
     c["cluster_h"] = int(c.get("cluster_h", 1))
     return tuple(sorted(c.items(), key=lambda kv: kv[0]))
@@ -137,6 +139,7 @@ def _make_kernel(key: tuple) -> BlasstFwdSm90:
         pv_skip=c["pv_skip"], lpt_heads=c["lpt_heads"], cluster_m=c["cluster_m"],
         cluster_h=c["cluster_h"], fast_vote=c["fast_vote"],
         late_v_wait=c["late_v_wait"], v_load_skip=c["v_load_skip"], v_warp=c["v_warp"],
+        lazy_p_zero=c["lazy_p_zero"], defer_v_release=c["defer_v_release"],
     )
 
 
@@ -245,7 +248,7 @@ def run_prefill_sm90(q, k, v, out, lse, *, causal: bool, softmax_scale: float,
                   has_skip=has_skip, has_stats=has_stats, varlen=varlen,
                   factor_per_batch=factor_t is not None)
     if tuning:
-        config.update(tuning)  # experiments only: tile_m, tile_n, num_stages, pingpong, vote_smem, lpt, lpt_heads, decision_rows, pv_skip, cluster_m, cluster_h, fast_vote, late_v_wait, v_load_skip, v_warp
+        config.update(tuning)  # experiments only: tile_m, tile_n, num_stages, pingpong, vote_smem, lpt, lpt_heads, decision_rows, pv_skip, cluster_m, cluster_h, fast_vote, late_v_wait, v_load_skip, v_warp, lazy_p_zero, defer_v_release
     config.update(prefill_cluster(bool(causal), q.shape[-2], k.shape[-2], tuning,
                                   has_skip=has_skip, factor=factor,
                                   seqlen_k=max_seqlen_k if varlen else k.shape[1],

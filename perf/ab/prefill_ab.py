@@ -12,7 +12,9 @@ pairs "*_h2", 3 stages "*_s3", every V loaded "*_allv", 128-row tiles "*_m128", 
 "base_*" variants built from another version of prefill.py given as --baseline, e.g.
 ``git show 0b9c92e:blasst_cute/kernels/sm90/prefill.py > perf/ab/prefill_baseline.py``.
 Rounds interleave the variants so that clock/power drift (H100 at its 700 W cap) hits all of
-them alike; the table shows the median over rounds of per-round medians, and the spread.
+them alike, in forward order on even rounds and reverse order on odd ones (a fixed order favoured
+the later sparse variants by a few percent); the table shows the median over rounds of per-round
+medians, and the spread. Use an even --rounds.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from cutlass import Float32, Int32  # noqa: E402
 
 from blasst_cute.kernels import launch  # noqa: E402
 from blasst_cute.kernels.dtypes import TORCH_TO_CUTLASS  # noqa: E402
+from blasst_cute.testing import round_order  # noqa: E402
 from blasst_cute.workloads import synthetic_qkv  # noqa: E402
 
 _compiled = {}
@@ -66,6 +69,25 @@ PRESETS = {
     "dense_h2": ("new", False, 0.0, dict(cluster_h=2)),
     "skip0_h2": ("new", True, ZERO, dict(cluster_h=2)),
     "sparse_h2": ("new", True, "sparse", dict(cluster_h=2)),
+    # pairs sharing K by multicast, each CTA loading its own V gated by its votes
+    "skip0_h2v": ("new", True, ZERO, dict(cluster_h=2, v_load_skip=True)),
+    "sparse_h2v": ("new", True, "sparse", dict(cluster_h=2, v_load_skip=True)),
+    "sparse_c2v": ("new", True, "sparse", dict(cluster_m=2, v_load_skip=True, noncausal_only=True)),
+    # the skip path shortened: P zeroed only for a PV that runs (lz), a skipped PV's V stage
+    # released one iteration later (dv); and 128 x 176 tiles (n176)
+    # (dv: the default for causal; nodv: off)
+    "skip0_lzdv": ("new", True, ZERO, dict(lazy_p_zero=True, defer_v_release=True)),
+    "skip0_lz": ("new", True, ZERO, dict(lazy_p_zero=True)),
+    "skip0_dv": ("new", True, ZERO, dict(defer_v_release=True)),
+    "skip0_nodv": ("new", True, ZERO, dict(defer_v_release=False)),
+    "sparse_lz": ("new", True, "sparse", dict(lazy_p_zero=True)),
+    "sparse_dv": ("new", True, "sparse", dict(defer_v_release=True)),
+    "sparse_nodv": ("new", True, "sparse", dict(defer_v_release=False)),
+    "sparse_lzdv": ("new", True, "sparse", dict(lazy_p_zero=True, defer_v_release=True)),
+    "dense_n176": ("new", False, 0.0, dict(tile_n=176)),
+    "skip0_n176": ("new", True, ZERO, dict(tile_n=176)),
+    "sparse_n176": ("new", True, "sparse", dict(tile_n=176)),
+    "sparse_n176lzdv": ("new", True, "sparse", dict(tile_n=176, lazy_p_zero=True, defer_v_release=True)),
     # V loads gated by the skip decisions (one CTA; the 2-warpgroup skip build's default) or
     # every V loaded
     "skip0_vs": ("new", True, ZERO, dict(v_load_skip=True)),
@@ -206,6 +228,12 @@ def main():
                 points = sparse_factors if factor == "sparse" else [("", factor)]
                 for tag, f in points:
                     variants[name + tag] = make_runner(cname, module, causal, has_skip, f, **kw)
+            for name in a.variants:  # other tile sizes reach another sparsity
+                if name in PRESETS and PRESETS[name][2] == "sparse" and "tile_n" in PRESETS[name][3]:
+                    kw = {k: v for k, v in PRESETS[name][3].items()
+                          if k not in ("causal_only", "noncausal_only")}
+                    got = [f"{sparsity(*sets[0], causal, f, kw)[0]:.3f}" for _, f in sparse_factors]
+                    print(f"  {name} sparsity {' '.join(got)}", flush=True)
             bufs = []
             for (q, k, v) in sets:
                 bufs.append((q, k, v, torch.empty_like(q),
@@ -232,7 +260,10 @@ def main():
                               flush=True)
             # a 2-CTA cluster variant must give its 1-CTA counterpart's bits (same per-CTA math)
             for name in variants:
-                base = name.replace("_c2s3", "_s3").replace("_c2", "").replace("_h2", "")
+                base = (name.replace("_h2v", "").replace("_c2v", "").replace("_c2s3", "_s3")
+                        .replace("_c2", "").replace("_h2", "").replace("_lzdv", "")
+                        .replace("_lz", "").replace("_nodv", "")
+                        .replace("_dv", "").replace("n176lzdv", "n176"))
                 if base == name or base not in variants:
                     continue
                 outs = []
@@ -244,7 +275,7 @@ def main():
                 print(f"  {name} == {base} bits: {torch.equal(outs[0], outs[1])}", flush=True)
             per = {n: [] for n in variants}
             for r in range(a.rounds):
-                for name, fn in variants.items():
+                for name, fn in round_order(variants.items(), r):
                     per[name].append(time_ms(fn, bufs, a.iters))
             med = {n: statistics.median(v) for n, v in per.items()}
             spread = {n: (max(v) - min(v)) / statistics.median(v) for n, v in per.items()}

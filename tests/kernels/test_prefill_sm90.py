@@ -72,18 +72,21 @@ def test_compile_sm90a(dtype, dims, causal, variant, varlen):
                                     dict(pv_skip=False), dict(num_stages=3),
                                     dict(fast_vote=False), dict(late_v_wait=False),
                                     dict(v_load_skip=False), dict(v_load_skip=False, v_warp=True),
+                                    dict(defer_v_release=False), dict(lazy_p_zero=True),
                                     dict(fast_vote=False, late_v_wait=False, v_load_skip=False)],
                          ids=str)
 @pytest.mark.parametrize("dims", [(128, 128), (256, 256), MLA], ids=_dims_id)
 def test_compile_skip_variants(tuning, dims):
     """Selectable skip variants compile: per-warpgroup decision, PV always issued, 3 stages, the
     vote from the rule each tile (no per-row thresholds), the V wait before a skipped PV, every V
-    loaded, and the last three together (the earlier kernel)."""
+    loaded, the last three together (the earlier kernel), a skipped PV's V stage released at the
+    end of its iteration (causal default: one iteration later), P zeroed only for PVs that run."""
     if os.environ.get("CUTE_DSL_ARCH", "sm_90a") != "sm_90a" and not _on_hopper():
         pytest.skip("CUTE_DSL_ARCH is not sm_90a")
     if dims[0] > 128 and tuning.get("num_stages") == 3:
         pytest.skip(f"hdim {dims[0]}/{dims[1]} x 3 stages does not fit shared memory")
-    if dims != (128, 128) and set(tuning) <= {"fast_vote", "late_v_wait", "v_load_skip", "v_warp"}:
+    if dims != (128, 128) and set(tuning) <= {"fast_vote", "late_v_wait", "v_load_skip", "v_warp",
+                                              "defer_v_release", "lazy_p_zero"}:
         pytest.skip("schedule variants: hdim 128 on CPU (the GPU tests run them at 64, 128, MLA)")
     cfg = dict(dtype=torch.bfloat16, head_dim=dims[0], head_dim_v=dims[1], causal=True,
                has_skip=True, has_stats=True, **tuning)
@@ -128,6 +131,18 @@ def test_compile_cluster_pair(pair, causal, dims, varlen, variant):
         pytest.skip("CUTE_DSL_ARCH is not sm_90a")
     cfg = dict(dtype=torch.bfloat16, head_dim=dims[0], head_dim_v=dims[1], causal=causal,
                varlen=varlen, **PAIRS[pair], **VARIANTS[variant])
+    assert launch.compile_prefill_sm90(cfg) is not None
+
+
+@pytest.mark.parametrize("pair,causal,dims,varlen", [
+    ("heads", True, (128, 128), False), ("tiles", False, (256, 256), True),
+], ids=lambda x: _dims_id(x) if isinstance(x, tuple) else str(x))
+def test_compile_cluster_pair_gated_v(pair, causal, dims, varlen):
+    """Pairs sharing only K (multicast), each CTA loading its own V gated by its votes."""
+    if os.environ.get("CUTE_DSL_ARCH", "sm_90a") != "sm_90a" and not _on_hopper():
+        pytest.skip("CUTE_DSL_ARCH is not sm_90a")
+    cfg = dict(dtype=torch.bfloat16, head_dim=dims[0], head_dim_v=dims[1], causal=causal,
+               varlen=varlen, v_load_skip=True, **PAIRS[pair], **VARIANTS["skip_stats"])
     assert launch.compile_prefill_sm90(cfg) is not None
 
 
@@ -314,8 +329,10 @@ def test_skip_rule_vote_variant(causal):
 @pytest.mark.parametrize("dims", [(128, 128), (64, 64), MLA], ids=_dims_id)
 @pytest.mark.gpu
 def test_skip_schedule_variants_bitwise(causal, dims):
-    """late_v_wait (a skipped PV's V stage is waited for after the ping-pong token) and
-    v_load_skip (V loads gated by the votes), each on or off: the same bits, counters included,
+    """late_v_wait (a skipped PV's V stage is waited for after the ping-pong token),
+    v_load_skip (V loads gated by the votes), each on or off, lazy_p_zero (skipping warps zero
+    their P rows only for a PV that runs), defer_v_release (a skipped PV's V stage released
+    one iteration later; default for causal): the same bits, counters included,
     as the build with both off at mixed sparsity; and each matches the reference (skip,
     varlen)."""
     if not _on_hopper():
@@ -324,6 +341,9 @@ def test_skip_schedule_variants_bitwise(causal, dims):
     d, dv = dims
     combos = [dict(v_load_skip=vs, late_v_wait=lvw) for vs in (False, True)
               for lvw in (False, True)]
+    combos += [dict(v_load_skip=False, lazy_p_zero=True),
+               dict(v_load_skip=True, lazy_p_zero=True, defer_v_release=True),
+               dict(v_load_skip=True, defer_v_release=not causal)]
     mixed = 0
     for (B, Lq, Lk, Hq, Hk), factor in [((2, 1000, 1500, 4, 1), 30.0), ((1, 700, 2100, 4, 2), 300.0),
                                         ((2, 333, 1000, 2, 2), 3000.0)]:
@@ -478,7 +498,8 @@ def test_random_sweep_200():
 @pytest.mark.parametrize("pair,causal", [("tiles", False), ("heads", False), ("heads", True)])
 @pytest.mark.gpu
 def test_cluster_pair(dims, pair, causal):
-    """2-CTA clusters sharing K/V by TMA multicast (q-tile or q-head pairs): the output, LSE and
+    """2-CTA clusters sharing K/V by TMA multicast (q-tile or q-head pairs; also sharing only K,
+    each CTA loading its V gated by its own votes): the output, LSE and
     skip counters are bitwise those without a cluster (the per-CTA math is unchanged), also with
     an odd q-tile count (q-tile pairs: the last pair's second q-tile runs as padding); dense vs
     float64, skipping vs the reference and varlen (empty and odd-tile sequences) with the pair on."""
@@ -488,19 +509,23 @@ def test_cluster_pair(dims, pair, causal):
     d, dv = dims
     on = PAIRS[pair]
     off = {k: 1 for k in on}
+    gated = dict(on, v_load_skip=True)  # K shared, each CTA's own V loads gated by its votes
     for (B, Lq, Lk, Hq, Hk), factor in [((2, 333, 1000, 4, 2), None), ((2, 333, 1000, 4, 2), 30.0),
                                         ((1, 1100, 3000, 8, 2), 300.0), ((3, 128, 77, 2, 1), 5.0)]:
         q, k, v = synthetic_qkv(B, Lq, Lk, Hq, Hk, d, dv, device="cuda", seed=Lq + Lk)
+        tunings = (off, on) if factor is None else (off, on, gated)
         res = [smoke.run_kernel(q, k, v, causal=causal, scale=d ** -0.5, factor=factor,
-                                stats=factor is not None, tuning=t) for t in (off, on)]
+                                stats=factor is not None, tuning=t) for t in tunings]
         torch.cuda.synchronize()
-        (o1, l1, v1, s1), (o2, l2, v2, s2) = res
-        assert not torch.isnan(o2).any() and not torch.isnan(l2).any()
-        assert torch.equal(o1, o2) and torch.equal(l1, l2), (B, Lq, Lk, factor)
-        if factor is not None:
-            assert torch.equal(v1, v2) and torch.equal(s1, s2)
+        o1, l1, v1, s1 = res[0]
+        for o2, l2, v2, s2 in res[1:]:
+            assert not torch.isnan(o2).any() and not torch.isnan(l2).any()
+            assert torch.equal(o1, o2) and torch.equal(l1, l2), (B, Lq, Lk, factor)
+            if factor is not None:
+                assert torch.equal(v1, v2) and torch.equal(s1, s2)
     assert smoke.check_dense(2, 333, 1000, 8, 2, d, causal, torch.float16, seed=3, Dv=dv,
                              tuning=on)
-    assert smoke.check_skip(2, 1000, 1500, 4, 2, d, causal, torch.bfloat16, 30.0, Dv=dv, tuning=on)
-    assert smoke.check_varlen([100, 1, 300, 257, 0], [200, 5, 300, 700, 3], 4, 2, d, causal,
-                              torch.bfloat16, 20.0, Dv=dv, tuning=on)
+    for t in (on, gated):
+        assert smoke.check_skip(2, 1000, 1500, 4, 2, d, causal, torch.bfloat16, 30.0, Dv=dv, tuning=t)
+        assert smoke.check_varlen([100, 1, 300, 257, 0], [200, 5, 300, 700, 3], 4, 2, d, causal,
+                                  torch.bfloat16, 20.0, Dv=dv, tuning=t)

@@ -24,11 +24,16 @@
 # one compare per row right after the tile row max; fast_vote=False evaluates the rule as written
 # ((m_tile - m_run) * scale_log2 < log2(lambda), or padding, or no key seen) every tile.
 # late_v_wait (default): a warpgroup skipping a PV waits for that V stage only after passing the
-# ping-pong token (+1-6 % at 50-98 % skipped). Skip cost at 0 % skipped (H100,
-# perf/results/prefill-h100-skipcost.md): 2-7 % below the dense build, ~1 % less than with the
-# rule vote. What remains is structural (a build with no vote at all costs as much): ~20 more
-# instructions per kept tile, and the keep block waits for the warp vote over both of a thread's
-# rows, while the dense build starts row 0's exp2s during row 1's max reduction.
+# ping-pong token (+1-6 % at 50-98 % skipped). Skip cost at 0 % skipped (H100): 0-4.4 % below
+# the dense build with the A/B rounds in alternating order (perf/results/prefill-h100-chain.md;
+# the 2-7 % of prefill-h100-skipcost.md were timed right after the dense build, a position the
+# fixed order penalised). What remains is structural (a build with no vote at all costs as much):
+# ~20 more instructions per kept tile, and the keep block waits for the warp vote over both of a
+# thread's rows, while the dense build starts row 0's exp2s during row 1's max reduction.
+# In long skipped runs each warpgroup's time per tile is a serial chain (its QK, the row max, the
+# vote, the skip path, the waits before its next QK) that the other warpgroup's QK only partly
+# covers (ncu: the tensor pipe ~74 % busy at 85 % skipped against 85 % dense); defer_v_release
+# (default for causal) takes the V stage release of a skipped PV off that chain.
 # decision_rows=64 keeps the older per-warpgroup decision (vote + smem + barrier each tile).
 #
 # 2-CTA clusters sharing K/V: two CTAs that walk the same key tiles of the same KV head run as a
@@ -49,6 +54,8 @@
 # 2-9 % slower dense and at short L (the pair runs in lock step). Since the skip build gates its
 # V loads by the votes (v_load_skip, below), which measured as fast or faster at high sparsity,
 # launch.CLUSTER_MODE "auto" picks a pair only for a skip build with v_load_skip turned off.
+# A pair with v_load_skip=True shares only K; each CTA loads its own V, gated by its own votes
+# (an option: +2-4 % at 16k/32k causal, 2-8 % slower elsewhere; prefill-h100-chain.md).
 #
 # v_load_skip (default for the 2-warpgroup skip build without a cluster): producer warp 1 issues
 # the V loads, each only once the consumer warps' votes show that some warp keeps the tile (or at
@@ -166,6 +173,8 @@ class BlasstFwdSm90:
         late_v_wait: bool = True,
         v_load_skip: Optional[bool] = None,
         v_warp: bool = False,
+        lazy_p_zero: bool = False,
+        defer_v_release: Optional[bool] = None,
     ):
         head_dim_v = head_dim if head_dim_v is None else head_dim_v
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
@@ -236,20 +245,39 @@ class BlasstFwdSm90:
         # +10 % at 85-98 % skipped, a few % either way below ~80 %; hdim 256 +3-10 %; as fast
         # as the K/V-sharing head pairs or faster), off for hdim 64's 3 warpgroups (the V of a
         # tile waits for the last of 3 votes; -4 to +3 % there).
+        # With a 2-CTA cluster the K tiles stay shared (multicast) and each CTA loads its own V
+        # tiles (CTA-local V ring), gated by its own votes.
         if v_load_skip is None:
             v_load_skip = has_skip and pv_skip and cluster_m * cluster_h == 1 and self.tile_m == 128
         if v_load_skip and not (has_skip and pv_skip):
             raise NotImplementedError("blasst sm90 prefill: v_load_skip needs the skip build with pv_skip")
-        if v_load_skip and cluster_m * cluster_h > 1:
-            raise NotImplementedError(
-                "blasst sm90 prefill: v_load_skip with a 2-CTA cluster (each CTA decides alone)")
         self.v_load_skip = v_load_skip and not debug_no_v_load
         # V tiles issued by producer warp 1 (warp 0: Q and K), so that neither stream waits for
-        # the other's stages; implied by v_load_skip (one CTA only). On its own (every V loaded)
-        # an option, off: 0.96-1.02x on the dense build (H100, prefill-h100-vskip.md run 5).
-        if v_warp and cluster_m * cluster_h > 1:
+        # the other's stages; implied by v_load_skip. On its own (every V loaded) an option, off:
+        # 0.96-1.02x on the dense build (H100, prefill-h100-vskip.md run 5). In a cluster, V from
+        # warp 1 is not multicast.
+        if v_warp and not self.v_load_skip and cluster_m * cluster_h > 1:
             raise NotImplementedError("blasst sm90 prefill: v_warp with a 2-CTA cluster")
         self.v_warp = (v_warp or self.v_load_skip) and not debug_no_v_load
+        # In a run of skipped tiles each warpgroup's time per tile is a serial chain: its QK,
+        # then the row max, the vote, the skip path, and the waits at the top of the next
+        # iteration, before its next QK can issue; the other warpgroup's QK covers only part of
+        # it (ncu, perf/results/prefill-h100-chain.md). Two ways to shorten it:
+        # lazy_p_zero: a warp that skips a tile leaves its P rows stale and zeroes them only when
+        # its warpgroup's PV of that tile runs anyway (some other warp kept it). Option, off:
+        # ptxas predicates that fill, so every kept PV pays 32 SELs in the ping-pong window
+        # (1-6 % slower at 0 % skipped).
+        self.lazy_p_zero = lazy_p_zero and self.pv_skip
+        # defer_v_release (v_load_skip): the V stage of a skipped PV is waited for and released
+        # one iteration later, after the next QK issued and the token passed, rather than at the
+        # end of the iteration. Default: on for causal, whose skipped runs are long (H100, d128:
+        # +1-4 % at 81-98 % skipped, near the noise; 0 % within +-4 %), off otherwise
+        # (non-causal -3 to +2 %); perf/results/prefill-h100-chain.md.
+        if defer_v_release is None:
+            defer_v_release = causal and self.v_load_skip
+        if defer_v_release and not self.v_load_skip:
+            raise NotImplementedError("blasst sm90 prefill: defer_v_release needs v_load_skip")
+        self.defer_v_release = defer_v_release
         # Causal: longest-first q-tiles, heads grouped so their K/V fit in L2 (FA4-style LPT).
         self.lpt = (causal and not varlen) if lpt is None else (lpt and not varlen)
         # (head, batch) pairs per LPT section; None: as many as have K/V fitting in L2.
@@ -271,6 +299,8 @@ class BlasstFwdSm90:
         self.cluster_m = cluster_m
         self.cluster_h = cluster_h
         self.cluster_size = cluster_m * cluster_h
+        # V tiles shared by TMA multicast like K (else each CTA of a cluster loads its own)
+        self.v_multicast = self.cluster_size > 1 and not self.v_warp
         self.num_mma_wg = self.tile_m // 64
         self.rows_per_decision = decision_rows
         self.pingpong = (head_dim <= 128 and intra_wg_overlap) if pingpong is None else pingpong
@@ -357,8 +387,9 @@ class BlasstFwdSm90:
             self.cluster_size,
         )
         tma_atom_V, tma_V = cpasync.make_tiled_tma_atom(
-            kv_load_op, mV, cute.select(sV_layout, mode=[0, 1]), (self.tile_n, self.head_dim_v),
-            self.cluster_size,
+            kv_load_op if const_expr(self.v_multicast) else load_op, mV,
+            cute.select(sV_layout, mode=[0, 1]), (self.tile_n, self.head_dim_v),
+            self.cluster_size if const_expr(self.v_multicast) else 1,
         )
         self.tx_bytes_Q = cute.size_in_bytes(self.dtype, sQ_layout)
         self.tx_bytes_K = cute.size_in_bytes(self.dtype, cute.select(sK_layout, mode=[0, 1]))
@@ -514,8 +545,10 @@ class BlasstFwdSm90:
         )
         pipeline_v = pipeline.PipelineTmaAsync.create(
             barrier_storage=storage.mbar_V.data_ptr(), num_stages=self.num_stages,
-            producer_group=tma_warp, consumer_group=mma_warps_kv,
-            tx_count=self.tx_bytes_V, cta_layout_vmnk=kv_cluster, defer_sync=True,
+            producer_group=tma_warp,
+            consumer_group=mma_warps_kv if const_expr(self.v_multicast) else mma_warps,
+            tx_count=self.tx_bytes_V,
+            cta_layout_vmnk=kv_cluster if const_expr(self.v_multicast) else None, defer_sync=True,
         )
         mbar_decision = storage.mbar_decision.data_ptr()
         if const_expr(self.v_load_skip):
@@ -613,10 +646,12 @@ class BlasstFwdSm90:
             tma_atom_K, cta_rank, cluster_layout,
             cute.group_modes(sK, 0, 2), cute.group_modes(gK, 0, 2),
         )
-        tVsV, tVgV = cpasync.tma_partition(
-            tma_atom_V, cta_rank, cluster_layout,
-            cute.group_modes(sV, 0, 2), cute.group_modes(gV, 0, 2),
-        )
+        tVsV, tVgV = None, None
+        if const_expr(not self.v_warp):
+            tVsV, tVgV = cpasync.tma_partition(
+                tma_atom_V, cta_rank, cluster_layout,
+                cute.group_modes(sV, 0, 2), cute.group_modes(gV, 0, 2),
+            )
         mcast = {}
         if const_expr(self.cluster_size > 1):
             mcast = dict(mcast_mask=cutlass.Int16((1 << self.cluster_size) - 1))
@@ -810,6 +845,12 @@ class BlasstFwdSm90:
         pipeline_q.consumer_wait(q_state)
 
         num_skipped = Int32(0)
+        # lazy_p_zero: this warp skipped the tile whose PV comes next (its P rows are stale);
+        # defer_v_release: the V stage of the previous iteration's skipped PV awaits release.
+        warp_skipped = Boolean(False)
+        v_pending = Boolean(False)
+        v_pending_state = kv_state.clone()
+
         if n_block_max > n_block_min:
             # First tile (never skipped), masked for the key length (and the diagonal).
             self.first_block(ctx, kv_state, n_block_max - 1)
@@ -817,14 +858,18 @@ class BlasstFwdSm90:
             if const_expr(self.causal):
                 n_first_unmasked = cutlass.max(cutlass.min(n_block_causal, n_block_max - 1), n_block_min)
                 for i in cutlass.range(n_block_max - 1 - n_first_unmasked, unroll=1):
-                    kv_state, num_skipped = self.next_block(
-                        ctx, kv_state, n_block_max - 2 - i, num_skipped, True
+                    kv_state, num_skipped, warp_skipped, v_pending, v_pending_state = self.next_block(
+                        ctx, kv_state, n_block_max - 2 - i, num_skipped, True,
+                        warp_skipped, v_pending, v_pending_state,
                     )
             for i in cutlass.range(n_first_unmasked - n_block_min, unroll=1):
-                kv_state, num_skipped = self.next_block(
-                    ctx, kv_state, n_first_unmasked - 1 - i, num_skipped, False
+                kv_state, num_skipped, warp_skipped, v_pending, v_pending_state = self.next_block(
+                    ctx, kv_state, n_first_unmasked - 1 - i, num_skipped, False,
+                    warp_skipped, v_pending, v_pending_state,
                 )
             pipeline_q.consumer_release(q_state)
+            if const_expr(self.defer_v_release):
+                self.release_pending_v(ctx, v_pending, v_pending_state)
             # Last PV of the software pipeline (tile n_block_min).
             pv_skip = Boolean(False)
             if const_expr(self.pv_skip):
@@ -834,6 +879,8 @@ class BlasstFwdSm90:
                 pv_skip = group_all_published(sFlags, self._slot(n_block_min), wg_idx)
             pipeline_v.consumer_wait(kv_state)
             if not pv_skip:
+                if const_expr(self.lazy_p_zero):
+                    self.zero_stale_p(tOrP, warp_skipped)
                 wgmma(tiled_mma_pv, acc_O, tOrP, tOrVt[None, None, None, kv_state.index], False)
                 warpgroup.wait_group(0)
             pipeline_v.consumer_release(kv_state)
@@ -890,6 +937,7 @@ class BlasstFwdSm90:
     def next_block(
         self, ctx, kv_state, n_block: Int32, num_skipped: Int32,
         mask_causal: cutlass.Constexpr[bool],
+        warp_skipped: Boolean, v_pending: Boolean, v_pending_state,
     ):
         """Tile n_block: S = QK^T overlapped with the PV of the previous tile (n_block + 1).
 
@@ -899,7 +947,10 @@ class BlasstFwdSm90:
         = tile parity) are read one iteration later, behind the ping-pong bar.sync every warp of
         the warpgroup passes (or a warpgroup barrier without ping-pong). Every pipeline wait /
         release and barrier is the same on both paths.
-        Returns the pipeline state and the skip count.
+        warp_skipped (lazy_p_zero): this warp skipped tile n_block + 1; v_pending /
+        v_pending_state (defer_v_release): the V stage of tile n_block + 2, whose PV was skipped.
+        Returns the pipeline state, the skip count and the next warp_skipped, v_pending,
+        v_pending_state.
         """
         pipeline_k, pipeline_v = ctx["pipeline_k"], ctx["pipeline_v"]
         softmax = ctx["softmax"]
@@ -930,10 +981,14 @@ class BlasstFwdSm90:
             else:
                 if const_expr(self.late_v_wait):
                     pipeline_v.consumer_wait(kv_state_v)
+                if const_expr(self.lazy_p_zero):
+                    self.zero_stale_p(tOrP, warp_skipped)
                 wgmma(ctx["tiled_mma_pv"], acc_O, tOrP, tOrVt_cur, False)
         else:
             wgmma(ctx["tiled_mma_pv"], acc_O, tOrP, tOrVt_cur, False)
         self.scheduler_arrive(wg_idx)
+        if const_expr(self.defer_v_release):
+            self.release_pending_v(ctx, v_pending, v_pending_state)
         warpgroup.wait_group(1)
         pipeline_k.consumer_release(kv_state)
         # v_load_skip: the V stage of a skipped PV is waited for and released at the end of this
@@ -957,14 +1012,34 @@ class BlasstFwdSm90:
             if skip:
                 num_skipped += 1
             self.softmax_skip_or_keep(ctx, acc_S, m_tile, kv_state_v, skip, release_v)
+            if const_expr(self.lazy_p_zero):
+                warp_skipped = skip
         else:
             m_tile = softmax.tile_row_max(acc_S)
             self.softmax_keep(ctx, acc_S, m_tile, kv_state_v)
-        if const_expr(self.v_load_skip):
+        if const_expr(self.defer_v_release):
+            v_pending = pv_skip
+            v_pending_state = kv_state_v
+        elif const_expr(self.v_load_skip):
             if pv_skip:
                 pipeline_v.consumer_wait(kv_state_v)
                 pipeline_v.consumer_release(kv_state_v)
-        return kv_state, num_skipped
+        return kv_state, num_skipped, warp_skipped, v_pending, v_pending_state
+
+    @cute.jit
+    def zero_stale_p(self, tOrP: cute.Tensor, warp_skipped: Boolean):
+        """lazy_p_zero: the P rows of a warp that skipped the tile whose PV runs are zeroed.
+        ptxas predicates this fill (32 SELs on every kept PV, inside the ping-pong window; a
+        warp-uniform flag did not make it branch, a 0/1-trip loop added 64 register moves)."""
+        if warp_skipped:
+            tOrP.fill(0.0)
+
+    @cute.jit
+    def release_pending_v(self, ctx, v_pending: Boolean, v_pending_state):
+        """defer_v_release: wait for and release the V stage of an earlier skipped PV."""
+        if v_pending:
+            ctx["pipeline_v"].consumer_wait(v_pending_state)
+            ctx["pipeline_v"].consumer_release(v_pending_state)
 
     @cute.jit
     def softmax_skip_or_keep(self, ctx, acc_S: cute.Tensor, m_tile: cute.Tensor, kv_state_v,
@@ -975,7 +1050,8 @@ class BlasstFwdSm90:
             warpgroup.wait_group(0)
             self.release_v_stage(ctx, kv_state_v, release_v)
             # Zero P rows add nothing if the warpgroup's PV of this tile still runs.
-            ctx["tOrP"].fill(0.0)
+            if const_expr(not self.lazy_p_zero):
+                ctx["tOrP"].fill(0.0)
         else:
             # The whole keep path is one basic block, as in the dense build, so that the
             # compiler interleaves the P conversion and O rescale with the exp2s (MUFU-bound).
