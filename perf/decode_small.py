@@ -113,6 +113,7 @@ VARIANTS = {
     "new ws": (None, None, True),
     "new pv": (dict(producer_v=True), None, False),
     "new splits x2": (None, "x2", False),
+    "new splits /2": (None, "/2", False),
 }
 BIG_SHAPE_VARIANTS = ("old", "new")  # B * L >= 1M: the regression check only
 
