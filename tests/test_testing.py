@@ -1,11 +1,12 @@
-"""The float64 dense yardstick agrees with SDPA and with the reference when nothing is skipped."""
+"""The float64 dense yardstick agrees with SDPA and with the reference when nothing is skipped;
+the A/B round order alternates."""
 
 import math
 
 import torch
 
 from blasst_cute.reference import blasst_attention
-from blasst_cute.testing import dense_attention, lse_err, rel_err
+from blasst_cute.testing import dense_attention, lse_err, rel_err, round_order
 
 
 def test_dense_attention_matches_sdpa_and_reference():
@@ -28,3 +29,12 @@ def test_rows_without_keys_and_lse_err():
     out, lse = dense_attention(q, k, v, causal=True)
     assert (out[0, :2] == 0).all() and torch.isinf(lse[0, 0, :2]).all()
     assert lse_err(lse, lse) == 0.0 and lse_err(torch.zeros_like(lse), lse) == math.inf
+
+
+def test_round_order_alternates_and_balances_positions():
+    names = ["dense", "fa4", "skip0", "sparse"]
+    rounds = [round_order(iter(names), r) for r in range(4)]  # any iterable, e.g. dict items
+    assert rounds[0] == rounds[2] == names and rounds[1] == rounds[3] == names[::-1]
+    # over an even number of rounds every variant's mean place in the round is the same
+    mean_place = {n: sum(r.index(n) for r in rounds) / len(rounds) for n in names}
+    assert len(set(mean_place.values())) == 1
