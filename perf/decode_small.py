@@ -118,6 +118,17 @@ VARIANTS = {
 BIG_SHAPE_VARIANTS = ("old", "new")  # B * L >= 1M: the regression check only
 
 
+def shape_setup(B, L, hq, hk):
+    """Per shape: the input sets and their K+V bytes, the fp32 reference of set 0, the time of a
+    copy of the same bytes, and one out / lse buffer per set."""
+    sets, kv_bytes = dense_sets(B, L, hq, hk)
+    ref = paged_reference(sets[0], B, L, hk)
+    cu = copy_us(kv_bytes, len(sets))
+    outs = [torch.empty_like(s["q"]) for s in sets]
+    lses = [torch.empty(B, hq, 1, dtype=torch.float32, device="cuda") for _ in sets]
+    return sets, kv_bytes, ref, cu, outs, lses
+
+
 def ab_main(args, log):
     names = args.variants.split(",") if args.variants else list(VARIANTS)
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else AB_SHAPES
@@ -129,11 +140,7 @@ def ab_main(args, log):
     log("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for B, L, hq, hk in shapes:
-        sets, kv_bytes = dense_sets(B, L, hq, hk)
-        ref = paged_reference(sets[0], B, L, hk)
-        cu = copy_us(kv_bytes, len(sets))
-        outs = [torch.empty_like(s["q"]) for s in sets]
-        lses = [torch.empty(B, hq, 1, dtype=torch.float32, device="cuda") for _ in sets]
+        sets, kv_bytes, ref, cu, outs, lses = shape_setup(B, L, hq, hk)
         entries = []
         shape_names = [n for n in names if n in BIG_SHAPE_VARIANTS] if B * L >= 1 << 20 else names
         for build, factor in (("dense", None), ("skip0", 1e-6)):
@@ -234,12 +241,8 @@ def main():
     log("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for B, L, hq, hk in SHAPES:
-        sets, kv_bytes = dense_sets(B, L, hq, hk)
-        ref = paged_reference(sets[0], B, L, hk)
-        cu = copy_us(kv_bytes, len(sets))
+        sets, kv_bytes, ref, cu, outs, lses = shape_setup(B, L, hq, hk)
         s0, variants = variants_for(B, L, hq, hk)
-        outs = [torch.empty_like(s["q"]) for s in sets]
-        lses = [torch.empty(B, hq, 1, dtype=torch.float32, device="cuda") for _ in sets]
         for name, kw in variants:
             try:
                 def call(i, kw=kw):
