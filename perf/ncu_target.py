@@ -1,8 +1,11 @@
 """One BLASST call to profile under Nsight Compute (see perf/ncu_report.sh).
 
     python perf/ncu_target.py prefill --seqlen 16384 --factor 1000 --causal
+    python perf/ncu_target.py prefill --seqlen 16384 --factor 1e-30 --tuning '{"qk_lookahead": true}'
     python perf/ncu_target.py decode --seqlen 32768 --batch 64 --factor 100
     python perf/ncu_target.py mla --seqlen 4096 --batch 64 --heads-q 128 --factor 130
+
+--tuning (prefill): kernel knobs as JSON, launched through launch.run_prefill_sm90.
 """
 
 import argparse
@@ -27,9 +30,23 @@ def main():
     p.add_argument("--factor", type=float, default=0.0)
     p.add_argument("--causal", action="store_true")
     p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--tuning", default=None,
+                   help="prefill only: kernel knobs as JSON (launch.run_prefill_sm90's tuning)")
     a = p.parse_args()
     f = a.factor or None
-    if a.phase == "prefill":
+    if a.phase == "prefill" and a.tuning:
+        import json
+        from blasst_cute.kernels import launch
+        q, k, v = synthetic_qkv(a.batch, a.seqlen, a.seqlen, a.heads_q, a.heads_kv, a.head_dim, device="cuda")
+        out, lse = torch.empty_like(q), torch.empty(a.batch, a.heads_q, a.seqlen, device="cuda")
+        kw = dict(causal=a.causal, softmax_scale=a.head_dim ** -0.5, threshold_scale_factor=f,
+                  tuning=json.loads(a.tuning))
+        run = lambda: launch.run_prefill_sm90(q, k, v, out, lse, **kw)  # noqa: E731
+        vis = torch.zeros(a.batch, a.heads_q, dtype=torch.int32, device="cuda")
+        skp = torch.zeros_like(vis)
+        launch.run_prefill_sm90(q, k, v, out, lse, visited=vis, skipped=skp, **kw)
+        st = argparse.Namespace(sparsity=float(skp.sum()) / max(1.0, float(vis.sum())))
+    elif a.phase == "prefill":
         q, k, v = synthetic_qkv(a.batch, a.seqlen, a.seqlen, a.heads_q, a.heads_kv, a.head_dim, device="cuda")
         run = lambda: blasst_cute.prefill(q, k, v, causal=a.causal, threshold_scale_factor=f)  # noqa: E731
         _, st = blasst_cute.prefill(q, k, v, causal=a.causal, threshold_scale_factor=f, return_stats=True)

@@ -94,6 +94,23 @@ def prefill_cluster(causal: bool, heads_q: int, heads_kv: int, tuning: Optional[
     return dict(cluster_m=1, cluster_h=1)
 
 
+# The hdim-128 skip build switches to the look-ahead schedule after a run of skipped tiles
+# (BlasstFwdSm90.lookahead_after_skips) only for keys this long: measured on an H100 (d128, B*L =
+# 32k), the switch gained 0-8 % at 71-98 % skipped from L = 16k up, cost up to 6 % at L = 4k
+# (53-86 %), and kept the speed at 0 % within the noise (perf/results/prefill-h100-lookahead.md).
+LOOKAHEAD_MIN_SEQLEN_K = 16384
+
+
+def prefill_lookahead(seqlen_k: Optional[int], tuning: Optional[dict] = None) -> dict:
+    """{lookahead_after_skips: 0} for keys shorter than LOOKAHEAD_MIN_SEQLEN_K (or of unknown
+    length); {} otherwise, which leaves the kernel's default. tuning's value wins."""
+    if tuning and "lookahead_after_skips" in tuning:
+        return {}
+    if seqlen_k is None or seqlen_k < LOOKAHEAD_MIN_SEQLEN_K:
+        return dict(lookahead_after_skips=0)
+    return {}
+
+
 # ----------------------------------------------------------------------------------------------
 # Compilation
 # ----------------------------------------------------------------------------------------------
@@ -121,6 +138,8 @@ def _config_key(config: dict) -> tuple:
     c.setdefault("v_warp", False)
     c.setdefault("lazy_p_zero", False)
     c.setdefault("defer_v_release", None)
+    c.setdefault("qk_lookahead", False)
+    c.setdefault("lookahead_after_skips", None)
     c["cluster_m"] = int(c.get("cluster_m", 1))
     c["cluster_h"] = int(c.get("cluster_h", 1))
     return tuple(sorted(c.items(), key=lambda kv: kv[0]))
@@ -140,6 +159,7 @@ def _make_kernel(key: tuple) -> BlasstFwdSm90:
         cluster_h=c["cluster_h"], fast_vote=c["fast_vote"],
         late_v_wait=c["late_v_wait"], v_load_skip=c["v_load_skip"], v_warp=c["v_warp"],
         lazy_p_zero=c["lazy_p_zero"], defer_v_release=c["defer_v_release"],
+        qk_lookahead=c["qk_lookahead"], lookahead_after_skips=c["lookahead_after_skips"],
     )
 
 
@@ -248,11 +268,12 @@ def run_prefill_sm90(q, k, v, out, lse, *, causal: bool, softmax_scale: float,
                   has_skip=has_skip, has_stats=has_stats, varlen=varlen,
                   factor_per_batch=factor_t is not None)
     if tuning:
-        config.update(tuning)  # experiments only: tile_m, tile_n, num_stages, pingpong, vote_smem, lpt, lpt_heads, decision_rows, pv_skip, cluster_m, cluster_h, fast_vote, late_v_wait, v_load_skip, v_warp, lazy_p_zero, defer_v_release
+        config.update(tuning)  # experiments only: tile_m, tile_n, num_stages, pingpong, vote_smem, lpt, lpt_heads, decision_rows, pv_skip, cluster_m, cluster_h, fast_vote, late_v_wait, v_load_skip, v_warp, lazy_p_zero, defer_v_release, qk_lookahead, lookahead_after_skips
     config.update(prefill_cluster(bool(causal), q.shape[-2], k.shape[-2], tuning,
                                   has_skip=has_skip, factor=factor,
                                   seqlen_k=max_seqlen_k if varlen else k.shape[1],
                                   head_dims=(q.shape[-1], v.shape[-1])))
+    config.update(prefill_lookahead(max_seqlen_k if varlen else k.shape[1], tuning))
     key = _config_key(config)
 
     args = [

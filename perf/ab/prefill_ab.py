@@ -88,6 +88,28 @@ PRESETS = {
     "skip0_n176": ("new", True, ZERO, dict(tile_n=176)),
     "sparse_n176": ("new", True, "sparse", dict(tile_n=176)),
     "sparse_n176lzdv": ("new", True, "sparse", dict(tile_n=176, lazy_p_zero=True, defer_v_release=True)),
+    # the QK of the next key tile issued before the current tile's vote and softmax (la), with
+    # 3 K/V stages (la3; hdim 128)
+    "dense_la": ("new", False, 0.0, dict(qk_lookahead=True)),
+    "skip0_la": ("new", True, ZERO, dict(qk_lookahead=True)),
+    "sparse_la": ("new", True, "sparse", dict(qk_lookahead=True)),
+    "dense_la3": ("new", False, 0.0, dict(qk_lookahead=True, num_stages=3)),
+    "skip0_la3": ("new", True, ZERO, dict(qk_lookahead=True, num_stages=3)),
+    "sparse_la3": ("new", True, "sparse", dict(qk_lookahead=True, num_stages=3)),
+    # the default schedule until a warpgroup skipped k tiles in a row, then la (las<k>; the
+    # hdim 128 skip build's default is k = 4, las0 = never)
+    "skip0_las0": ("new", True, ZERO, dict(lookahead_after_skips=0)),
+    "sparse_las0": ("new", True, "sparse", dict(lookahead_after_skips=0)),
+    "skip0_las1": ("new", True, ZERO, dict(lookahead_after_skips=1)),
+    "sparse_las1": ("new", True, "sparse", dict(lookahead_after_skips=1)),
+    "skip0_las2": ("new", True, ZERO, dict(lookahead_after_skips=2)),
+    "sparse_las2": ("new", True, "sparse", dict(lookahead_after_skips=2)),
+    "skip0_las4": ("new", True, ZERO, dict(lookahead_after_skips=4)),
+    "sparse_las4": ("new", True, "sparse", dict(lookahead_after_skips=4)),
+    "skip0_lanopv": ("new", True, ZERO, dict(qk_lookahead=True, pv_skip=False)),
+    "sparse_lanopv": ("new", True, "sparse", dict(qk_lookahead=True, pv_skip=False)),
+    "skip0_laallv": ("new", True, ZERO, dict(qk_lookahead=True, v_load_skip=False)),
+    "sparse_laallv": ("new", True, "sparse", dict(qk_lookahead=True, v_load_skip=False)),
     # V loads gated by the skip decisions (one CTA; the 2-warpgroup skip build's default) or
     # every V loaded
     "skip0_vs": ("new", True, ZERO, dict(v_load_skip=True)),
@@ -115,8 +137,9 @@ PRESETS = {
 
 
 # Name parts whose variant gives the same bits as the variant without them (replaced in order).
-BITWISE_SAME = (("_h2v", ""), ("_c2v", ""), ("_c2s3", "_s3"), ("_c2", ""), ("_h2", ""),
-                ("_lzdv", ""), ("_lz", ""), ("_nodv", ""), ("_dv", ""), ("n176lzdv", "n176"))
+BITWISE_SAME = (("_la3", ""), ("_laallv", ""), ("_lanopv", ""), ("_las0", ""), ("_las1", ""),
+                ("_las2", ""), ("_las4", ""), ("_la", ""), ("_h2v", ""), ("_c2v", ""),
+                ("_c2s3", "_s3"), ("_c2", ""), ("_h2", ""), ("_lzdv", ""), ("_lz", ""), ("_nodv", ""), ("_dv", ""), ("n176lzdv", "n176"))
 
 
 def bitwise_base(name):
@@ -234,6 +257,8 @@ def main():
                 if kw.get("noncausal_only") and causal:
                     continue
                 kw = {k: v for k, v in kw.items() if k not in ("causal_only", "noncausal_only")}
+                if mod == "new":  # the launcher's length policy, as the public API gets it
+                    kw = {**launch.prefill_lookahead(L, kw), **kw}
                 module = load_baseline(a.baseline) if mod == "base" else launch
                 # one compiled kernel per (module, skip, knobs); the factor is a runtime argument
                 cname = f"{mod}-{has_skip}-{sorted(kw.items())}"

@@ -73,6 +73,8 @@ def test_compile_sm90a(dtype, dims, causal, variant, varlen):
                                     dict(fast_vote=False), dict(late_v_wait=False),
                                     dict(v_load_skip=False), dict(v_load_skip=False, v_warp=True),
                                     dict(defer_v_release=False), dict(lazy_p_zero=True),
+                                    dict(qk_lookahead=True), dict(qk_lookahead=True, has_skip=False),
+                                    dict(lookahead_after_skips=1),
                                     dict(fast_vote=False, late_v_wait=False, v_load_skip=False)],
                          ids=str)
 @pytest.mark.parametrize("dims", [(128, 128), (256, 256), MLA], ids=_dims_id)
@@ -80,7 +82,9 @@ def test_compile_skip_variants(tuning, dims):
     """Selectable skip variants compile: per-warpgroup decision, PV always issued, 3 stages, the
     vote from the rule each tile (no per-row thresholds), the V wait before a skipped PV, every V
     loaded, the last three together (the earlier kernel), a skipped PV's V stage released at the
-    end of its iteration (causal default: one iteration later), P zeroed only for PVs that run."""
+    end of its iteration (causal default: one iteration later), P zeroed only for PVs that run,
+    the look-ahead schedule for the whole q-tile (skip and dense builds) and the switch to it
+    after one skipped tile."""
     if os.environ.get("CUTE_DSL_ARCH", "sm_90a") != "sm_90a" and not _on_hopper():
         pytest.skip("CUTE_DSL_ARCH is not sm_90a")
     if dims[0] > 128 and tuning.get("num_stages") == 3:
@@ -89,7 +93,9 @@ def test_compile_skip_variants(tuning, dims):
                                               "defer_v_release", "lazy_p_zero"}:
         pytest.skip("schedule variants: hdim 128 on CPU (the GPU tests run them at 64, 128, MLA)")
     cfg = dict(dtype=torch.bfloat16, head_dim=dims[0], head_dim_v=dims[1], causal=True,
-               has_skip=True, has_stats=True, **tuning)
+               has_skip=True, has_stats=True)
+    cfg.update(tuning)
+    cfg["has_stats"] = cfg["has_skip"]
     assert launch.compile_prefill_sm90(cfg) is not None
 
 
@@ -231,6 +237,43 @@ def test_dispatch_geometry_mla():
     assert g["block_m"] == 128 and g["block_n"] == 128 and g["rows_per_decision"] == 16
 
 
+def test_lookahead_defaults_and_policy():
+    """The skip build switches to the look-ahead schedule after 4 skipped tiles by default where
+    it was measured (hdim 128, 128 x 128 tiles, one CTA) and never elsewhere; the launcher turns
+    the switch off for keys shorter than LOOKAHEAD_MIN_SEQLEN_K (and of unknown length)."""
+    def k_of(**kw):
+        cfg = dict(dtype=torch.bfloat16, head_dim=128, causal=False, has_skip=True)
+        cfg.update(kw)
+        return launch._make_kernel(launch._config_key(cfg)).lookahead_after_skips
+    assert k_of() == 4 and k_of(causal=True, has_stats=True, varlen=True) == 4
+    assert k_of(lookahead_after_skips=2) == 2
+    for off in (dict(has_skip=False), dict(head_dim=256), dict(head_dim=192, head_dim_v=128),
+                dict(head_dim=64), dict(tile_n=176), dict(cluster_h=2), dict(pv_skip=False),
+                dict(decision_rows=64), dict(qk_lookahead=True), dict(lookahead_after_skips=0)):
+        assert k_of(**off) == 0, off
+    min_len = launch.LOOKAHEAD_MIN_SEQLEN_K
+    assert launch.prefill_lookahead(min_len) == {}
+    assert launch.prefill_lookahead(min_len - 1) == dict(lookahead_after_skips=0)
+    assert launch.prefill_lookahead(None) == dict(lookahead_after_skips=0)
+    assert launch.prefill_lookahead(1024, dict(lookahead_after_skips=4)) == {}
+    with pytest.raises(NotImplementedError, match="lookahead_after_skips"):
+        k_of(cluster_h=2, lookahead_after_skips=4)
+
+
+@pytest.mark.parametrize("bad", [dict(head_dim=64), dict(head_dim=128, cluster_h=2),
+                                 dict(head_dim=128, decision_rows=64),
+                                 dict(head_dim=128, defer_v_release=True),
+                                 dict(head_dim=128, lazy_p_zero=True),
+                                 dict(head_dim=128, pingpong=True)], ids=str)
+def test_qk_lookahead_unsupported_raises(bad):
+    """qk_lookahead: 2 consumer warpgroups (not hdim 64's 3), no cluster, and with skipping
+    16-row decisions; no ping-pong and none of the other skip-path knobs."""
+    cfg = dict(dtype=torch.bfloat16, causal=True, has_skip=True, qk_lookahead=True)
+    cfg.update(bad)
+    with pytest.raises(NotImplementedError, match="qk_lookahead"):
+        launch.compile_prefill_sm90(cfg)
+
+
 @pytest.mark.parametrize("bad", [dict(head_dim=96), dict(head_dim=128, head_dim_v=64),
                                  dict(head_dim=192), dict(head_dim=192, head_dim_v=64),
                                  dict(head_dim=128, head_dim_v=192),
@@ -362,6 +405,74 @@ def test_skip_schedule_variants_bitwise(causal, dims):
                                 tuning=t)
     assert smoke.check_varlen([100, 1, 300, 257, 0], [200, 5, 300, 700, 3], 4, 2, d, causal,
                               torch.bfloat16, 20.0, Dv=dv, tuning=combos[-1])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dims", [(128, 128), (256, 256), MLA], ids=_dims_id)
+@pytest.mark.gpu
+def test_qk_lookahead_bitwise(causal, dims):
+    """qk_lookahead (the next tile's QK issued before the current tile's vote and softmax), with
+    2 and (hdim 128) 3 stages: the same bits, counters included, as the default schedule, dense
+    and at mixed sparsity with tile counts odd and even, 1 and 2; against the reference (skip,
+    varlen)."""
+    if not _on_hopper():
+        pytest.skip("needs sm_90")
+    from blasst_cute.workloads import synthetic_qkv
+    d, dv = dims
+    las = [dict(qk_lookahead=True), dict(lookahead_after_skips=1),
+           dict(lookahead_after_skips=2)] + (
+        [dict(qk_lookahead=True, num_stages=3)] if d == 128 else [])
+    mixed = 0
+    for (B, Lq, Lk, Hq, Hk), factor in [((2, 1000, 1500, 4, 1), 30.0), ((1, 700, 2100, 4, 2), 300.0),
+                                        ((2, 333, 1000, 2, 2), 3000.0), ((1, 200, 100, 2, 1), 30.0),
+                                        ((1, 130, 250, 2, 2), 3.0)]:
+        q, k, v = synthetic_qkv(B, Lq, Lk, Hq, Hk, d, dv, device="cuda", seed=Lq + Lk)
+        for has_skip in (False, True):
+            f = factor if has_skip else None
+            o1, l1, v1, s1 = smoke.run_kernel(q, k, v, causal=causal, scale=d ** -0.5, factor=f,
+                                              stats=has_skip)
+            for t in las:
+                o2, l2, v2, s2 = smoke.run_kernel(q, k, v, causal=causal, scale=d ** -0.5,
+                                                  factor=f, stats=has_skip, tuning=t)
+                torch.cuda.synchronize()
+                assert torch.equal(o1, o2) and torch.equal(l1, l2), (B, Lq, Lk, f, t)
+                if has_skip:
+                    assert torch.equal(v1, v2) and torch.equal(s1, s2), (B, Lq, Lk, f, t)
+            if has_skip:
+                mixed += int(0 < int(s1.sum()) < int(v1.sum()))
+    assert mixed >= 2  # some tiles skipped, some kept
+    for t in las:
+        assert smoke.check_skip(2, 1000, 1500, 4, 1, d, causal, torch.bfloat16, 30.0, Dv=dv,
+                                tuning=t)
+        assert smoke.check_varlen([100, 1, 300, 257, 0], [200, 5, 300, 700, 3], 4, 2, d, causal,
+                                  torch.bfloat16, 20.0, Dv=dv, tuning=t)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.gpu
+def test_lookahead_long_keys(causal):
+    """Keys of LOOKAHEAD_MIN_SEQLEN_K: the launcher's default (the look-ahead switch after 4
+    skipped tiles) gives the bits of the build without it, through the public API too, and
+    matches the reference."""
+    if not _on_hopper():
+        pytest.skip("needs sm_90")
+    import blasst_cute
+    from blasst_cute.workloads import synthetic_qkv
+    Lk = launch.LOOKAHEAD_MIN_SEQLEN_K
+    q, k, v = synthetic_qkv(1, 640, Lk, 4, 2, 128, device="cuda", seed=7)
+    factor = 0.5 * Lk
+    o1, l1, v1, s1 = smoke.run_kernel(q, k, v, causal=causal, scale=128 ** -0.5, factor=factor,
+                                      stats=True)
+    o0, l0, v0, s0 = smoke.run_kernel(q, k, v, causal=causal, scale=128 ** -0.5, factor=factor,
+                                      stats=True, tuning=dict(lookahead_after_skips=0))
+    o2, st = blasst_cute.prefill(q, k, v, causal=causal, threshold_scale_factor=factor,
+                                 return_stats=True)
+    torch.cuda.synchronize()
+    assert 0.3 < float(s1.sum()) / float(v1.sum()) < 0.995  # skipped runs and kept tiles
+    assert torch.equal(o1, o0) and torch.equal(l1, l0)
+    assert torch.equal(v1, v0) and torch.equal(s1, s0)
+    assert torch.equal(o2, o1)
+    assert smoke.check_skip(1, 640, Lk, 4, 2, 128, causal, torch.bfloat16, factor)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -5,7 +5,9 @@ import enum
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_helpers
 from cutlass import Float32
+from cutlass._mlir.dialects import llvm
 from cutlass.cute.nvgpu import warpgroup
+from cutlass.cutlass_dsl import dsl_user_op
 
 
 class NamedBarrierSm90(enum.IntEnum):
@@ -33,6 +35,14 @@ def wgmma(tiled_mma: cute.TiledMma, acc: cute.Tensor, tCrA: cute.Tensor, tCrB: c
         cute.gemm(atom, acc, tCrA[None, None, k], tCrB[None, None, k], acc)
         atom.set(warpgroup.Field.ACCUMULATE, True)
     warpgroup.commit_group()
+
+
+@dsl_user_op
+def compiler_barrier(*, loc=None, ip=None):
+    """An empty volatile asm: emits nothing, but LLVM keeps the block holding it a branch (it
+    cannot turn a side-effecting block into selects)."""
+    llvm.inline_asm(None, [], "", "", has_side_effects=True, is_align_stack=False,
+                    asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip)
 
 
 def elem_ptr(t: cute.Tensor, coord):

@@ -35,6 +35,11 @@
 # covers (ncu: the tensor pipe ~74 % busy at 85 % skipped against 85 % dense); defer_v_release
 # (default for causal) takes the V stage release of a skipped PV off that chain.
 # decision_rows=64 keeps the older per-warpgroup decision (vote + smem + barrier each tile).
+# Look-ahead (lookahead_after_skips, default for hdim 128 with keys >= 16k): once a warpgroup has
+# skipped 4 tiles in a row it switches, for the rest of its q-tile, to a schedule that issues
+# the next tile's QK before the current tile's vote (a second S accumulator), which breaks that
+# chain: +0-8 % at 71-98 % skipped (prefill-h100-lookahead.md). qk_lookahead runs it for the
+# whole q-tile (an option: slower on runs of kept tiles).
 #
 # 2-CTA clusters sharing K/V: two CTAs that walk the same key tiles of the same KV head run as a
 # cluster; each CTA's producer loads half of every K and V tile and TMA-multicasts it to both, so
@@ -85,6 +90,7 @@ from blasst_cute.kernels.common.layout import (
 from blasst_cute.kernels.common.masking import apply_mask
 from blasst_cute.kernels.common.pipelines import (
     NamedBarrierSm90,
+    compiler_barrier,
     elem_ptr,
     qk_pv_tiled_mmas,
     wgmma,
@@ -175,6 +181,8 @@ class BlasstFwdSm90:
         v_warp: bool = False,
         lazy_p_zero: bool = False,
         defer_v_release: Optional[bool] = None,
+        qk_lookahead: bool = False,
+        lookahead_after_skips: Optional[int] = None,
     ):
         head_dim_v = head_dim if head_dim_v is None else head_dim_v
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
@@ -274,7 +282,7 @@ class BlasstFwdSm90:
         # +1-4 % at 81-98 % skipped, near the noise; 0 % within +-4 %), off otherwise
         # (non-causal -3 to +2 %); perf/results/prefill-h100-chain.md.
         if defer_v_release is None:
-            defer_v_release = causal and self.v_load_skip
+            defer_v_release = causal and self.v_load_skip and not qk_lookahead
         if defer_v_release and not self.v_load_skip:
             raise NotImplementedError("blasst sm90 prefill: defer_v_release needs v_load_skip")
         self.defer_v_release = defer_v_release
@@ -303,6 +311,68 @@ class BlasstFwdSm90:
         self.v_multicast = self.cluster_size > 1 and not self.v_warp
         self.num_mma_wg = self.tile_m // 64
         self.rows_per_decision = decision_rows
+        # qk_lookahead: a warpgroup issues the QK of its next key tile as soon as the current
+        # tile's S is complete, before that tile's row max, vote and softmax (two S
+        # accumulators take turns; P overlays the current one as it is converted), then the
+        # tile's PV, and waits for both at the end of the tile. Why: in a run of skipped tiles
+        # the default schedule makes each warpgroup's next QK wait for its whole vote chain
+        # (prefill-h100-chain.md: ~900 clocks against a 512-clock QK); here the vote of tile j
+        # runs while the QK of tile j - 1 is on the tensor pipe. Same math in the same order:
+        # outputs, lse and counters are bitwise those of the default schedule. The PV skip is
+        # one bar.red.and over the warpgroup's warp decisions; no ping-pong token. For the whole
+        # q-tile an option, off (H100, d128: +4-8 % at 85-98 % skipped, but 0.83-0.91x at 0 %,
+        # where each kept tile waits for its own PV; prefill-h100-lookahead.md); the default
+        # skip build switches to it after a run of skipped tiles (lookahead_after_skips).
+        if qk_lookahead:
+            if self.num_mma_wg != 2 or self.cluster_size > 1:
+                raise NotImplementedError(
+                    "blasst sm90 prefill: qk_lookahead needs 2 consumer warpgroups and no cluster")
+            if has_skip and decision_rows != 16:
+                raise NotImplementedError(
+                    "blasst sm90 prefill: qk_lookahead with skipping needs 16-row decisions")
+            if self.lazy_p_zero or self.defer_v_release or debug_no_vote or debug_no_v_load:
+                raise NotImplementedError(
+                    "blasst sm90 prefill: qk_lookahead with lazy_p_zero, defer_v_release or a "
+                    "debug knob")
+            if pingpong:
+                # measured: a token around each warpgroup's PV + wait + next QK made the dense
+                # case 0.72-0.75x and did not help the sparse one (prefill-h100-lookahead.md)
+                raise NotImplementedError("blasst sm90 prefill: qk_lookahead has no ping-pong")
+            pingpong = False
+        self.qk_lookahead = qk_lookahead
+        # lookahead_after_skips = k > 0 (skip build): the default schedule until this warpgroup
+        # has skipped the PVs of k tiles in a row, then the qk_lookahead schedule for the rest
+        # of the q-tile (switched where no GEMM is in flight; the ping-pong token keeps passing
+        # once per tile, as the other warpgroup may not have switched). Why: qk_lookahead is
+        # faster in runs of skipped tiles and slower on kept ones, and at 0 % sparsity nothing
+        # switches. Same bits as the default schedule. (The dense build never skips, so never
+        # switches.) Default (None): 4 for the hdim 128 skip build of one CTA with 128 x 128
+        # tiles, 0 otherwise (not measured). H100, d128, B*L = 32k: 0-8 % faster at 71-98 %
+        # skipped from L = 16k up, the same speed at 0 %, up to 6 % slower at L = 4k, so the
+        # launcher sets 0 for shorter keys (launch.prefill_lookahead); prefill-h100-lookahead.md.
+        if lookahead_after_skips is None:
+            lookahead_after_skips = 4 if (
+                has_skip and self.pv_skip and not qk_lookahead and head_dim == 128
+                and head_dim_v == 128 and self.tile_n == 128 and self.num_mma_wg == 2
+                and cluster_m * cluster_h == 1
+                and decision_rows == 16 and not (debug_no_vote or debug_no_v_load)) else 0
+        lookahead_after_skips = int(lookahead_after_skips) if has_skip else 0
+        if lookahead_after_skips < 0:
+            raise NotImplementedError(
+                f"blasst sm90 prefill: lookahead_after_skips {lookahead_after_skips} (>= 0)")
+        if lookahead_after_skips:
+            if qk_lookahead:
+                raise NotImplementedError(
+                    "blasst sm90 prefill: lookahead_after_skips or qk_lookahead, not both")
+            if self.num_mma_wg != 2 or self.cluster_size > 1:
+                raise NotImplementedError(
+                    "blasst sm90 prefill: lookahead_after_skips needs 2 consumer warpgroups and "
+                    "no cluster")
+            if not (self.pv_skip and decision_rows == 16) or debug_no_vote or debug_no_v_load:
+                raise NotImplementedError(
+                    "blasst sm90 prefill: lookahead_after_skips needs pv_skip, 16-row decisions "
+                    "and no debug knob")
+        self.lookahead_after_skips = lookahead_after_skips
         self.pingpong = (head_dim <= 128 and intra_wg_overlap) if pingpong is None else pingpong
         self.num_threads = 128 * (self.num_mma_wg + 1)
         self.num_mma_threads = 128 * self.num_mma_wg
@@ -793,7 +863,8 @@ class BlasstFwdSm90:
 
         softmax = OnlineSoftmax(scale_log2, num_rows)
         softmax.reset()
-        acc_O.fill(0.0)
+        if const_expr(not self.qk_lookahead):
+            acc_O.fill(0.0)  # (qk_lookahead: the first PV initializes O)
 
         # BLASST threshold and the validity of this thread's rows (padding rows vote skip).
         log2_lambda = Float32(0.0)
@@ -851,32 +922,53 @@ class BlasstFwdSm90:
         v_pending = Boolean(False)
         v_pending_state = kv_state.clone()
 
-        if n_block_max > n_block_min:
+        if const_expr(self.qk_lookahead):
+            if n_block_max > n_block_min:
+                num_skipped = self.mainloop_lookahead(
+                    ctx, kv_state, n_block_min, n_block_max, n_block_causal)
+            else:
+                acc_O.fill(0.0)
+            pipeline_q.consumer_release(q_state)
+        elif n_block_max > n_block_min:
             # First tile (never skipped), masked for the key length (and the diagonal).
             self.first_block(ctx, kv_state, n_block_max - 1)
             n_first_unmasked = n_block_max - 1
             if const_expr(self.causal):
                 n_first_unmasked = cutlass.max(cutlass.min(n_block_causal, n_block_max - 1), n_block_min)
-                for i in cutlass.range(n_block_max - 1 - n_first_unmasked, unroll=1):
-                    kv_state, num_skipped, warp_skipped, v_pending, v_pending_state = self.next_block(
-                        ctx, kv_state, n_block_max - 2 - i, num_skipped, True,
-                        warp_skipped, v_pending, v_pending_state,
-                    )
-            for i in cutlass.range(n_first_unmasked - n_block_min, unroll=1):
-                kv_state, num_skipped, warp_skipped, v_pending, v_pending_state = self.next_block(
-                    ctx, kv_state, n_first_unmasked - 1 - i, num_skipped, False,
-                    warp_skipped, v_pending, v_pending_state,
-                )
-            pipeline_q.consumer_release(q_state)
+            # n_last: the last tile this loop visits (its PV is issued below)
+            n_last = n_block_min
+            if const_expr(self.lookahead_after_skips):
+                carry = (kv_state, num_skipped, warp_skipped, v_pending, v_pending_state)
+                n_block = n_block_max - 2
+                skip_run = Int32(0)  # PVs this warpgroup skipped in a row
+                if const_expr(self.causal):
+                    carry, n_block, skip_run = self.blocks_until_skip_run(
+                        ctx, carry, n_block, n_first_unmasked, skip_run, True)
+                carry, n_block, skip_run = self.blocks_until_skip_run(
+                    ctx, carry, n_block, n_block_min, skip_run, False)
+                kv_state, num_skipped, warp_skipped, v_pending, v_pending_state = carry
+                n_last = n_block + 1
+            else:
+                if const_expr(self.causal):
+                    for i in cutlass.range(n_block_max - 1 - n_first_unmasked, unroll=1):
+                        kv_state, num_skipped, warp_skipped, v_pending, v_pending_state, _ = (
+                            self.next_block(ctx, kv_state, n_block_max - 2 - i, num_skipped, True,
+                                            warp_skipped, v_pending, v_pending_state))
+                for i in cutlass.range(n_first_unmasked - n_block_min, unroll=1):
+                    kv_state, num_skipped, warp_skipped, v_pending, v_pending_state, _ = (
+                        self.next_block(ctx, kv_state, n_first_unmasked - 1 - i, num_skipped, False,
+                                        warp_skipped, v_pending, v_pending_state))
+            if const_expr(not self.lookahead_after_skips):
+                pipeline_q.consumer_release(q_state)
             if const_expr(self.defer_v_release):
                 self.release_pending_v(ctx, v_pending, v_pending_state)
-            # Last PV of the software pipeline (tile n_block_min).
+            # Last PV of the software pipeline (tile n_last).
             pv_skip = Boolean(False)
             if const_expr(self.pv_skip):
                 cute.arch.barrier(
                     barrier_id=int(NamedBarrierSm90.SkipVoteWG1) + wg_idx, number_of_threads=128
                 )
-                pv_skip = group_all_published(sFlags, self._slot(n_block_min), wg_idx)
+                pv_skip = group_all_published(sFlags, self._slot(n_last), wg_idx)
             pipeline_v.consumer_wait(kv_state)
             if not pv_skip:
                 if const_expr(self.lazy_p_zero):
@@ -885,6 +977,12 @@ class BlasstFwdSm90:
                 warpgroup.wait_group(0)
             pipeline_v.consumer_release(kv_state)
             kv_state.advance()
+            if const_expr(self.lookahead_after_skips):
+                # the rest of the q-tile (tiles n_last - 1 .. n_block_min) looks ahead
+                if n_last > n_block_min:
+                    num_skipped = self.mainloop_lookahead(
+                        ctx, kv_state, n_block_min, n_last, n_block_causal, num_skipped, False)
+                pipeline_q.consumer_release(q_state)
         else:
             pipeline_q.consumer_release(q_state)
 
@@ -934,6 +1032,21 @@ class BlasstFwdSm90:
         convert_f32_to_16bit(acc_as_operand_a(acc_S), ctx["tOrP"])
 
     @cute.jit
+    def blocks_until_skip_run(self, ctx, carry, n_block: Int32, n_stop: Int32, skip_run: Int32,
+                              mask_causal: cutlass.Constexpr[bool]):
+        """Tiles n_block down to n_stop in the default schedule (next_block; carry = its state),
+        until this warpgroup has skipped lookahead_after_skips PVs in a row. Returns the carry,
+        the next tile to visit and the length of the current run of skipped PVs."""
+        kv_state, num_skipped, warp_skipped, v_pending, v_pending_state = carry
+        while n_block >= n_stop and skip_run < self.lookahead_after_skips:
+            kv_state, num_skipped, warp_skipped, v_pending, v_pending_state, pv_skipped = (
+                self.next_block(ctx, kv_state, n_block, num_skipped, mask_causal,
+                                warp_skipped, v_pending, v_pending_state))
+            skip_run = skip_run + 1 if pv_skipped else Int32(0)
+            n_block -= 1
+        return (kv_state, num_skipped, warp_skipped, v_pending, v_pending_state), n_block, skip_run
+
+    @cute.jit
     def next_block(
         self, ctx, kv_state, n_block: Int32, num_skipped: Int32,
         mask_causal: cutlass.Constexpr[bool],
@@ -949,8 +1062,8 @@ class BlasstFwdSm90:
         release and barrier is the same on both paths.
         warp_skipped (lazy_p_zero): this warp skipped tile n_block + 1; v_pending /
         v_pending_state (defer_v_release): the V stage of tile n_block + 2, whose PV was skipped.
-        Returns the pipeline state, the skip count and the next warp_skipped, v_pending,
-        v_pending_state.
+        Returns the pipeline state, the skip count, the next warp_skipped, v_pending,
+        v_pending_state, and whether the warpgroup skipped the PV of tile n_block + 1.
         """
         pipeline_k, pipeline_v = ctx["pipeline_k"], ctx["pipeline_v"]
         softmax = ctx["softmax"]
@@ -1024,7 +1137,154 @@ class BlasstFwdSm90:
             if pv_skip:
                 pipeline_v.consumer_wait(kv_state_v)
                 pipeline_v.consumer_release(kv_state_v)
-        return kv_state, num_skipped, warp_skipped, v_pending, v_pending_state
+        return kv_state, num_skipped, warp_skipped, v_pending, v_pending_state, pv_skip
+
+    # ------------------------------------------------------------------ qk_lookahead schedule
+    @cute.jit
+    def mainloop_lookahead(self, ctx, kv_state, n_block_min: Int32, n_block_max: Int32,
+                           n_block_causal: Int32, num_skipped: Int32 = 0,
+                           fresh: cutlass.Constexpr[bool] = True) -> Int32:
+        """Every key tile of this q-tile with the QK of the next tile issued ahead (qk_lookahead).
+
+        Two S accumulators take turns (S_a current then S_b, and back: two tiles per loop trip,
+        so that each keeps its registers). The look-ahead QK is issued unconditionally inside a
+        step (a wgmma under a runtime branch made ptxas serialize every wgmma), so the first and
+        the last tile have steps of their own. fresh: tile n_block_max - 1 is the q-tile's first
+        (else lookahead_after_skips switched here: earlier tiles are in the softmax state and O,
+        no GEMM is in flight and no V stage is pending). Returns this warp's skipped-tile count
+        (num_skipped plus this loop's).
+        """
+        acc_S_a = cute.make_rmem_tensor(ctx["acc_S_shape"], Float32)
+        acc_S_b = cute.make_rmem_tensor(ctx["acc_S_shape"], Float32)
+        n_first_unmasked = n_block_max - 1
+        if const_expr(self.causal):
+            n_first_unmasked = cutlass.max(cutlass.min(n_block_causal, n_block_max - 1), n_block_min)
+        num_skipped = Int32(num_skipped)
+        pv_issued = Boolean(not fresh)  # (the state after the switch: no V stage pending)
+        v_prev_state = kv_state.clone()
+        ctx["pipeline_k"].consumer_wait(kv_state)
+        wgmma(ctx["tiled_mma_qk"], acc_S_a, ctx["tSrQ"],
+              ctx["tSrK"][None, None, None, kv_state.index], True)
+        warpgroup.wait_group(0)
+        ctx["pipeline_k"].consumer_release(kv_state)
+        n_tiles = n_block_max - n_block_min
+        carry = (kv_state, num_skipped, pv_issued, v_prev_state)
+        if n_tiles == 1:
+            carry = self.lookahead_step(ctx, *carry, n_block_max - 1, n_first_unmasked,
+                                        acc_S_a, acc_S_b, fresh, False)
+        else:
+            carry = self.lookahead_step(ctx, *carry, n_block_max - 1, n_first_unmasked,
+                                        acc_S_a, acc_S_b, fresh, True)
+            n_mid = n_tiles - 2
+            for i in cutlass.range(n_mid // 2, unroll=1):
+                n_block = n_block_max - 2 - 2 * i
+                carry = self.lookahead_step(ctx, *carry, n_block, n_first_unmasked,
+                                            acc_S_b, acc_S_a, False, True)
+                carry = self.lookahead_step(ctx, *carry, n_block - 1, n_first_unmasked,
+                                            acc_S_a, acc_S_b, False, True)
+            if n_mid % 2 == 1:
+                carry = self.lookahead_step(ctx, *carry, n_block_min + 1, n_first_unmasked,
+                                            acc_S_b, acc_S_a, False, True)
+            else:
+                # the last tile's S is in S_b: one copy (no GEMM in flight) instead of a
+                # second instance of the last step
+                acc_S_a.store(acc_S_b.load())
+            carry = self.lookahead_step(ctx, *carry, n_block_min, n_first_unmasked,
+                                        acc_S_a, acc_S_b, False, False)
+        kv_state, num_skipped, pv_issued, v_prev_state = carry
+        # The last tile's V stage, if its PV was skipped.
+        if not pv_issued:
+            ctx["pipeline_v"].consumer_wait(v_prev_state)
+            ctx["pipeline_v"].consumer_release(v_prev_state)
+        return num_skipped
+
+    @cute.jit
+    def lookahead_step(
+        self, ctx, kv_state, num_skipped: Int32, pv_issued: Boolean, v_prev_state,
+        n_block: Int32, n_first_unmasked: Int32, acc_S: cute.Tensor, acc_S_next: cute.Tensor,
+        is_first: cutlass.Constexpr[bool], lookahead: cutlass.Constexpr[bool],
+    ):
+        """Tile n_block (its S complete in acc_S; kv_state is its stage).
+
+        Issues the next tile's QK into acc_S_next (lookahead), then mask, row max, vote,
+        softmax, and this tile's PV unless every warp of the warpgroup skipped it; then waits
+        for both GEMMs, so that no wgmma is in flight across a loop edge, and releases the next
+        tile's K stage and, if the PV ran, this tile's V stage. A skipped previous PV's V stage
+        (pv_issued, v_prev_state) is waited for before this tile's flags are published: the V
+        producer reads a flag slot (tile parity) until it has decided the V of the tile after
+        it, so a slot is rewritten only once that V stage completed. Returns the next tile's
+        state, the skip count, whether this PV was issued and this tile's state.
+        """
+        pipeline_k, pipeline_v = ctx["pipeline_k"], ctx["pipeline_v"]
+        softmax, seq = ctx["softmax"], ctx["seq"]
+        next_state = kv_state.clone()
+        next_state.advance()
+        if const_expr(lookahead):
+            pipeline_k.consumer_wait(next_state)
+        # (lookahead_after_skips: the other warpgroup may still run the default schedule, whose
+        # ping-pong token passes once per tile)
+        self.scheduler_sync(ctx["wg_idx"])
+        if const_expr(lookahead):
+            wgmma(ctx["tiled_mma_qk"], acc_S_next, ctx["tSrQ"],
+                  ctx["tSrK"][None, None, None, next_state.index], True)
+            # A barrier keeps the QK's k-block wgmmas together: without one, ptxas spread them
+            # over this tile's row max and vote (each a warpgroup rendezvous; SASS).
+            cute.arch.barrier(
+                barrier_id=int(NamedBarrierSm90.SkipVoteWG1) + ctx["wg_idx"], number_of_threads=128
+            )
+        self.scheduler_arrive(ctx["wg_idx"])
+        if const_expr(is_first):
+            # Masked for the key length (and the diagonal); never skipped.
+            apply_mask(
+                acc_S, ctx["tScS"], ctx["t0ScS"], ctx["m_block"], n_block, seq.seqlen_q,
+                seq.seqlen_k, self.tile_m, self.tile_n, True, self.causal,
+            )
+        elif const_expr(self.causal):
+            if n_block >= n_first_unmasked:
+                apply_mask(
+                    acc_S, ctx["tScS"], ctx["t0ScS"], ctx["m_block"], n_block, seq.seqlen_q,
+                    seq.seqlen_k, self.tile_m, self.tile_n, False, True,
+                )
+        m_tile = softmax.tile_row_max(acc_S)
+        skip = Boolean(False)
+        if const_expr(self.has_skip):
+            if const_expr(not is_first):
+                skip = self.decide_skip(ctx, m_tile, n_block, False)
+                if not pv_issued:
+                    pipeline_v.consumer_wait(v_prev_state)
+                    pipeline_v.consumer_release(v_prev_state)
+            if const_expr(self.v_load_skip):
+                self.publish_decision(ctx, skip, n_block)
+        if skip:
+            num_skipped += 1
+            ctx["tOrP"].fill(0.0)  # zero rows add nothing if another warp keeps the tile
+            # Keeps this a branch: if LLVM turns it into selects (it did without the counters),
+            # ptxas runs out of registers and serializes every wgmma.
+            compiler_barrier()
+        else:
+            row_scale = softmax.update(acc_S, m_tile, is_first)
+            self.update_row_thresholds(ctx)
+            convert_f32_to_16bit(acc_as_operand_a(acc_S), ctx["tOrP"])
+            if const_expr(not is_first):
+                rescale_rows(ctx["acc_O"], row_scale)
+        group_skip = Boolean(False)
+        if const_expr(self.pv_skip and not is_first):
+            group_skip = group_all(skip, int(NamedBarrierSm90.SkipVoteWG1) + ctx["wg_idx"])
+        # The wait closes both branches: a merge of O's registers (wgmma result or not) inside
+        # the look-ahead QK's window made ptxas serialize every wgmma.
+        if group_skip:
+            warpgroup.wait_group(0)
+        else:
+            pipeline_v.consumer_wait(kv_state)
+            # The first PV initializes O: a zero fill inside the window serializes them too.
+            wgmma(ctx["tiled_mma_pv"], ctx["acc_O"], ctx["tOrP"],
+                  ctx["tOrVt"][None, None, None, kv_state.index], is_first)
+            warpgroup.wait_group(0)
+        if const_expr(lookahead):
+            pipeline_k.consumer_release(next_state)
+        if not group_skip:
+            pipeline_v.consumer_release(kv_state)
+        return next_state, num_skipped, not group_skip, kv_state
 
     @cute.jit
     def zero_stale_p(self, tOrP: cute.Tensor, warp_skipped: Boolean):
@@ -1066,8 +1326,10 @@ class BlasstFwdSm90:
                 ctx["pipeline_v"].consumer_release(kv_state_v)
 
     @cute.jit
-    def decide_skip(self, ctx, m_tile: cute.Tensor, n_block: Int32) -> Boolean:
-        """This decision group's BLASST vote for tile n_block (published for the PV skip)."""
+    def decide_skip(self, ctx, m_tile: cute.Tensor, n_block: Int32,
+                    publish: cutlass.Constexpr[bool] = True) -> Boolean:
+        """This decision group's BLASST vote for tile n_block (published for the PV skip unless
+        the caller publishes it)."""
         wg_idx = ctx["wg_idx"]
         skip = Boolean(False)
         if const_expr(self.fast_vote):
@@ -1086,7 +1348,7 @@ class BlasstFwdSm90:
             )
         else:
             skip = group_all(self.rows_vote(ctx, m_tile), int(NamedBarrierSm90.SkipVoteWG1) + wg_idx)
-        if const_expr(self.pv_skip):
+        if const_expr(self.pv_skip and publish):
             self.publish_decision(ctx, skip, n_block)
         return skip
 
