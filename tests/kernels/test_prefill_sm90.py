@@ -414,9 +414,9 @@ def test_skip_schedule_variants_bitwise(causal, dims):
 @pytest.mark.gpu
 def test_qk_lookahead_bitwise(causal, dims):
     """qk_lookahead (the next tile's QK issued before the current tile's vote and softmax), with
-    2 and (hdim 128) 3 stages: the same bits, counters included, as the default schedule, dense
-    and at mixed sparsity with tile counts odd and even, 1 and 2; against the reference (skip,
-    varlen)."""
+    2 and (hdim 128) 3 stages, and the switch to it after 1 or 2 skipped tiles: the same bits,
+    counters included, as the default schedule, dense and at mixed sparsity with tile counts odd
+    and even, 1 and 2; against the reference (skip, varlen)."""
     if not _on_hopper():
         pytest.skip("needs sm_90")
     from blasst_cute.workloads import synthetic_qkv
