@@ -925,16 +925,15 @@ class BlasstFwdSm90:
         if const_expr(self.qk_lookahead):
             if n_block_max > n_block_min:
                 num_skipped = self.mainloop_lookahead(
-                    ctx, kv_state, n_block_min, n_block_max, n_block_causal)
+                    ctx, kv_state, n_block_min, n_block_max,
+                    self.first_unmasked(n_block_min, n_block_max, n_block_causal))
             else:
                 acc_O.fill(0.0)
             pipeline_q.consumer_release(q_state)
         elif n_block_max > n_block_min:
             # First tile (never skipped), masked for the key length (and the diagonal).
             self.first_block(ctx, kv_state, n_block_max - 1)
-            n_first_unmasked = n_block_max - 1
-            if const_expr(self.causal):
-                n_first_unmasked = cutlass.max(cutlass.min(n_block_causal, n_block_max - 1), n_block_min)
+            n_first_unmasked = self.first_unmasked(n_block_min, n_block_max, n_block_causal)
             # n_last: the last tile this loop visits (its PV is issued below)
             n_last = n_block_min
             if const_expr(self.lookahead_after_skips):
@@ -981,7 +980,7 @@ class BlasstFwdSm90:
                 # the rest of the q-tile (tiles n_last - 1 .. n_block_min) looks ahead
                 if n_last > n_block_min:
                     num_skipped = self.mainloop_lookahead(
-                        ctx, kv_state, n_block_min, n_last, n_block_causal, num_skipped, False)
+                        ctx, kv_state, n_block_min, n_last, n_first_unmasked, num_skipped, False)
                 pipeline_q.consumer_release(q_state)
         else:
             pipeline_q.consumer_release(q_state)
@@ -1008,6 +1007,15 @@ class BlasstFwdSm90:
             acc_O, lse, mO, mLSE, sO, tiled_mma_pv, gmem_copy_O, tidx, seq, m_block, head_idx,
             batch_idx,
         )
+
+    @cute.jit
+    def first_unmasked(self, n_block_min: Int32, n_block_max: Int32, n_block_causal: Int32) -> Int32:
+        """Tiles n_block_max - 2 down to this one need the causal mask (the first visited tile,
+        n_block_max - 1, is masked for the key length and the diagonal anyway)."""
+        n_first_unmasked = n_block_max - 1
+        if const_expr(self.causal):
+            n_first_unmasked = cutlass.max(cutlass.min(n_block_causal, n_block_max - 1), n_block_min)
+        return n_first_unmasked
 
     @cute.jit
     def first_block(self, ctx, kv_state, n_block: Int32):
@@ -1142,23 +1150,21 @@ class BlasstFwdSm90:
     # ------------------------------------------------------------------ qk_lookahead schedule
     @cute.jit
     def mainloop_lookahead(self, ctx, kv_state, n_block_min: Int32, n_block_max: Int32,
-                           n_block_causal: Int32, num_skipped: Int32 = 0,
+                           n_first_unmasked: Int32, num_skipped: Int32 = 0,
                            fresh: cutlass.Constexpr[bool] = True) -> Int32:
         """Every key tile of this q-tile with the QK of the next tile issued ahead (qk_lookahead).
 
         Two S accumulators take turns (S_a current then S_b, and back: two tiles per loop trip,
         so that each keeps its registers). The look-ahead QK is issued unconditionally inside a
         step (a wgmma under a runtime branch made ptxas serialize every wgmma), so the first and
-        the last tile have steps of their own. fresh: tile n_block_max - 1 is the q-tile's first
+        the last tile have steps of their own. Tiles from n_first_unmasked up get the causal
+        mask (the q-tile's bound). fresh: tile n_block_max - 1 is the q-tile's first
         (else lookahead_after_skips switched here: earlier tiles are in the softmax state and O,
         no GEMM is in flight and no V stage is pending). Returns this warp's skipped-tile count
         (num_skipped plus this loop's).
         """
         acc_S_a = cute.make_rmem_tensor(ctx["acc_S_shape"], Float32)
         acc_S_b = cute.make_rmem_tensor(ctx["acc_S_shape"], Float32)
-        n_first_unmasked = n_block_max - 1
-        if const_expr(self.causal):
-            n_first_unmasked = cutlass.max(cutlass.min(n_block_causal, n_block_max - 1), n_block_min)
         num_skipped = Int32(num_skipped)
         pv_issued = Boolean(not fresh)  # (the state after the switch: no V stage pending)
         v_prev_state = kv_state.clone()
