@@ -135,11 +135,12 @@ def _config_key(config: dict) -> tuple:
     c.setdefault("fast_vote", True)
     c.setdefault("late_v_wait", True)
     c.setdefault("v_load_skip", None)
-    c.setdefault("v_warp", False)
+    c.setdefault("v_warp", None)
     c.setdefault("lazy_p_zero", False)
     c.setdefault("defer_v_release", None)
     c.setdefault("qk_lookahead", False)
     c.setdefault("lookahead_after_skips", None)
+    c.setdefault("rescale_o_before_pv", False)
     c["cluster_m"] = int(c.get("cluster_m", 1))
     c["cluster_h"] = int(c.get("cluster_h", 1))
     return tuple(sorted(c.items(), key=lambda kv: kv[0]))
@@ -160,6 +161,7 @@ def _make_kernel(key: tuple) -> BlasstFwdSm90:
         late_v_wait=c["late_v_wait"], v_load_skip=c["v_load_skip"], v_warp=c["v_warp"],
         lazy_p_zero=c["lazy_p_zero"], defer_v_release=c["defer_v_release"],
         qk_lookahead=c["qk_lookahead"], lookahead_after_skips=c["lookahead_after_skips"],
+        rescale_o_before_pv=c["rescale_o_before_pv"],
     )
 
 
@@ -268,7 +270,7 @@ def run_prefill_sm90(q, k, v, out, lse, *, causal: bool, softmax_scale: float,
                   has_skip=has_skip, has_stats=has_stats, varlen=varlen,
                   factor_per_batch=factor_t is not None)
     if tuning:
-        config.update(tuning)  # experiments only: tile_m, tile_n, num_stages, pingpong, vote_smem, lpt, lpt_heads, decision_rows, pv_skip, cluster_m, cluster_h, fast_vote, late_v_wait, v_load_skip, v_warp, lazy_p_zero, defer_v_release, qk_lookahead, lookahead_after_skips
+        config.update(tuning)  # experiments only: tile_m, tile_n, num_stages, pingpong, vote_smem, lpt, lpt_heads, decision_rows, pv_skip, cluster_m, cluster_h, fast_vote, late_v_wait, v_load_skip, v_warp, lazy_p_zero, defer_v_release, qk_lookahead, lookahead_after_skips, rescale_o_before_pv
     config.update(prefill_cluster(bool(causal), q.shape[-2], k.shape[-2], tuning,
                                   has_skip=has_skip, factor=factor,
                                   seqlen_k=max_seqlen_k if varlen else k.shape[1],

@@ -15,6 +15,8 @@ Rounds interleave the variants so that clock/power drift (H100 at its 700 W cap)
 them alike, in forward order on even rounds and reverse order on odd ones (a fixed order favoured
 the later sparse variants by a few percent); the table shows the median over rounds of per-round
 medians, and the spread. Use an even --rounds.
+Sparsity is the kernel's own count (a decision per 16-row warp, each skipping its softmax) and,
+in parentheses, the same decisions per 64-row warpgroup: the share of PV wgmmas skipped.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ PRESETS = {
     "dense_nolpt": ("new", False, 0.0, dict(lpt=False, causal_only=True)),
     "dense_lpt4": ("new", False, 0.0, dict(lpt_heads=4, causal_only=True)),
     "dense_lpt8": ("new", False, 0.0, dict(lpt_heads=8, causal_only=True)),
+    "dense_lpt2": ("new", False, 0.0, dict(lpt_heads=2, causal_only=True)),
+    "dense_lpt16": ("new", False, 0.0, dict(lpt_heads=16, causal_only=True)),
     "dense_c2": ("new", False, 0.0, dict(cluster_m=2, noncausal_only=True)),
     "skip0_c2": ("new", True, ZERO, dict(cluster_m=2, noncausal_only=True)),
     "sparse_c2": ("new", True, "sparse", dict(cluster_m=2, noncausal_only=True)),
@@ -110,6 +114,14 @@ PRESETS = {
     "sparse_lanopv": ("new", True, "sparse", dict(qk_lookahead=True, pv_skip=False)),
     "skip0_laallv": ("new", True, ZERO, dict(qk_lookahead=True, v_load_skip=False)),
     "sparse_laallv": ("new", True, "sparse", dict(qk_lookahead=True, v_load_skip=False)),
+    # the O rescale of a kept tile applied before the next PV, in the next QK's shadow (ors, an
+    # option) or after the tile's last wait (nors, the default)
+    "dense_ors": ("new", False, 0.0, dict(rescale_o_before_pv=True)),
+    "skip0_ors": ("new", True, ZERO, dict(rescale_o_before_pv=True)),
+    "sparse_ors": ("new", True, "sparse", dict(rescale_o_before_pv=True)),
+    "dense_nors": ("new", False, 0.0, dict(rescale_o_before_pv=False)),
+    "skip0_nors": ("new", True, ZERO, dict(rescale_o_before_pv=False)),
+    "sparse_nors": ("new", True, "sparse", dict(rescale_o_before_pv=False)),
     # V loads gated by the skip decisions (one CTA; the 2-warpgroup skip build's default) or
     # every V loaded
     "skip0_vs": ("new", True, ZERO, dict(v_load_skip=True)),
@@ -118,6 +130,9 @@ PRESETS = {
     "sparse_allv": ("new", True, "sparse", dict(v_load_skip=False)),
     # V tiles from producer warp 1 without gating (the dense build; the skip build loading every V)
     "dense_vw": ("new", False, 0.0, dict(v_warp=True)),
+    "dense_vw_ors": ("new", False, 0.0, dict(v_warp=True, rescale_o_before_pv=True)),
+    # Q, K and V from one producer warp (v1; the dense default except at hdim_v 256)
+    "dense_v1": ("new", False, 0.0, dict(v_warp=False)),
     "skip0_allvw": ("new", True, ZERO, dict(v_load_skip=False, v_warp=True)),
     "sparse_allvw": ("new", True, "sparse", dict(v_load_skip=False, v_warp=True)),
     # 128-row q-tiles (2 consumer warpgroups): the earlier hdim-64 tiling (192 rows is its default)
@@ -137,9 +152,10 @@ PRESETS = {
 
 
 # Name parts whose variant gives the same bits as the variant without them (replaced in order).
-BITWISE_SAME = (("_la3", ""), ("_laallv", ""), ("_lanopv", ""), ("_las0", ""), ("_las1", ""),
+BITWISE_SAME = (("_nors", ""), ("_ors", ""), ("_la3", ""), ("_laallv", ""), ("_lanopv", ""), ("_las0", ""), ("_las1", ""),
                 ("_las2", ""), ("_las4", ""), ("_la", ""), ("_h2v", ""), ("_c2v", ""),
-                ("_c2s3", "_s3"), ("_c2", ""), ("_h2", ""), ("_lzdv", ""), ("_lz", ""), ("_nodv", ""), ("_dv", ""), ("n176lzdv", "n176"))
+                ("_c2s3", "_s3"), ("_c2", ""), ("_h2", ""), ("_lzdv", ""), ("_lz", ""), ("_nodv", ""), ("_dv", ""), ("n176lzdv", "n176"),
+                ("_vw", ""), ("_v1", ""))
 
 
 def bitwise_base(name):
@@ -246,6 +262,11 @@ def main():
         for causal in ([False, True] if a.causal == "both" else [a.causal == "true"]):
             s0, _ = sparsity(*sets[0], causal, zero)
             ss = {tag: sparsity(*sets[0], causal, f)[0] for tag, f in sparse_factors}
+            # The same decisions counted per 64-row warpgroup (decision_rows=64): a warpgroup
+            # skips a tile iff its 4 warps all do, so this is the share of PV wgmmas skipped
+            # (m_run moves only on rows that keep a tile, so both rules see the same m_run).
+            ss64 = {tag: sparsity(*sets[0], causal, f, dict(decision_rows=64))[0]
+                    for tag, f in sparse_factors}
             variants = {}
             for name in a.variants:
                 if name == "fa4":  # the dense peer, timed in the same rounds
@@ -314,12 +335,14 @@ def main():
                     per[name].append(time_ms(fn, bufs, a.iters))
             med = {n: statistics.median(v) for n, v in per.items()}
             spread = {n: (max(v) - min(v)) / statistics.median(v) for n, v in per.items()}
-            row = dict(L=L, B=B, causal=causal, s0=s0, ss=ss, same=same, med=med, spread=spread)
+            row = dict(L=L, B=B, causal=causal, s0=s0, ss=ss, ss64=ss64, same=same, med=med,
+                       spread=spread)
             rows.append(row)
             d = med["dense"]
             sp = " ".join(f"sparsity{tag or '@%g' % f}={ss[tag]:.3f}" for tag, f in sparse_factors)
-            print(f"L={L} B={B} causal={causal} sparsity@1e-30={s0:.4f} {sp} "
-                  f"skip0*==dense bits: {same}", flush=True)
+            sp64 = " ".join(f"{ss64[tag]:.3f}" for tag, _ in sparse_factors)
+            print(f"L={L} B={B} causal={causal} sparsity@1e-30={s0:.4f} {sp} (per warpgroup "
+                  f"{sp64}) skip0*==dense bits: {same}", flush=True)
             for n in variants:
                 print(f"   {n:14s} {med[n]:8.3f} ms  x{d / med[n]:.3f} vs dense  "
                       f"(spread {spread[n] * 100:.1f}%)", flush=True)
@@ -332,7 +355,8 @@ def main():
         tag = f"L={r['L'] // 1024}k {'causal' if r['causal'] else 'noncausal'}"
         cells = "".join((f"{r['med']['dense'] / r['med'][n]:.3f}" if n in r["med"] else "-").rjust(13)
                         for n in names)
-        print(tag.ljust(22) + cells + "   sparsity " + " ".join(f"{v:.3f}" for v in r["ss"].values()))
+        print(tag.ljust(22) + cells + "   sparsity " + " ".join(f"{v:.3f}" for v in r["ss"].values())
+              + " (per warpgroup " + " ".join(f"{v:.3f}" for v in r["ss64"].values()) + ")")
     print("dense ms: " + ", ".join(f"{r['L'] // 1024}k{'c' if r['causal'] else 'n'} {r['med']['dense']:.3f}"
                                   for r in rows))
 

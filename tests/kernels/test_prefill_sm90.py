@@ -75,6 +75,7 @@ def test_compile_sm90a(dtype, dims, causal, variant, varlen):
                                     dict(defer_v_release=False), dict(lazy_p_zero=True),
                                     dict(qk_lookahead=True), dict(qk_lookahead=True, has_skip=False),
                                     dict(lookahead_after_skips=0),
+                                    dict(rescale_o_before_pv=True), dict(has_skip=False, v_warp=False),
                                     dict(fast_vote=False, late_v_wait=False, v_load_skip=False)],
                          ids=str)
 @pytest.mark.parametrize("dims", [(128, 128), (256, 256), MLA], ids=_dims_id)
@@ -83,16 +84,21 @@ def test_compile_skip_variants(tuning, dims):
     vote from the rule each tile (no per-row thresholds), the V wait before a skipped PV, every V
     loaded, the last three together (the earlier kernel), a skipped PV's V stage released at the
     end of its iteration (causal default: one iteration later), P zeroed only for PVs that run,
-    the look-ahead schedule for the whole q-tile (skip and dense builds), and the hdim-128 skip
+    the look-ahead schedule for the whole q-tile (skip and dense builds), the hdim-128 skip
     build without the switch to it (what keys shorter than 16k get; the other compile tests
-    build the default, which switches)."""
+    build the default, which switches), the O rescale before the next PV, and the hdim-256 dense
+    build with V issued by the producer's first warp (its default: a second warp)."""
     if os.environ.get("CUTE_DSL_ARCH", "sm_90a") != "sm_90a" and not _on_hopper():
         pytest.skip("CUTE_DSL_ARCH is not sm_90a")
     if dims[0] > 128 and tuning.get("num_stages") == 3:
         pytest.skip(f"hdim {dims[0]}/{dims[1]} x 3 stages does not fit shared memory")
-    if dims != (128, 128) and set(tuning) <= {"fast_vote", "late_v_wait", "v_load_skip", "v_warp",
-                                              "defer_v_release", "lazy_p_zero", "qk_lookahead",
-                                              "lookahead_after_skips", "has_skip"}:
+    single_v_producer = tuning == dict(has_skip=False, v_warp=False)
+    if single_v_producer:
+        if dims[1] <= 128:
+            pytest.skip("the default dense build (the other compile tests build it)")
+    elif dims != (128, 128) and set(tuning) <= {"fast_vote", "late_v_wait", "v_load_skip", "v_warp",
+                                                "defer_v_release", "lazy_p_zero", "qk_lookahead",
+                                                "lookahead_after_skips", "has_skip"}:
         pytest.skip("schedule variants: hdim 128 on CPU (the GPU tests run them at other dims)")
     cfg = dict(dtype=torch.bfloat16, head_dim=dims[0], head_dim_v=dims[1], causal=True,
                has_skip=True, has_stats=True)
@@ -237,6 +243,27 @@ def test_dispatch_geometry_mla():
     from blasst_cute import dispatch
     g = dispatch.prefill_geometry(192, 128, True, torch.bfloat16).kwargs()
     assert g["block_m"] == 128 and g["block_n"] == 128 and g["rows_per_decision"] == 16
+
+
+def _kernel_of(**kw):
+    cfg = dict(dtype=torch.bfloat16, head_dim=128)
+    cfg.update(kw)
+    return launch._make_kernel(launch._config_key(cfg))
+
+
+def test_v_warp_and_rescale_defaults():
+    """V tiles come from a second producer warp in the skip build (v_load_skip) and, at hdim_v
+    256 without a cluster, in the dense build; the O rescale before the next PV is only an
+    option."""
+    for kw in (dict(head_dim=256), dict(head_dim=256, causal=True), dict(has_skip=True),
+               dict(head_dim=256, has_skip=True, v_load_skip=False)):
+        assert _kernel_of(**kw).v_warp, kw
+    for kw in (dict(), dict(causal=True), dict(head_dim=64), dict(head_dim=192, head_dim_v=128),
+               dict(head_dim=256, cluster_h=2), dict(head_dim=256, v_warp=False)):
+        assert not _kernel_of(**kw).v_warp, kw
+    for kw in (dict(), dict(head_dim=256), dict(head_dim=256, has_skip=True)):
+        assert not _kernel_of(**kw).rescale_o_before_pv, kw
+    assert _kernel_of(head_dim=256, rescale_o_before_pv=True).rescale_o_before_pv
 
 
 def test_lookahead_defaults_and_policy():
@@ -409,6 +436,36 @@ def test_skip_schedule_variants_bitwise(causal, dims):
                               torch.bfloat16, 20.0, Dv=dv, tuning=combos[-1])
 
 
+def _assert_schedules_bitwise(dims, causal, cases, tunings):
+    """Each tuning gives the default build's outputs, lse and counters bit for bit, dense and
+    with skipping, on every (B, Lq, Lk, Hq, Hk), factor case (some must mix skipped and kept
+    tiles); then each matches the reference (skip, varlen)."""
+    from blasst_cute.workloads import synthetic_qkv
+    d, dv = dims
+    mixed = 0
+    for (B, Lq, Lk, Hq, Hk), factor in cases:
+        q, k, v = synthetic_qkv(B, Lq, Lk, Hq, Hk, d, dv, device="cuda", seed=Lq + Lk)
+        for has_skip in (False, True):
+            f = factor if has_skip else None
+            o1, l1, v1, s1 = smoke.run_kernel(q, k, v, causal=causal, scale=d ** -0.5, factor=f,
+                                              stats=has_skip)
+            for t in tunings:
+                o2, l2, v2, s2 = smoke.run_kernel(q, k, v, causal=causal, scale=d ** -0.5,
+                                                  factor=f, stats=has_skip, tuning=t)
+                torch.cuda.synchronize()
+                assert torch.equal(o1, o2) and torch.equal(l1, l2), (B, Lq, Lk, f, t)
+                if has_skip:
+                    assert torch.equal(v1, v2) and torch.equal(s1, s2), (B, Lq, Lk, f, t)
+            if has_skip:
+                mixed += int(0 < int(s1.sum()) < int(v1.sum()))
+    assert mixed >= 2  # some tiles skipped, some kept
+    for t in tunings:
+        assert smoke.check_skip(2, 1000, 1500, 4, 1, d, causal, torch.bfloat16, 30.0, Dv=dv,
+                                tuning=t)
+        assert smoke.check_varlen([100, 1, 300, 257, 0], [200, 5, 300, 700, 3], 4, 2, d, causal,
+                                  torch.bfloat16, 20.0, Dv=dv, tuning=t)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dims", [(128, 128), (256, 256), MLA], ids=_dims_id)
 @pytest.mark.gpu
@@ -419,35 +476,27 @@ def test_qk_lookahead_bitwise(causal, dims):
     and even, 1 and 2; against the reference (skip, varlen)."""
     if not _on_hopper():
         pytest.skip("needs sm_90")
-    from blasst_cute.workloads import synthetic_qkv
-    d, dv = dims
     las = [dict(qk_lookahead=True), dict(lookahead_after_skips=1),
            dict(lookahead_after_skips=2)] + (
-        [dict(qk_lookahead=True, num_stages=3)] if d == 128 else [])
-    mixed = 0
-    for (B, Lq, Lk, Hq, Hk), factor in [((2, 1000, 1500, 4, 1), 30.0), ((1, 700, 2100, 4, 2), 300.0),
-                                        ((2, 333, 1000, 2, 2), 3000.0), ((1, 200, 100, 2, 1), 30.0),
-                                        ((1, 130, 250, 2, 2), 3.0)]:
-        q, k, v = synthetic_qkv(B, Lq, Lk, Hq, Hk, d, dv, device="cuda", seed=Lq + Lk)
-        for has_skip in (False, True):
-            f = factor if has_skip else None
-            o1, l1, v1, s1 = smoke.run_kernel(q, k, v, causal=causal, scale=d ** -0.5, factor=f,
-                                              stats=has_skip)
-            for t in las:
-                o2, l2, v2, s2 = smoke.run_kernel(q, k, v, causal=causal, scale=d ** -0.5,
-                                                  factor=f, stats=has_skip, tuning=t)
-                torch.cuda.synchronize()
-                assert torch.equal(o1, o2) and torch.equal(l1, l2), (B, Lq, Lk, f, t)
-                if has_skip:
-                    assert torch.equal(v1, v2) and torch.equal(s1, s2), (B, Lq, Lk, f, t)
-            if has_skip:
-                mixed += int(0 < int(s1.sum()) < int(v1.sum()))
-    assert mixed >= 2  # some tiles skipped, some kept
-    for t in las:
-        assert smoke.check_skip(2, 1000, 1500, 4, 1, d, causal, torch.bfloat16, 30.0, Dv=dv,
-                                tuning=t)
-        assert smoke.check_varlen([100, 1, 300, 257, 0], [200, 5, 300, 700, 3], 4, 2, d, causal,
-                                  torch.bfloat16, 20.0, Dv=dv, tuning=t)
+        [dict(qk_lookahead=True, num_stages=3)] if dims[0] == 128 else [])
+    _assert_schedules_bitwise(dims, causal, [
+        ((2, 1000, 1500, 4, 1), 30.0), ((1, 700, 2100, 4, 2), 300.0), ((2, 333, 1000, 2, 2), 3000.0),
+        ((1, 200, 100, 2, 1), 30.0), ((1, 130, 250, 2, 2), 3.0)], las)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dims", [(128, 128), (256, 256)], ids=_dims_id)
+@pytest.mark.gpu
+def test_rescale_o_before_pv_bitwise(causal, dims):
+    """The O rescale of a kept tile applied before the next PV (rescale_o_before_pv, an option)
+    or right after the tile (default): the same bits, counters included, dense and at low to
+    near-total sparsity (whole-warpgroup PV skips), 1 and 2 tiles; against the reference (skip,
+    varlen)."""
+    if not _on_hopper():
+        pytest.skip("needs sm_90")
+    _assert_schedules_bitwise(dims, causal, [
+        ((2, 1000, 1500, 4, 1), 30.0), ((1, 700, 2100, 4, 2), 300.0), ((1, 512, 4096, 2, 1), 1e5),
+        ((1, 200, 100, 2, 1), 30.0), ((1, 130, 150, 2, 2), 3.0)], [dict(rescale_o_before_pv=True)])
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -510,14 +559,15 @@ def test_v_load_skip_bitwise(dims, causal):
 @pytest.mark.parametrize("dims", HEAD_DIM_PAIRS, ids=_dims_id)
 @pytest.mark.gpu
 def test_v_warp_bitwise(dims, causal):
-    """V tiles issued by a second producer warp (v_warp) without gating: the dense build and the
-    skip build that loads every V give the bits of their one-producer-warp builds."""
+    """V tiles issued by a second producer warp (v_warp; the hdim-256 dense default) without
+    gating: the dense build and the skip build that loads every V give the bits of their
+    one-producer-warp builds."""
     if not _on_hopper():
         pytest.skip("needs sm_90")
     from blasst_cute.workloads import synthetic_qkv
     d, dv = dims
     q, k, v = synthetic_qkv(2, 1000, 1500, 4, 2, d, dv, device="cuda", seed=7)
-    for factor, base in ((None, {}), (300.0, dict(v_load_skip=False))):
+    for factor, base in ((None, dict(v_warp=False)), (300.0, dict(v_load_skip=False, v_warp=False))):
         stats = factor is not None
         o1, l1, v1, s1 = smoke.run_kernel(q, k, v, causal=causal, scale=d ** -0.5, factor=factor,
                                           stats=stats, tuning=base)

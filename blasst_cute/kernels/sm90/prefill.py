@@ -4,7 +4,8 @@
 #   warpgroup 0 : producer; its warp 0 issues TMA loads of Q (once) and K/V tiles into
 #                 `num_stages`-deep mbarrier pipelines (K of tile j is issued before V of tile j+1,
 #                 matching the consumers' software pipeline); with v_load_skip warp 0 issues Q and
-#                 K, warp 1 the V tiles the consumer warps' votes keep.
+#                 K, warp 1 the V tiles the consumer warps' votes keep (warp 1 also issues every V
+#                 of the hdim-256 dense build: v_warp).
 #   warpgroups 1..n : consumers (n = tile_m / 64: 2, or 3 for head dim 64), 64 query rows each.
 #                 Per key tile j (visited right to left):
 #                 S_j = Q K_j^T (wgmma, async) overlapped with O += P_{j+1} V_{j+1} (wgmma, P from
@@ -178,11 +179,12 @@ class BlasstFwdSm90:
         fast_vote: bool = True,
         late_v_wait: bool = True,
         v_load_skip: Optional[bool] = None,
-        v_warp: bool = False,
+        v_warp: Optional[bool] = None,
         lazy_p_zero: bool = False,
         defer_v_release: Optional[bool] = None,
         qk_lookahead: bool = False,
         lookahead_after_skips: Optional[int] = None,
+        rescale_o_before_pv: bool = False,
     ):
         head_dim_v = head_dim if head_dim_v is None else head_dim_v
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
@@ -261,9 +263,13 @@ class BlasstFwdSm90:
             raise NotImplementedError("blasst sm90 prefill: v_load_skip needs the skip build with pv_skip")
         self.v_load_skip = v_load_skip and not debug_no_v_load
         # V tiles issued by producer warp 1 (warp 0: Q and K), so that neither stream waits for
-        # the other's stages; implied by v_load_skip. On its own (every V loaded) an option, off:
-        # 0.96-1.02x on the dense build (H100, prefill-h100-vskip.md run 5). In a cluster, V from
-        # warp 1 is not multicast.
+        # the other's stages; implied by v_load_skip. On its own (every V loaded): default (None)
+        # for hdim_v > 128 without a cluster (H100, hdim 256 dense: +0.3 to +5.2 % in 12 of 12
+        # shape-runs, prefill-h100-d256-vwarp.md), off elsewhere (hdim 128 dense: 0.96-1.02x,
+        # prefill-h100-vskip.md run 5, and 0.99-1.01x in the d256-vwarp run 2). In a cluster, V
+        # from warp 1 is not multicast.
+        if v_warp is None:
+            v_warp = head_dim_v > 128 and cluster_m * cluster_h == 1
         if v_warp and not self.v_load_skip and cluster_m * cluster_h > 1:
             raise NotImplementedError("blasst sm90 prefill: v_warp with a 2-CTA cluster")
         self.v_warp = (v_warp or self.v_load_skip) and not debug_no_v_load
@@ -374,6 +380,15 @@ class BlasstFwdSm90:
                     "and no debug knob")
         self.lookahead_after_skips = lookahead_after_skips
         self.pingpong = (head_dim <= 128 and intra_wg_overlap) if pingpong is None else pingpong
+        # rescale_o_before_pv (default schedule): the O rescale of a kept tile waits in a
+        # register per row and is applied at the next iteration, while that iteration's QK is on
+        # the tensor pipe, just before the PV it must precede (rows that skipped the tile keep
+        # scale 1; a PV every warp skipped needs none), instead of after the tile's last wait,
+        # where it delays the next QK (FA4 does so for hdim_v > 128). Same arithmetic in the
+        # same order: same bits. An option, off: H100, hdim 256, two runs of 6-8 rounds
+        # (prefill-h100-d256-vwarp.md): dense -2 to +3 % (noise), the skip build at 0 % -6 to
+        # 0 %, never a gain; no gain at hdim 128 either.
+        self.rescale_o_before_pv = bool(rescale_o_before_pv)
         self.num_threads = 128 * (self.num_mma_wg + 1)
         self.num_mma_threads = 128 * self.num_mma_wg
         # 64K registers per SM: 2 consumer warpgroups at 240 + producer at 24, or 3 at 160 + 32.
@@ -865,6 +880,9 @@ class BlasstFwdSm90:
         softmax.reset()
         if const_expr(not self.qk_lookahead):
             acc_O.fill(0.0)  # (qk_lookahead: the first PV initializes O)
+        # rescale_o_before_pv: the O rescale still to apply before the next PV, per row
+        o_scale = cute.make_rmem_tensor(num_rows, Float32)
+        o_scale.fill(1.0)
 
         # BLASST threshold and the validity of this thread's rows (padding rows vote skip).
         log2_lambda = Float32(0.0)
@@ -909,6 +927,7 @@ class BlasstFwdSm90:
             softmax=softmax, seq=seq, m_block=m_block, wg_idx=wg_idx,
             sVote=sVote, sFlags=sFlags, mbar_decision=mbar_decision, row_valid=row_valid,
             log2_lambda=log2_lambda, skip_enabled=skip_enabled, row_thr=row_thr, row_floor=row_floor, margin=margin,
+            o_scale=o_scale,
         )
 
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.num_stages)
@@ -968,6 +987,8 @@ class BlasstFwdSm90:
                     barrier_id=int(NamedBarrierSm90.SkipVoteWG1) + wg_idx, number_of_threads=128
                 )
                 pv_skip = group_all_published(sFlags, self._slot(n_last), wg_idx)
+            if not pv_skip:
+                self.apply_pending_o_scale(ctx)
             pipeline_v.consumer_wait(kv_state)
             if not pv_skip:
                 if const_expr(self.lazy_p_zero):
@@ -1100,12 +1121,14 @@ class BlasstFwdSm90:
             if pv_skip:
                 warpgroup.commit_group()  # empty group keeps wait_group counts uniform
             else:
+                self.apply_pending_o_scale(ctx)
                 if const_expr(self.late_v_wait):
                     pipeline_v.consumer_wait(kv_state_v)
                 if const_expr(self.lazy_p_zero):
                     self.zero_stale_p(tOrP, warp_skipped)
                 wgmma(ctx["tiled_mma_pv"], acc_O, tOrP, tOrVt_cur, False)
         else:
+            self.apply_pending_o_scale(ctx)
             wgmma(ctx["tiled_mma_pv"], acc_O, tOrP, tOrVt_cur, False)
         self.scheduler_arrive(wg_idx)
         if const_expr(self.defer_v_release):
@@ -1318,6 +1341,8 @@ class BlasstFwdSm90:
             # Zero P rows add nothing if the warpgroup's PV of this tile still runs.
             if const_expr(not self.lazy_p_zero):
                 ctx["tOrP"].fill(0.0)
+            if const_expr(self.rescale_o_before_pv):
+                ctx["o_scale"].fill(1.0)  # this warp's rows of O stay as they are
         else:
             # The whole keep path is one basic block, as in the dense build, so that the
             # compiler interleaves the P conversion and O rescale with the exp2s (MUFU-bound).
@@ -1399,7 +1424,16 @@ class BlasstFwdSm90:
         warpgroup.wait_group(0)
         self.release_v_stage(ctx, kv_state_v, release_v)
         convert_f32_to_16bit(acc_as_operand_a(acc_S), ctx["tOrP"])
-        rescale_rows(ctx["acc_O"], row_scale)
+        if const_expr(self.rescale_o_before_pv):
+            ctx["o_scale"].store(row_scale.load())
+        else:
+            rescale_rows(ctx["acc_O"], row_scale)
+
+    @cute.jit
+    def apply_pending_o_scale(self, ctx):
+        """rescale_o_before_pv: the previous kept tile's O rescale, just before the next PV."""
+        if const_expr(self.rescale_o_before_pv):
+            rescale_rows(ctx["acc_O"], ctx["o_scale"])
 
     # ------------------------------------------------------------------ ping-pong token
     def scheduler_sync(self, wg_idx: Int32):
