@@ -131,6 +131,7 @@ PRESETS = {
     # V tiles from producer warp 1 without gating (the dense build; the skip build loading every V)
     "dense_vw": ("new", False, 0.0, dict(v_warp=True)),
     "dense_vw_ors": ("new", False, 0.0, dict(v_warp=True, rescale_o_before_pv=True)),
+    "dense_vw_nors": ("new", False, 0.0, dict(v_warp=True, rescale_o_before_pv=False)),
     # Q, K and V from one producer warp (v1; the dense default except at hdim_v 256)
     "dense_v1": ("new", False, 0.0, dict(v_warp=False)),
     "skip0_allvw": ("new", True, ZERO, dict(v_load_skip=False, v_warp=True)),
@@ -152,9 +153,10 @@ PRESETS = {
 
 
 # Name parts whose variant gives the same bits as the variant without them (replaced in order).
-BITWISE_SAME = (("_nors", ""), ("_ors", ""), ("_la3", ""), ("_laallv", ""), ("_lanopv", ""), ("_las0", ""), ("_las1", ""),
-                ("_las2", ""), ("_las4", ""), ("_la", ""), ("_h2v", ""), ("_c2v", ""),
-                ("_c2s3", "_s3"), ("_c2", ""), ("_h2", ""), ("_lzdv", ""), ("_lz", ""), ("_nodv", ""), ("_dv", ""), ("n176lzdv", "n176"),
+BITWISE_SAME = (("_nors", ""), ("_ors", ""), ("_la3", ""), ("_laallv", ""), ("_lanopv", ""),
+                ("_las0", ""), ("_las1", ""), ("_las2", ""), ("_las4", ""), ("_la", ""),
+                ("_h2v", ""), ("_c2v", ""), ("_c2s3", "_s3"), ("_c2", ""), ("_h2", ""),
+                ("_lzdv", ""), ("_lz", ""), ("_nodv", ""), ("_dv", ""), ("n176lzdv", "n176"),
                 ("_vw", ""), ("_v1", ""))
 
 
