@@ -115,32 +115,24 @@ def prefill_lookahead(seqlen_k: Optional[int], tuning: Optional[dict] = None) ->
 # Compilation
 # ----------------------------------------------------------------------------------------------
 
+# BlasstFwdSm90's tuning keywords and the value a config without them gets.
+_KNOB_DEFAULTS = dict(
+    tile_m=None, tile_n=None, num_stages=None, intra_wg_overlap=True, pingpong=None,
+    vote_smem=True, lpt=None, debug_no_vote=False, decision_rows=16, debug_no_v_load=False,
+    pv_skip=True, lpt_heads=None, fast_vote=True, late_v_wait=True, v_load_skip=None, v_warp=None,
+    lazy_p_zero=False, defer_v_release=None, qk_lookahead=False, lookahead_after_skips=None,
+    rescale_o_before_pv=False,
+)
+
+
 def _config_key(config: dict) -> tuple:
     c = dict(config)
     c["dtype"] = kernel_dtype(c.get("dtype", torch.bfloat16), "sm90 prefill")
     c.setdefault("head_dim_v", c["head_dim"])
     for k in ("causal", "has_skip", "has_stats", "varlen", "factor_per_batch"):
         c[k] = bool(c.get(k, False))
-    for k in ("tile_m", "tile_n", "num_stages"):
-        c.setdefault(k, None)
-    c.setdefault("intra_wg_overlap", True)
-    c.setdefault("pingpong", None)
-    c.setdefault("vote_smem", True)
-    c.setdefault("lpt", None)
-    c.setdefault("debug_no_vote", False)
-    c.setdefault("decision_rows", 16)
-    c.setdefault("debug_no_v_load", False)
-    c.setdefault("pv_skip", True)
-    c.setdefault("lpt_heads", None)
-    c.setdefault("fast_vote", True)
-    c.setdefault("late_v_wait", True)
-    c.setdefault("v_load_skip", None)
-    c.setdefault("v_warp", None)
-    c.setdefault("lazy_p_zero", False)
-    c.setdefault("defer_v_release", None)
-    c.setdefault("qk_lookahead", False)
-    c.setdefault("lookahead_after_skips", None)
-    c.setdefault("rescale_o_before_pv", False)
+    for k, v in _KNOB_DEFAULTS.items():
+        c.setdefault(k, v)
     c["cluster_m"] = int(c.get("cluster_m", 1))
     c["cluster_h"] = int(c.get("cluster_h", 1))
     return tuple(sorted(c.items(), key=lambda kv: kv[0]))
@@ -148,20 +140,11 @@ def _config_key(config: dict) -> tuple:
 
 def _make_kernel(key: tuple) -> BlasstFwdSm90:
     c = dict(key)
+    knobs = {k: c[k] for k in (*_KNOB_DEFAULTS, "cluster_m", "cluster_h")}
     return BlasstFwdSm90(
         TORCH_TO_CUTLASS[c["dtype"]], c["head_dim"], c["head_dim_v"], causal=c["causal"],
         has_skip=c["has_skip"], has_stats=c["has_stats"], varlen=c["varlen"],
-        factor_per_batch=c["factor_per_batch"], tile_m=c["tile_m"], tile_n=c["tile_n"],
-        num_stages=c["num_stages"],
-        intra_wg_overlap=c["intra_wg_overlap"], pingpong=c["pingpong"],
-        vote_smem=c["vote_smem"], lpt=c["lpt"], debug_no_vote=c["debug_no_vote"],
-        decision_rows=c["decision_rows"], debug_no_v_load=c["debug_no_v_load"],
-        pv_skip=c["pv_skip"], lpt_heads=c["lpt_heads"], cluster_m=c["cluster_m"],
-        cluster_h=c["cluster_h"], fast_vote=c["fast_vote"],
-        late_v_wait=c["late_v_wait"], v_load_skip=c["v_load_skip"], v_warp=c["v_warp"],
-        lazy_p_zero=c["lazy_p_zero"], defer_v_release=c["defer_v_release"],
-        qk_lookahead=c["qk_lookahead"], lookahead_after_skips=c["lookahead_after_skips"],
-        rescale_o_before_pv=c["rescale_o_before_pv"],
+        factor_per_batch=c["factor_per_batch"], **knobs,
     )
 
 
