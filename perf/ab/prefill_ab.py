@@ -54,6 +54,9 @@ PRESETS = {
     "sparse_nopv": ("new", True, "sparse", dict(pv_skip=False)),
     "skip0_nopv": ("new", True, ZERO, dict(pv_skip=False)),
     "skip0_novote": ("new", True, ZERO, dict(debug_no_vote=True)),
+    # no vote and no PV skip (so every V from warp 0 and no look-ahead switch): the skip build's
+    # remaining structure (the skip branch, thresholds, counter) at 0 %
+    "skip0_novote_nopv": ("new", True, ZERO, dict(debug_no_vote=True, pv_skip=False)),
     "base_skip0": ("base", True, ZERO, {}),
     "base_sparse": ("base", True, "sparse", {}),
     "base_skip0_vs": ("base", True, ZERO, dict(v_load_skip=True)),
@@ -140,6 +143,14 @@ PRESETS = {
     "dense_m128": ("new", False, 0.0, dict(tile_m=128)),
     "skip0_m128": ("new", True, ZERO, dict(tile_m=128)),
     "sparse_m128": ("new", True, "sparse", dict(tile_m=128)),
+    # the vote on each thread's own columns' maxima, the row max reduced after the branch: in
+    # the look-ahead schedule only (default), in both schedules (vtm1), or never (vtm0)
+    "skip0_vtm0": ("new", True, ZERO, dict(vote_thread_max=False)),
+    "sparse_vtm0": ("new", True, "sparse", dict(vote_thread_max=False)),
+    "skip0_vtm1": ("new", True, ZERO, dict(vote_thread_max=True)),
+    "sparse_vtm1": ("new", True, "sparse", dict(vote_thread_max=True)),
+    "skip0_la_vtm0": ("new", True, ZERO, dict(qk_lookahead=True, vote_thread_max=False)),
+    "sparse_la_vtm0": ("new", True, "sparse", dict(qk_lookahead=True, vote_thread_max=False)),
     # issue #3 skip-cost variants, every knob explicit (independent of the class defaults):
     # rule = the vote evaluated from the rule each tile, fv = per-row thresholds, lvw = late V
     # wait for skipped PVs (all three load every V)
@@ -153,7 +164,8 @@ PRESETS = {
 
 
 # Name parts whose variant gives the same bits as the variant without them (replaced in order).
-BITWISE_SAME = (("_nors", ""), ("_ors", ""), ("_la3", ""), ("_laallv", ""), ("_lanopv", ""),
+BITWISE_SAME = (("_vtm0", ""), ("_vtm1", ""), ("_nors", ""), ("_ors", ""), ("_la3", ""),
+                ("_laallv", ""), ("_lanopv", ""),
                 ("_las0", ""), ("_las1", ""), ("_las2", ""), ("_las4", ""), ("_la", ""),
                 ("_h2v", ""), ("_c2v", ""), ("_c2s3", "_s3"), ("_c2", ""), ("_h2", ""),
                 ("_lzdv", ""), ("_lz", ""), ("_nodv", ""), ("_dv", ""), ("n176lzdv", "n176"),

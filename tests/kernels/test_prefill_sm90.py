@@ -76,6 +76,7 @@ def test_compile_sm90a(dtype, dims, causal, variant, varlen):
                                     dict(qk_lookahead=True), dict(qk_lookahead=True, has_skip=False),
                                     dict(lookahead_after_skips=0),
                                     dict(rescale_o_before_pv=True), dict(has_skip=False, v_warp=False),
+                                    dict(vote_thread_max=True),
                                     dict(fast_vote=False, late_v_wait=False, v_load_skip=False)],
                          ids=str)
 @pytest.mark.parametrize("dims", [(128, 128), (256, 256), MLA], ids=_dims_id)
@@ -86,8 +87,10 @@ def test_compile_skip_variants(tuning, dims):
     end of its iteration (causal default: one iteration later), P zeroed only for PVs that run,
     the look-ahead schedule for the whole q-tile (skip and dense builds), the hdim-128 skip
     build without the switch to it (what keys shorter than 16k get; the other compile tests
-    build the default, which switches), the O rescale before the next PV, and the hdim-256 dense
-    build with V issued by the producer's first warp (its default: a second warp)."""
+    build the default, which switches), the O rescale before the next PV, the hdim-256 dense
+    build with V issued by the producer's first warp (its default: a second warp), and the
+    hdim-128 vote on per-thread maxima in both schedules (its default: in the look-ahead
+    schedule only; hdim 64 and 256 vote so in both by default)."""
     if os.environ.get("CUTE_DSL_ARCH", "sm_90a") != "sm_90a" and not _on_hopper():
         pytest.skip("CUTE_DSL_ARCH is not sm_90a")
     if dims[0] > 128 and tuning.get("num_stages") == 3:
@@ -98,7 +101,8 @@ def test_compile_skip_variants(tuning, dims):
             pytest.skip("the default dense build (the other compile tests build it)")
     elif dims != (128, 128) and set(tuning) <= {"fast_vote", "late_v_wait", "v_load_skip", "v_warp",
                                                 "defer_v_release", "lazy_p_zero", "qk_lookahead",
-                                                "lookahead_after_skips", "has_skip"}:
+                                                "lookahead_after_skips", "has_skip",
+                                                "vote_thread_max"}:
         pytest.skip("schedule variants: hdim 128 on CPU (the GPU tests run them at other dims)")
     cfg = dict(dtype=torch.bfloat16, head_dim=dims[0], head_dim_v=dims[1], causal=True,
                has_skip=True, has_stats=True)
@@ -264,6 +268,25 @@ def test_v_warp_and_rescale_defaults():
     for kw in (dict(), dict(head_dim=256), dict(head_dim=256, has_skip=True)):
         assert not _kernel_of(**kw).rescale_o_before_pv, kw
     assert _kernel_of(head_dim=256, rescale_o_before_pv=True).rescale_o_before_pv
+
+
+def test_vote_thread_max_defaults():
+    """The vote on per-thread maxima runs by default in the look-ahead schedule only at hdim 128
+    and in both schedules at hdim 64 and 256; with True in both, never without fast_vote (the
+    dense build, 64-row decisions); other values are refused."""
+    k = _kernel_of(has_skip=True)
+    assert (k.vote_thread_max, k.vote_thread_max_lookahead) == (False, True)
+    for d in (64, 256):
+        k = _kernel_of(has_skip=True, head_dim=d)
+        assert (k.vote_thread_max, k.vote_thread_max_lookahead) == (True, True), d
+    k = _kernel_of(has_skip=True, vote_thread_max=True)
+    assert (k.vote_thread_max, k.vote_thread_max_lookahead) == (True, True)
+    for kw in (dict(), dict(has_skip=True, vote_thread_max=False),
+               dict(has_skip=True, decision_rows=64, vote_thread_max=True)):
+        k = _kernel_of(**kw)
+        assert not (k.vote_thread_max or k.vote_thread_max_lookahead), kw
+    with pytest.raises(NotImplementedError, match="vote_thread_max"):
+        _kernel_of(has_skip=True, vote_thread_max="always")
 
 
 def test_lookahead_defaults_and_policy():
@@ -497,6 +520,24 @@ def test_rescale_o_before_pv_bitwise(causal, dims):
     _assert_schedules_bitwise(dims, causal, [
         ((2, 1000, 1500, 4, 1), 30.0), ((1, 700, 2100, 4, 2), 300.0), ((1, 512, 4096, 2, 1), 1e5),
         ((1, 200, 100, 2, 1), 30.0), ((1, 130, 150, 2, 2), 3.0)], [dict(rescale_o_before_pv=True)])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dims", [(128, 128), (256, 256), (64, 64)], ids=_dims_id)
+@pytest.mark.gpu
+def test_vote_thread_max_bitwise(causal, dims):
+    """The vote on each thread's own columns' maxima (vote_thread_max True: in both schedules;
+    the hdim-128 default: in the look-ahead schedule only) or on the row maxima (False): the
+    same decisions, so the same bits and counters, in the default schedule, after the
+    look-ahead switch and in qk_lookahead (hdim 128)."""
+    if not _on_hopper():
+        pytest.skip("needs sm_90")
+    tunings = [dict(vote_thread_max=False), dict(vote_thread_max=True)]
+    if dims == (128, 128):
+        tunings += [dict(qk_lookahead=True), dict(qk_lookahead=True, vote_thread_max=False)]
+    _assert_schedules_bitwise(dims, causal, [
+        ((2, 1000, 1500, 4, 1), 30.0), ((1, 700, 2100, 4, 2), 300.0), ((1, 512, 4096, 2, 1), 1e5),
+        ((1, 200, 100, 2, 1), 30.0), ((1, 130, 150, 2, 2), 3.0)], tunings)
 
 
 @pytest.mark.parametrize("causal", [False, True])

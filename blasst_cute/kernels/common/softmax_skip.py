@@ -112,8 +112,17 @@ class OnlineSoftmax:
     @cute.jit
     def tile_row_max(self, acc_S: cute.Tensor) -> cute.Tensor:
         """m_tile per owned row (quad-reduced), over the tile's (masked) scores."""
+        return self.quad_row_max(self.thread_row_max(acc_S))
+
+    @cute.jit
+    def thread_row_max(self, acc_S: cute.Tensor) -> cute.Tensor:
+        """Per owned row, the max over this thread's columns only (no shuffle).
+
+        A warp-wide AND of ``thread max < t`` over the 4 threads of a row's quad equals
+        ``row max < t`` (the row max is one of them), so a warp vote needs no quad reduction.
+        """
         s_mn = acc_rows_cols(acc_S)
-        m_tile = cute.make_rmem_tensor(self.num_rows, Float32)
+        m_thr = cute.make_rmem_tensor(self.num_rows, Float32)
         ncol = cute.size(s_mn, mode=[1])
         for r in cutlass.range_constexpr(self.num_rows):
             # 4 independent max chains for ILP.
@@ -121,8 +130,15 @@ class OnlineSoftmax:
             for c in cutlass.range_constexpr(4, ncol, 4):
                 for j in cutlass.range_constexpr(4):
                     m[j] = cute.arch.fmax(m[j], s_mn[r, c + j])
-            m0 = cute.arch.fmax(cute.arch.fmax(m[0], m[1]), cute.arch.fmax(m[2], m[3]))
-            m_tile[r] = quad_allreduce_max(m0)
+            m_thr[r] = cute.arch.fmax(cute.arch.fmax(m[0], m[1]), cute.arch.fmax(m[2], m[3]))
+        return m_thr
+
+    @cute.jit
+    def quad_row_max(self, m_thr: cute.Tensor) -> cute.Tensor:
+        """Quad-reduce per-thread row maxima to the row maxima."""
+        m_tile = cute.make_rmem_tensor(self.num_rows, Float32)
+        for r in cutlass.range_constexpr(self.num_rows):
+            m_tile[r] = quad_allreduce_max(m_thr[r])
         return m_tile
 
     @cute.jit

@@ -24,6 +24,8 @@
 # scale_log2, is refreshed on kept tiles (in the exp2 block's MUFU shadow), so a tile's vote is
 # one compare per row right after the tile row max; fast_vote=False evaluates the rule as written
 # ((m_tile - m_run) * scale_log2 < log2(lambda), or padding, or no key seen) every tile.
+# vote_thread_max: the vote compares each thread's own columns' max (same decision), so the row
+# max's shuffles run in the keep block after the branch, off a skipping warp's path.
 # late_v_wait (default): a warpgroup skipping a PV waits for that V stage only after passing the
 # ping-pong token (+1-6 % at 50-98 % skipped). Skip cost at 0 % skipped (H100): 0-4.4 % below
 # the dense build with the A/B rounds in alternating order (perf/results/prefill-h100-chain.md;
@@ -185,6 +187,7 @@ class BlasstFwdSm90:
         qk_lookahead: bool = False,
         lookahead_after_skips: Optional[int] = None,
         rescale_o_before_pv: bool = False,
+        vote_thread_max=None,
     ):
         head_dim_v = head_dim if head_dim_v is None else head_dim_v
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
@@ -238,6 +241,26 @@ class BlasstFwdSm90:
         # three ORs; the tile-parity slots use `& 1`. Same rule up to fp32 rounding of the
         # threshold (rare borderline flips, as against the float64 reference anyway).
         self.fast_vote = fast_vote and has_skip and decision_rows == 16 and not debug_no_vote
+        # vote_thread_max (fast_vote): each thread compares the max of its own columns of a row
+        # with the row's threshold and the warp vote ANDs them; the row max is one of the 4
+        # compared, so the decision is the same (same bits, tested). The row max (2 shuffle
+        # rounds) is then reduced inside the keep block, after the branch, so the vote and a
+        # skipping warp no longer wait for it. True: in both schedules; "lookahead": in the
+        # look-ahead schedule only (after lookahead_after_skips skipped tiles, or qk_lookahead);
+        # False: never. Default (None): True for head dims 64 and 256, "lookahead" otherwise.
+        # H100, 32/8, B*L = 32k (perf/results/prefill-h100-vote-thread-max.md): hdim 128, both
+        # schedules: +2-7 % at 53-98 % skipped, ~1 % slower at 0 % (the keep block's exp2s
+        # start later); look-ahead schedule only: +0-7 % (mostly 3-4 %) at 71-98 % skipped from
+        # 16k keys up (where it runs; shorter keys are unchanged), no cost at 0 %. Hdim 256 / 64,
+        # both schedules: +1-7 % at 59-97 % skipped, at 0 % within the noise.
+        if vote_thread_max is None:
+            vote_thread_max = True if head_dim in (64, 256) else "lookahead"
+        if vote_thread_max not in (True, False, "lookahead"):
+            raise NotImplementedError(
+                f"blasst sm90 prefill: vote_thread_max {vote_thread_max!r} (True, False or "
+                "'lookahead')")
+        self.vote_thread_max = vote_thread_max is True and self.fast_vote
+        self.vote_thread_max_lookahead = bool(vote_thread_max) and self.fast_vote
         # When a warpgroup skips the PV of a tile it does not need V there, only to know the stage
         # landed before releasing it: wait for it after passing the ping-pong token (and the QK
         # wait), not before, so that a late V does not hold back the other warpgroup's GEMMs.
@@ -1151,8 +1174,8 @@ class BlasstFwdSm90:
                 seq.seqlen_k, self.tile_m, self.tile_n, False, True,
             )
         if const_expr(self.has_skip):
-            m_tile = softmax.tile_row_max(acc_S)
-            skip = self.decide_skip(ctx, m_tile, n_block)
+            m_tile, m_vote = self.tile_maxima(softmax, acc_S, self.vote_thread_max)
+            skip = self.decide_skip(ctx, m_vote, n_block)
             if skip:
                 num_skipped += 1
             self.softmax_skip_or_keep(ctx, acc_S, m_tile, kv_state_v, skip, release_v)
@@ -1274,11 +1297,14 @@ class BlasstFwdSm90:
                     acc_S, ctx["tScS"], ctx["t0ScS"], ctx["m_block"], n_block, seq.seqlen_q,
                     seq.seqlen_k, self.tile_m, self.tile_n, False, True,
                 )
-        m_tile = softmax.tile_row_max(acc_S)
+        thread_max = self.vote_thread_max_lookahead
+        m_tile, m_vote = self.tile_maxima(softmax, acc_S, thread_max)
+        if const_expr(is_first):
+            m_tile = self.keep_row_max(softmax, m_tile, thread_max)
         skip = Boolean(False)
         if const_expr(self.has_skip):
             if const_expr(not is_first):
-                skip = self.decide_skip(ctx, m_tile, n_block, False)
+                skip = self.decide_skip(ctx, m_vote, n_block, False)
                 if not pv_issued:
                     pipeline_v.consumer_wait(v_prev_state)
                     pipeline_v.consumer_release(v_prev_state)
@@ -1291,7 +1317,9 @@ class BlasstFwdSm90:
             # ptxas runs out of registers and serializes every wgmma.
             compiler_barrier()
         else:
-            row_scale = softmax.update(acc_S, m_tile, is_first)
+            m_keep = m_tile if const_expr(is_first) else self.keep_row_max(softmax, m_tile,
+                                                                            thread_max)
+            row_scale = softmax.update(acc_S, m_keep, is_first)
             self.update_row_thresholds(ctx)
             convert_f32_to_16bit(acc_as_operand_a(acc_S), ctx["tOrP"])
             if const_expr(not is_first):
@@ -1357,10 +1385,30 @@ class BlasstFwdSm90:
                 ctx["pipeline_v"].consumer_release(kv_state_v)
 
     @cute.jit
+    def tile_maxima(self, softmax: OnlineSoftmax, acc_S: cute.Tensor,
+                    thread_max: cutlass.Constexpr[bool]):
+        """(the maxima keep_row_max turns into the row maxima, the maxima the vote compares):
+        this thread's own columns' maxima twice with thread_max, else the row maxima."""
+        if const_expr(thread_max):
+            m_thr = softmax.thread_row_max(acc_S)
+            return m_thr, m_thr  # (quad-reduced in the keep block: keep_row_max)
+        m_tile = softmax.tile_row_max(acc_S)
+        return m_tile, m_tile
+
+    @cute.jit
+    def keep_row_max(self, softmax: OnlineSoftmax, m_tile: cute.Tensor,
+                     thread_max: cutlass.Constexpr[bool]) -> cute.Tensor:
+        """The row maxima in the keep block, from tile_maxima's first result."""
+        if const_expr(thread_max):
+            return softmax.quad_row_max(m_tile)
+        return m_tile
+
+    @cute.jit
     def decide_skip(self, ctx, m_tile: cute.Tensor, n_block: Int32,
                     publish: cutlass.Constexpr[bool] = True) -> Boolean:
         """This decision group's BLASST vote for tile n_block (published for the PV skip unless
-        the caller publishes it)."""
+        the caller publishes it). m_tile: row maxima, or with fast_vote any per-thread maxima
+        whose warp-wide AND of `< threshold` equals the rows' (vote_thread_max)."""
         wg_idx = ctx["wg_idx"]
         skip = Boolean(False)
         if const_expr(self.fast_vote):
@@ -1419,6 +1467,7 @@ class BlasstFwdSm90:
     def softmax_keep(self, ctx, acc_S: cute.Tensor, m_tile: cute.Tensor, kv_state_v,
                      release_v: Optional[Boolean] = None):
         """Online softmax of a kept tile, then (once the previous PV is done) P and the O rescale."""
+        m_tile = self.keep_row_max(ctx["softmax"], m_tile, self.vote_thread_max)
         row_scale = ctx["softmax"].update(acc_S, m_tile, False)
         self.update_row_thresholds(ctx)
         warpgroup.wait_group(0)
