@@ -76,7 +76,6 @@ def test_compile_sm90a(dtype, dims, causal, variant, varlen):
                                     dict(qk_lookahead=True), dict(qk_lookahead=True, has_skip=False),
                                     dict(lookahead_after_skips=0),
                                     dict(rescale_o_before_pv=True), dict(has_skip=False, v_warp=False),
-                                    dict(vote_thread_max=True),
                                     dict(fast_vote=False, late_v_wait=False, v_load_skip=False)],
                          ids=str)
 @pytest.mark.parametrize("dims", [(128, 128), (256, 256), MLA], ids=_dims_id)
@@ -88,9 +87,9 @@ def test_compile_skip_variants(tuning, dims):
     the look-ahead schedule for the whole q-tile (skip and dense builds), the hdim-128 skip
     build without the switch to it (what keys shorter than 16k get; the other compile tests
     build the default, which switches), the O rescale before the next PV, the hdim-256 dense
-    build with V issued by the producer's first warp (its default: a second warp), and the
-    hdim-128 vote on per-thread maxima in both schedules (its default: in the look-ahead
-    schedule only; hdim 64 and 256 vote so in both by default)."""
+    build with V issued by the producer's first warp (its default: a second warp). (The vote on
+    per-thread maxima in the default schedule is compiled by the hdim-64 and 256 skip builds,
+    where it is the default.)"""
     if os.environ.get("CUTE_DSL_ARCH", "sm_90a") != "sm_90a" and not _on_hopper():
         pytest.skip("CUTE_DSL_ARCH is not sm_90a")
     if dims[0] > 128 and tuning.get("num_stages") == 3:
@@ -101,8 +100,7 @@ def test_compile_skip_variants(tuning, dims):
             pytest.skip("the default dense build (the other compile tests build it)")
     elif dims != (128, 128) and set(tuning) <= {"fast_vote", "late_v_wait", "v_load_skip", "v_warp",
                                                 "defer_v_release", "lazy_p_zero", "qk_lookahead",
-                                                "lookahead_after_skips", "has_skip",
-                                                "vote_thread_max"}:
+                                                "lookahead_after_skips", "has_skip"}:
         pytest.skip("schedule variants: hdim 128 on CPU (the GPU tests run them at other dims)")
     cfg = dict(dtype=torch.bfloat16, head_dim=dims[0], head_dim_v=dims[1], causal=True,
                has_skip=True, has_stats=True)
