@@ -253,7 +253,7 @@ def run_prefill_sm90(q, k, v, out, lse, *, causal: bool, softmax_scale: float,
                   has_skip=has_skip, has_stats=has_stats, varlen=varlen,
                   factor_per_batch=factor_t is not None)
     if tuning:
-        config.update(tuning)  # experiments only: tile_m, tile_n, num_stages, pingpong, vote_smem, lpt, lpt_heads, decision_rows, pv_skip, cluster_m, cluster_h, fast_vote, late_v_wait, v_load_skip, v_warp, lazy_p_zero, defer_v_release, qk_lookahead, lookahead_after_skips, rescale_o_before_pv
+        config.update(tuning)  # experiments only: keys of _KNOB_DEFAULTS, cluster_m, cluster_h
     config.update(prefill_cluster(bool(causal), q.shape[-2], k.shape[-2], tuning,
                                   has_skip=has_skip, factor=factor,
                                   seqlen_k=max_seqlen_k if varlen else k.shape[1],

@@ -149,8 +149,6 @@ PRESETS = {
     "sparse_vtm0": ("new", True, "sparse", dict(vote_thread_max=False)),
     "skip0_vtm1": ("new", True, ZERO, dict(vote_thread_max=True)),
     "sparse_vtm1": ("new", True, "sparse", dict(vote_thread_max=True)),
-    "skip0_la_vtm0": ("new", True, ZERO, dict(qk_lookahead=True, vote_thread_max=False)),
-    "sparse_la_vtm0": ("new", True, "sparse", dict(qk_lookahead=True, vote_thread_max=False)),
     # issue #3 skip-cost variants, every knob explicit (independent of the class defaults):
     # rule = the vote evaluated from the rule each tile, fv = per-row thresholds, lvw = late V
     # wait for skipped PVs (all three load every V)

@@ -1174,8 +1174,8 @@ class BlasstFwdSm90:
                 seq.seqlen_k, self.tile_m, self.tile_n, False, True,
             )
         if const_expr(self.has_skip):
-            m_tile, m_vote = self.tile_maxima(softmax, acc_S, self.vote_thread_max)
-            skip = self.decide_skip(ctx, m_vote, n_block)
+            m_tile = self.vote_maxima(softmax, acc_S, self.vote_thread_max)
+            skip = self.decide_skip(ctx, m_tile, n_block)
             if skip:
                 num_skipped += 1
             self.softmax_skip_or_keep(ctx, acc_S, m_tile, kv_state_v, skip, release_v)
@@ -1298,13 +1298,11 @@ class BlasstFwdSm90:
                     seq.seqlen_k, self.tile_m, self.tile_n, False, True,
                 )
         thread_max = self.vote_thread_max_lookahead
-        m_tile, m_vote = self.tile_maxima(softmax, acc_S, thread_max)
-        if const_expr(is_first):
-            m_tile = self.keep_row_max(softmax, m_tile, thread_max)
+        m_tile = self.vote_maxima(softmax, acc_S, thread_max)
         skip = Boolean(False)
         if const_expr(self.has_skip):
             if const_expr(not is_first):
-                skip = self.decide_skip(ctx, m_vote, n_block, False)
+                skip = self.decide_skip(ctx, m_tile, n_block, False)
                 if not pv_issued:
                     pipeline_v.consumer_wait(v_prev_state)
                     pipeline_v.consumer_release(v_prev_state)
@@ -1317,9 +1315,8 @@ class BlasstFwdSm90:
             # ptxas runs out of registers and serializes every wgmma.
             compiler_barrier()
         else:
-            m_keep = m_tile if const_expr(is_first) else self.keep_row_max(softmax, m_tile,
-                                                                            thread_max)
-            row_scale = softmax.update(acc_S, m_keep, is_first)
+            row_scale = softmax.update(acc_S, self.keep_row_max(softmax, m_tile, thread_max),
+                                       is_first)
             self.update_row_thresholds(ctx)
             convert_f32_to_16bit(acc_as_operand_a(acc_S), ctx["tOrP"])
             if const_expr(not is_first):
@@ -1385,20 +1382,18 @@ class BlasstFwdSm90:
                 ctx["pipeline_v"].consumer_release(kv_state_v)
 
     @cute.jit
-    def tile_maxima(self, softmax: OnlineSoftmax, acc_S: cute.Tensor,
-                    thread_max: cutlass.Constexpr[bool]):
-        """(the maxima keep_row_max turns into the row maxima, the maxima the vote compares):
-        this thread's own columns' maxima twice with thread_max, else the row maxima."""
+    def vote_maxima(self, softmax: OnlineSoftmax, acc_S: cute.Tensor,
+                    thread_max: cutlass.Constexpr[bool]) -> cute.Tensor:
+        """The maxima the vote compares: this thread's own columns' maxima with thread_max
+        (keep_row_max reduces them to the row maxima in the keep block), else the row maxima."""
         if const_expr(thread_max):
-            m_thr = softmax.thread_row_max(acc_S)
-            return m_thr, m_thr  # (quad-reduced in the keep block: keep_row_max)
-        m_tile = softmax.tile_row_max(acc_S)
-        return m_tile, m_tile
+            return softmax.thread_row_max(acc_S)
+        return softmax.tile_row_max(acc_S)
 
     @cute.jit
     def keep_row_max(self, softmax: OnlineSoftmax, m_tile: cute.Tensor,
                      thread_max: cutlass.Constexpr[bool]) -> cute.Tensor:
-        """The row maxima in the keep block, from tile_maxima's first result."""
+        """The row maxima in the keep block, from vote_maxima's result."""
         if const_expr(thread_max):
             return softmax.quad_row_max(m_tile)
         return m_tile
