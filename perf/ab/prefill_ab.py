@@ -149,6 +149,10 @@ PRESETS = {
     "sparse_vtm0": ("new", True, "sparse", dict(vote_thread_max=False)),
     "skip0_vtm1": ("new", True, ZERO, dict(vote_thread_max=True)),
     "sparse_vtm1": ("new", True, "sparse", dict(vote_thread_max=True)),
+    # the hdim-128 default before "overlap" (the vote on thread maxima in the look-ahead
+    # schedule only)
+    "skip0_vtmla": ("new", True, ZERO, dict(vote_thread_max="lookahead")),
+    "sparse_vtmla": ("new", True, "sparse", dict(vote_thread_max="lookahead")),
     # issue #3 skip-cost variants, every knob explicit (independent of the class defaults):
     # rule = the vote evaluated from the rule each tile, fv = per-row thresholds, lvw = late V
     # wait for skipped PVs (all three load every V)
@@ -162,7 +166,8 @@ PRESETS = {
 
 
 # Name parts whose variant gives the same bits as the variant without them (replaced in order).
-BITWISE_SAME = (("_vtm0", ""), ("_vtm1", ""), ("_nors", ""), ("_ors", ""), ("_la3", ""),
+BITWISE_SAME = (("_vtm0", ""), ("_vtm1", ""), ("_vtmla", ""), ("_nors", ""), ("_ors", ""),
+                ("_la3", ""),
                 ("_laallv", ""), ("_lanopv", ""),
                 ("_las0", ""), ("_las1", ""), ("_las2", ""), ("_las4", ""), ("_la", ""),
                 ("_h2v", ""), ("_c2v", ""), ("_c2s3", "_s3"), ("_c2", ""), ("_h2", ""),

@@ -269,20 +269,25 @@ def test_v_warp_and_rescale_defaults():
 
 
 def test_vote_thread_max_defaults():
-    """The vote on per-thread maxima runs by default in the look-ahead schedule only at hdim 128
-    and in both schedules at hdim 64 and 256; with True in both, never without fast_vote (the
-    dense build, 64-row decisions); other values are refused."""
-    k = _kernel_of(has_skip=True)
-    assert (k.vote_thread_max, k.vote_thread_max_lookahead) == (False, True)
-    for d in (64, 256):
-        k = _kernel_of(has_skip=True, head_dim=d)
-        assert (k.vote_thread_max, k.vote_thread_max_lookahead) == (True, True), d
-    k = _kernel_of(has_skip=True, vote_thread_max=True)
-    assert (k.vote_thread_max, k.vote_thread_max_lookahead) == (True, True)
-    for kw in (dict(), dict(has_skip=True, vote_thread_max=False),
-               dict(has_skip=True, decision_rows=64, vote_thread_max=True)):
+    """The vote on per-thread maxima runs by default at hdim 128 in the look-ahead schedule and,
+    alongside the row max's shuffles, in the default one; in both schedules with the shuffles
+    after the branch at hdim 64 and 256; in the look-ahead schedule only for MLA's 192/128 (it
+    has none); never without fast_vote (the dense build, 64-row decisions); other values are
+    refused."""
+    def modes(**kw):
         k = _kernel_of(**kw)
-        assert not (k.vote_thread_max or k.vote_thread_max_lookahead), kw
+        return k.vote_thread_max, k.vote_overlap, k.vote_thread_max_lookahead
+    assert modes(has_skip=True) == (False, True, True)
+    for d in (64, 256):
+        assert modes(has_skip=True, head_dim=d) == (True, False, True), d
+    assert modes(has_skip=True, head_dim=192, head_dim_v=128) == (False, False, True)
+    assert modes(has_skip=True, vote_thread_max=True) == (True, False, True)
+    assert modes(has_skip=True, vote_thread_max="lookahead") == (False, False, True)
+    assert modes(has_skip=True, head_dim=64, vote_thread_max="overlap") == (False, True, True)
+    for kw in (dict(), dict(has_skip=True, vote_thread_max=False),
+               dict(has_skip=True, decision_rows=64, vote_thread_max=True),
+               dict(has_skip=True, decision_rows=64, vote_thread_max="overlap")):
+        assert modes(**kw) == (False, False, False), kw
     with pytest.raises(NotImplementedError, match="vote_thread_max"):
         _kernel_of(has_skip=True, vote_thread_max="always")
 
@@ -524,13 +529,14 @@ def test_rescale_o_before_pv_bitwise(causal, dims):
 @pytest.mark.parametrize("dims", [(128, 128), (256, 256), (64, 64)], ids=_dims_id)
 @pytest.mark.gpu
 def test_vote_thread_max_bitwise(causal, dims):
-    """The vote on each thread's own columns' maxima (vote_thread_max True: in both schedules;
-    the hdim-128 default: in the look-ahead schedule only) or on the row maxima (False): the
-    same decisions, so the same bits and counters, in the default schedule, after the
-    look-ahead switch and in qk_lookahead (hdim 128)."""
+    """The vote on each thread's own columns' maxima (vote_thread_max True: in both schedules,
+    the shuffles after the branch; "overlap", the hdim-128 default: with the shuffles before
+    it; "lookahead": in the look-ahead schedule only) or on the row maxima (False): the same
+    decisions, so the same bits and counters, in the default schedule, after the look-ahead
+    switch and in qk_lookahead (hdim 128)."""
     if not _on_hopper():
         pytest.skip("needs sm_90")
-    tunings = [dict(vote_thread_max=False), dict(vote_thread_max=True)]
+    tunings = [dict(vote_thread_max=v) for v in (False, True, "lookahead", "overlap")]
     if dims == (128, 128):
         tunings += [dict(qk_lookahead=True), dict(qk_lookahead=True, vote_thread_max=False)]
     _assert_schedules_bitwise(dims, causal, [

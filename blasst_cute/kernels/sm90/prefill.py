@@ -25,7 +25,8 @@
 # one compare per row right after the tile row max; fast_vote=False evaluates the rule as written
 # ((m_tile - m_run) * scale_log2 < log2(lambda), or padding, or no key seen) every tile.
 # vote_thread_max: the vote compares each thread's own columns' max (same decision), so the row
-# max's shuffles run in the keep block after the branch, off a skipping warp's path.
+# max's shuffles run in the keep block after the branch, off a skipping warp's path, or (hdim
+# 128's default schedule) alongside the vote, before the branch.
 # late_v_wait (default): a warpgroup skipping a PV waits for that V stage only after passing the
 # ping-pong token (+1-6 % at 50-98 % skipped). Skip cost at 0 % skipped (H100): 0-4.4 % below
 # the dense build with the A/B rounds in alternating order (perf/results/prefill-h100-chain.md;
@@ -247,19 +248,28 @@ class BlasstFwdSm90:
         # rounds) is then reduced inside the keep block, after the branch, so the vote and a
         # skipping warp no longer wait for it. True: in both schedules; "lookahead": in the
         # look-ahead schedule only (after lookahead_after_skips skipped tiles, or qk_lookahead);
-        # False: never. Default (None): True for head dims 64 and 256, "lookahead" otherwise.
+        # "overlap": "lookahead", and in the default schedule the vote on the thread maxima
+        # while the row max's shuffles still run before the branch (the vote and the shuffles
+        # overlap instead of following each other); False: never. Default (None): True for
+        # head dims 64 and 256, "overlap" for 128, "lookahead" otherwise (MLA's 192/128, which
+        # has no look-ahead schedule: the same as False).
         # H100, 32/8, B*L = 32k (perf/results/prefill-h100-vote-thread-max.md): hdim 128, both
         # schedules: +2-7 % at 53-98 % skipped, ~1 % slower at 0 % (the keep block's exp2s
         # start later); look-ahead schedule only: +0-7 % (mostly 3-4 %) at 71-98 % skipped from
         # 16k keys up (where it runs; shorter keys are unchanged), no cost at 0 %. Hdim 256 / 64,
-        # both schedules: +1-7 % at 59-97 % skipped, at 0 % within the noise.
+        # both schedules: +1-7 % at 59-97 % skipped, at 0 % within the noise. "overlap" against
+        # "lookahead", ncu cycles at locked clocks (prefill-h100-skip-cost-ncu.md): hdim 128
+        # -0.2 to -1.1 % at 0 % skipped, -0.25 to 0 % at 53-85 %; at hdim 64 / 256 -1.4 / -1.0 %
+        # at 0 % but +0.4 / -0.3 % at 67-68 % against True, whose skipped tiles run no shuffle.
         if vote_thread_max is None:
-            vote_thread_max = True if head_dim in (64, 256) else "lookahead"
-        if vote_thread_max not in (True, False, "lookahead"):
+            vote_thread_max = True if head_dim in (64, 256) else (
+                "overlap" if head_dim == 128 else "lookahead")
+        if vote_thread_max not in (True, False, "lookahead", "overlap"):
             raise NotImplementedError(
-                f"blasst sm90 prefill: vote_thread_max {vote_thread_max!r} (True, False or "
-                "'lookahead')")
+                f"blasst sm90 prefill: vote_thread_max {vote_thread_max!r} (True, False, "
+                "'lookahead' or 'overlap')")
         self.vote_thread_max = vote_thread_max is True and self.fast_vote
+        self.vote_overlap = vote_thread_max == "overlap" and self.fast_vote
         self.vote_thread_max_lookahead = bool(vote_thread_max) and self.fast_vote
         # When a warpgroup skips the PV of a tile it does not need V there, only to know the stage
         # landed before releasing it: wait for it after passing the ping-pong token (and the QK
@@ -1174,8 +1184,13 @@ class BlasstFwdSm90:
                 seq.seqlen_k, self.tile_m, self.tile_n, False, True,
             )
         if const_expr(self.has_skip):
-            m_tile = self.vote_maxima(softmax, acc_S, self.vote_thread_max)
-            skip = self.decide_skip(ctx, m_tile, n_block)
+            if const_expr(self.vote_overlap):
+                m_thr = softmax.thread_row_max(acc_S)
+                m_tile = softmax.quad_row_max(m_thr)
+                skip = self.decide_skip(ctx, m_thr, n_block)
+            else:
+                m_tile = self.vote_maxima(softmax, acc_S, self.vote_thread_max)
+                skip = self.decide_skip(ctx, m_tile, n_block)
             if skip:
                 num_skipped += 1
             self.softmax_skip_or_keep(ctx, acc_S, m_tile, kv_state_v, skip, release_v)
