@@ -2,7 +2,7 @@
 # Where the skip build's time goes at 0 % skipped (issue #3), in cycles at locked clocks: the
 # dense build, the skip build, and the skip build with its pieces taken out one by one, under
 # Nsight Compute (perf/diag/prefill_ncu_variants.py). On the GPU host, from the repo root:
-#   bash perf/diag/prefill_ncu_skipcost.sh OUTDIR [d128|d128c|d64|d256|ovl|all]
+#   bash perf/diag/prefill_ncu_skipcost.sh OUTDIR [d128|d128c|d64|d256|ovl|stalls|all]
 # REPORT=1 reprints the tables from OUTDIR without running anything.
 set -uo pipefail
 out=$1; which=${2:-all}
@@ -51,4 +51,10 @@ case $which in ovl|all)
     run ovl-d$d-8k-nc-f2458 --head-dim $d --seqlen 8192 --batch 4 --stats --variant "skip:2458:{}" \
       --variant "ovl:2458:$ovl"
   done;;
+esac
+# The look-ahead switch's cost at 0 %: stall reasons (no_instruction: instruction fetch)
+stalls=smsp__warp_issue_stalled_no_instruction_per_warp_active.pct,smsp__warp_issue_stalled_wait_per_warp_active.pct,smsp__warp_issue_stalled_barrier_per_warp_active.pct,smsp__warp_issue_stalled_long_scoreboard_per_warp_active.pct
+case $which in stalls|all)
+  run stalls-d128-16k-nc --seqlen 16384 --batch 2 --extra-metrics $stalls "${common[@]}" \
+    --variant "la0:$z:{\"lookahead_after_skips\": 0}";;
 esac

@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--variant", action="append", required=True, metavar="NAME:FACTOR:TUNING")
     p.add_argument("--stats", action="store_true",
                    help="also count skipped tiles (one more compile per skip variant)")
+    p.add_argument("--extra-metrics", default="",
+                   help="more ncu metrics (comma-separated), printed as extra columns")
     p.add_argument("--report", action="store_true",
                    help="only print the table from OUTDIR's saved CSV and log")
     p.add_argument("--target", action="store_true", help=argparse.SUPPRESS)  # the profiled child
@@ -110,7 +112,7 @@ def main():
     logf = os.path.join(a.outdir, "ncu-variants.log")
     if not a.report:
         cmd = ["ncu", "--profile-from-start", "off", "--clock-control", "base", "--csv",
-               "--print-units", "base", "--metrics", ",".join(METRICS), "--log-file", raw,
+               "--print-units", "base", "--metrics", ",".join(metric_names(a)), "--log-file", raw,
                sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--target"]
         res = subprocess.run(cmd, capture_output=True, text=True)
         open(logf, "w").write(res.stdout + res.stderr)
@@ -118,6 +120,10 @@ def main():
             print((res.stdout + res.stderr)[-4000:])
             sys.exit(f"ncu run failed (rc {res.returncode}); see {a.outdir}")
     report(a, raw, open(logf).read())
+
+
+def metric_names(a) -> list:
+    return list(METRICS) + [m for m in a.extra_metrics.split(",") if m]
 
 
 def report(a, raw: str, log: str):
@@ -133,7 +139,7 @@ def report(a, raw: str, log: str):
     col = {h: i for i, h in enumerate(rows[0])}
     values = {}  # launch id -> metric -> value
     for r in rows[1:]:
-        if r[col["Metric Name"]] in METRICS:
+        if r[col["Metric Name"]] in metric_names(a):
             values.setdefault(int(r[col["ID"]]), {})[r[col["Metric Name"]]] = float(
                 r[col["Metric Value"]].replace(",", ""))
     ids = sorted(values)
@@ -146,9 +152,10 @@ def report(a, raw: str, log: str):
     first = values[ids[0]]
     print(f"seqlen {a.seqlen} batch {a.batch} heads {a.heads_q}/{a.heads_kv} hdim {a.head_dim} "
           f"{'causal' if a.causal else 'non-causal'}; ncu, clocks locked to base")
+    more = metric_names(a)[len(METRICS):]
     print("| variant | skipped | bits = first | us | Mcycles | cycles / first | instr / warp / tile "
-          "| tensor % |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| tensor % |" + "".join(f" {x} |" for x in more))
+    print("|---|---|---|---|---|---|---|---|" + "---|" * len(more))
     for (name, _, _), i, extra in zip(a.variants, ids, info):
         m = values[i]
         ipt = m["smsp__inst_executed.sum"] / per_warp_tiles
@@ -156,7 +163,7 @@ def report(a, raw: str, log: str):
               f"{m['gpu__time_duration.sum'] / 1e3:.0f} | "  # ns -> us
               f"{m['sm__cycles_elapsed.max'] / 1e6:.3f} | "
               f"{m['sm__cycles_elapsed.max'] / first['sm__cycles_elapsed.max']:.4f} | {ipt:.1f} | "
-              f"{m[list(METRICS)[3]]:.1f} |")
+              f"{m[list(METRICS)[3]]:.1f} |" + "".join(f" {m[x]:.2f} |" for x in more))
 
 
 if __name__ == "__main__":
