@@ -1185,12 +1185,11 @@ class BlasstFwdSm90:
             )
         if const_expr(self.has_skip):
             if const_expr(self.vote_overlap):
-                m_thr = softmax.thread_row_max(acc_S)
-                m_tile = softmax.quad_row_max(m_thr)
-                skip = self.decide_skip(ctx, m_thr, n_block)
+                vote_m = softmax.thread_row_max(acc_S)
+                m_tile = softmax.quad_row_max(vote_m)  # before the branch, alongside the vote
             else:
-                m_tile = self.vote_maxima(softmax, acc_S, self.vote_thread_max)
-                skip = self.decide_skip(ctx, m_tile, n_block)
+                vote_m = m_tile = self.vote_maxima(softmax, acc_S, self.vote_thread_max)
+            skip = self.decide_skip(ctx, vote_m, n_block)
             if skip:
                 num_skipped += 1
             self.softmax_skip_or_keep(ctx, acc_S, m_tile, kv_state_v, skip, release_v)
