@@ -182,16 +182,20 @@ def _prefill_kernel(call: PrefillCall):
         batch = q.shape[0]
         lse = torch.empty(batch, hq, q.shape[1], dtype=torch.float32, device=q.device)
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
-    visited = skipped = None
-    if call.want_stats:
-        visited = torch.zeros(batch, hq, dtype=torch.int32, device=q.device)
-        skipped = torch.zeros_like(visited)
+    counts = None
+    if call.want_stats:  # visited, skipped, then the P·V counts
+        counts = torch.zeros(4, batch, hq, dtype=torch.int32, device=q.device)
     launch.run_prefill_sm90(
         q, k, v, out, lse, causal=call.causal, softmax_scale=call.softmax_scale,
         threshold_scale_factor=call.threshold_scale_factor, cu_seqlens_q=call.cu_seqlens_q,
         cu_seqlens_k=call.cu_seqlens_k, max_seqlen_q=call.max_seqlen_q,
-        max_seqlen_k=call.max_seqlen_k, visited=visited, skipped=skipped)
-    stats = BlasstStats(visited.long(), skipped.long()) if call.want_stats else None
+        max_seqlen_k=call.max_seqlen_k, visited=None if counts is None else counts[0],
+        skipped=None if counts is None else counts[1],
+        pv_counts=None if counts is None else counts[2:])
+    stats = None
+    if call.want_stats:
+        c = counts.long()
+        stats = BlasstStats(c[0], c[1], pv_visited=c[2], pv_skipped=c[3])
     return out, lse, stats
 
 

@@ -32,6 +32,13 @@ Semantics (one q-tile of ``block_m`` rows at a time):
   visible key gives out 0 and lse -inf.
 * Stats count (decision group, key tile) pairs, per ``[B, Hq]`` (rows not packed) or ``[B, Hk]``
   (packed). Groups with no valid row are not counted.
+* ``rows_per_pv`` (default None: not counted), a multiple of ``rows_per_decision`` dividing
+  ``block_m``, adds P·V counts: (P·V group, key tile) pairs, skipped iff every decision group of
+  the P·V group skipped the tile (a group of padding rows votes skip). This is the share of the
+  P·V MMA a kernel whose MMA spans ``rows_per_pv`` rows skips (a 64-row SM90 warpgroup), and the
+  ``s`` of the ideal kernel gain ``1 / (1 - s/2)``. It equals the skip count with
+  ``rows_per_decision = rows_per_pv``: a skipping row's tile max is below its running max, so
+  the coarser groups' keeps leave its running max unchanged.
 """
 
 from __future__ import annotations
@@ -62,13 +69,14 @@ class Geometry:
     rows_per_decision: Optional[int] = None
     split_tiles: Optional[int] = None
     interleave_splits: bool = False
+    rows_per_pv: Optional[int] = None
 
     def kwargs(self) -> dict:
         return asdict(self)
 
 
 def _check_geometry(block_m, block_n, order, num_splits, rows_per_decision, split_tiles,
-                    interleave_splits=False):
+                    interleave_splits=False, rows_per_pv=None):
     if not isinstance(interleave_splits, bool):
         raise TypeError(f"interleave_splits must be a bool, got {interleave_splits!r}")
     if interleave_splits and split_tiles is not None:
@@ -88,6 +96,12 @@ def _check_geometry(block_m, block_n, order, num_splits, rows_per_decision, spli
         raise ValueError(
             f"rows_per_decision must be a positive divisor of block_m={block_m}, got {rows_per_decision!r}"
         )
+    if rows_per_pv is not None and not (
+            isinstance(rows_per_pv, int) and rows_per_pv > 0 and rows_per_pv % rpd == 0
+            and block_m % rows_per_pv == 0):
+        raise ValueError(
+            f"rows_per_pv must be None or a multiple of rows_per_decision={rpd} dividing "
+            f"block_m={block_m}, got {rows_per_pv!r}")
     return rpd
 
 
@@ -163,16 +177,18 @@ def _score_chunks(qu, ku, row_pos, Lq, causal, scale, block_m, block_n, rpd):
 
 
 def _decide(m_tile, n_visit, row_valid, grp_valid, ln_lam, order, num_splits, split_tiles,
-            interleave_splits=False):
+            interleave_splits=False, groups_per_pv=None):
     """The BLASST scan: which (group, key tile) pairs are kept, and the visited/skipped counts.
 
     m_tile [B,U,nt,ng,rpd,n_kt]; ln_lam [B] (-inf = skipping off). Returns kept [B,U,nt,ng,n_kt]
-    (bool), visited [B,U], skipped [B,U] (int64).
+    (bool), visited [B,U], skipped [B,U] (int64) and, with groups_per_pv (decision groups per
+    P·V group), pv [2,B,U] (P·V groups visited, skipped), else None.
     """
     B, U, nt, n_grp, rpd, n_kt = m_tile.shape
     dev = m_tile.device
     visited = torch.zeros(B, U, dtype=torch.int64, device=dev)
     skipped = torch.zeros(B, U, dtype=torch.int64, device=dev)
+    pv = torch.zeros(2, B, U, dtype=torch.int64, device=dev) if groups_per_pv else None
     kept = torch.zeros(B, U, nt, n_grp, n_kt, dtype=torch.uint8, device=dev)
     skip_on = torch.isfinite(ln_lam).view(B, 1, 1, 1, 1)
     ln_lam_b = ln_lam.to(m_tile.dtype).view(B, 1, 1, 1, 1, 1)
@@ -180,7 +196,7 @@ def _decide(m_tile, n_visit, row_valid, grp_valid, ln_lam, order, num_splits, sp
         # Chunk c holds tiles c, c + S, c + 2S, ... (S = num_splits).
         n_chunk = min(num_splits, int(n_visit.max())) if nt else 0
         if n_chunk == 0:
-            return kept.bool(), visited, skipped
+            return kept.bool(), visited, skipped, pv
         c_idx = torch.arange(n_chunk, device=dev)[None, :]
         c_start = c_idx.expand(nt, n_chunk)
         c_step = num_splits
@@ -194,11 +210,14 @@ def _decide(m_tile, n_visit, row_valid, grp_valid, ln_lam, order, num_splits, sp
             cs = torch.div(n_visit + num_splits - 1, num_splits, rounding_mode="floor").clamp_min(1)
         n_chunk = int(torch.div(n_visit + cs - 1, cs, rounding_mode="floor").max()) if nt else 0
         if n_chunk == 0:
-            return kept.bool(), visited, skipped
+            return kept.bool(), visited, skipped, pv
         c_start = torch.arange(n_chunk, device=dev)[None, :] * cs[:, None]  # [nt, nc]
         c_step = 1
         c_len = (n_visit[:, None] - c_start).clamp(min=0).minimum(cs[:, None])
     counted = grp_valid[None, None, :, None, :]  # [1,1,nt,1,ng]
+    if groups_per_pv:
+        n_pv = n_grp // groups_per_pv
+        pv_counted = grp_valid.view(nt, n_pv, groups_per_pv).any(-1)[None, None, :, None, :]
     m_run = torch.full((B, U, nt, n_chunk, n_grp, rpd), -math.inf, dtype=m_tile.dtype, device=dev)
     for j in range(int(c_len.max())):
         active = (j < c_len)[None, None, :, :, None]  # [1,1,nt,nc,1]
@@ -212,16 +231,21 @@ def _decide(m_tile, n_visit, row_valid, grp_valid, ln_lam, order, num_splits, sp
         m_run = torch.where(keep.unsqueeze(-1), torch.maximum(m_run, mt), m_run)
         visited += (active & counted).expand_as(skip).sum((2, 3, 4))
         skipped += (skip & counted).sum((2, 3, 4))
+        if groups_per_pv:
+            pv_skip = skip.view(B, U, nt, n_chunk, n_pv, groups_per_pv).all(-1)
+            pv[0] += (active & pv_counted).expand_as(pv_skip).sum((2, 3, 4))
+            pv[1] += (pv_skip & pv_counted).sum((2, 3, 4))
         kidx = kt.view(1, 1, nt, 1, n_chunk).expand(B, U, nt, n_grp, n_chunk)
         kept.scatter_reduce_(4, kidx, keep.permute(0, 1, 2, 4, 3).to(torch.uint8), reduce="amax")
-    return kept.bool(), visited, skipped
+    return kept.bool(), visited, skipped, pv
 
 
 def _attend_batch(q, k, v, *, causal, scale, ln_lam, block_m, block_n, pack_gqa, order,
-                  num_splits, rpd, split_tiles, interleave_splits=False):
+                  num_splits, rpd, split_tiles, interleave_splits=False, rows_per_pv=None):
     """Equal-length batch. q [B,Lq,Hq,D], k [B,Lk,Hk,D], v [B,Lk,Hk,Dv]; ln_lam [B] float64.
 
-    Returns out [B,U,R,Dv] and lse [B,U,R] in units/rows (see ``_units``), visited, skipped.
+    Returns out [B,U,R,Dv] and lse [B,U,R] in units/rows (see ``_units``), visited, skipped and
+    the P·V counts [2,B,U] (None without rows_per_pv).
     """
     B, Lq = q.shape[:2]
     Lk, Dv = k.shape[1], v.shape[3]
@@ -231,15 +255,19 @@ def _attend_batch(q, k, v, *, causal, scale, ln_lam, block_m, block_n, pack_gqa,
     lse_u = torch.full((B, U, R), -math.inf, dtype=qu.dtype, device=q.device)
     visited = torch.zeros(B, U, dtype=torch.int64, device=q.device)
     skipped = torch.zeros_like(visited)
+    gpp = rows_per_pv // rpd if rows_per_pv else None
+    pv = torch.zeros(2, B, U, dtype=torch.int64, device=q.device) if gpp else None
     if R == 0 or Lk == 0:
-        return out_u, lse_u, visited, skipped
+        return out_u, lse_u, visited, skipped, pv
     n_grp = block_m // rpd
     for r0, r1, s, m_tile, n_visit, row_valid, grp_valid in _score_chunks(
             qu, ku, row_pos, Lq, causal, scale, block_m, block_n, rpd):
-        kept, vis_c, skip_c = _decide(m_tile, n_visit, row_valid, grp_valid, ln_lam, order,
-                                      num_splits, split_tiles, interleave_splits)
+        kept, vis_c, skip_c, pv_c = _decide(m_tile, n_visit, row_valid, grp_valid, ln_lam, order,
+                                            num_splits, split_tiles, interleave_splits, gpp)
         visited += vis_c
         skipped += skip_c
+        if gpp:
+            pv += pv_c
         # Softmax over the visible keys of the kept tiles.
         nt, n_kt = m_tile.shape[2], m_tile.shape[5]
         allow = kept.view(B, U, nt, n_grp, 1, n_kt, 1).expand(-1, -1, -1, -1, rpd, -1, block_n)
@@ -253,24 +281,24 @@ def _attend_batch(q, k, v, *, causal, scale, ln_lam, block_m, block_n, pack_gqa,
         out_u[:, :, r0:r1] = o[:, :, : r1 - r0]
         lse_u[:, :, r0:r1] = lse[:, :, : r1 - r0]
         del s, p, allow
-    return out_u, lse_u, visited, skipped
+    return out_u, lse_u, visited, skipped, pv
 
 
 def skip_counts(q, k, *, factors: Sequence[float], causal: bool = False,
                 softmax_scale: Optional[float] = None, block_m: int = 128, block_n: int = 128,
                 pack_gqa: bool = False, order: str = "forward", num_splits: int = 1,
                 rows_per_decision: Optional[int] = None, split_tiles: Optional[int] = None,
-                seqlens_k: Optional[torch.Tensor] = None, interleave_splits: bool = False
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
+                seqlens_k: Optional[torch.Tensor] = None, interleave_splits: bool = False,
+                rows_per_pv: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Skip decisions only, for many factors at once (calibration): scores are computed once.
 
     q [B, Lq, Hq, D], k [B, Lk, Hk, D]. Returns (visited, skipped), int64 [len(factors), B, U]
     with U = Hq (or Hk with ``pack_gqa``): exactly the stats ``blasst_attention`` would return
-    for each factor.
+    for each factor (its decision-group counts; ``rows_per_pv`` is checked, not counted).
     """
     _check_qkv(q, k, k, 2)
     rpd = _check_geometry(block_m, block_n, order, num_splits, rows_per_decision, split_tiles,
-                          interleave_splits)
+                          interleave_splits, rows_per_pv)
     B, Lq = q.shape[:2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     lk = seqlens_k if seqlens_k is not None else torch.full((B,), k.shape[1], dtype=torch.int64)
@@ -285,8 +313,8 @@ def skip_counts(q, k, *, factors: Sequence[float], causal: bool = False,
             qu, ku, row_pos, Lq, causal, scale, block_m, block_n, rpd):
         del s
         for i, ln_lam in enumerate(ln_lams):
-            _, v_c, s_c = _decide(m_tile, n_visit, row_valid, grp_valid, ln_lam, order, num_splits,
-                                  split_tiles, interleave_splits)
+            _, v_c, s_c, _ = _decide(m_tile, n_visit, row_valid, grp_valid, ln_lam, order,
+                                     num_splits, split_tiles, interleave_splits)
             visited[i] += v_c
             skipped[i] += s_c
     return visited, skipped
@@ -322,29 +350,34 @@ def blasst_attention(q, k, v, *, causal: bool = False, softmax_scale: Optional[f
                      threshold_scale_factor: Factor = None, block_m: int = 128, block_n: int = 128,
                      pack_gqa: bool = False, order: str = "forward", num_splits: int = 1,
                      rows_per_decision: Optional[int] = None, split_tiles: Optional[int] = None,
-                     seqlens_k: Optional[torch.Tensor] = None, interleave_splits: bool = False
+                     seqlens_k: Optional[torch.Tensor] = None, interleave_splits: bool = False,
+                     rows_per_pv: Optional[int] = None
                      ) -> Tuple[torch.Tensor, torch.Tensor, BlasstStats]:
     """BLASST attention for an equal-length batch; see the module docstring for the semantics.
 
     q [B, Lq, Hq, D], k [B, Lk, Hk, D], v [B, Lk, Hk, Dv]. ``threshold_scale_factor`` is a number
     or a float tensor [B] (one factor per sequence). ``seqlens_k`` [B] optionally overrides the Lk
     that divides the factor (the caller's per-sequence KV length); keys are not masked by it.
-    Returns ``(out [B, Lq, Hq, Dv] in q.dtype, lse [B, Hq, Lq] float32, BlasstStats)``.
+    Returns ``(out [B, Lq, Hq, Dv] in q.dtype, lse [B, Hq, Lq] float32, BlasstStats)``; the
+    stats hold P·V counts when ``rows_per_pv`` is given.
     """
     _check_qkv(q, k, v, 2)
     rpd = _check_geometry(block_m, block_n, order, num_splits, rows_per_decision, split_tiles,
-                          interleave_splits)
+                          interleave_splits, rows_per_pv)
     B, Lq, Hq, _ = q.shape
     Lk, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     lk = seqlens_k if seqlens_k is not None else torch.full((B,), Lk, dtype=torch.int64)
     ln_lam = log_threshold(threshold_scale_factor, lk.to(q.device))
-    out_u, lse_u, visited, skipped = _attend_batch(
+    out_u, lse_u, visited, skipped, pv = _attend_batch(
         q, k, v, causal=causal, scale=scale, ln_lam=ln_lam, block_m=block_m, block_n=block_n,
         pack_gqa=pack_gqa, order=order, num_splits=num_splits, rpd=rpd, split_tiles=split_tiles,
-        interleave_splits=interleave_splits)
+        interleave_splits=interleave_splits, rows_per_pv=rows_per_pv)
     out, lse = _unpack(out_u, lse_u, B, Lq, Hq, Hk, Dv, pack_gqa)
-    return out.to(q.dtype), lse.float(), BlasstStats(visited, skipped)
+    stats = BlasstStats(visited, skipped)
+    if pv is not None:
+        stats = BlasstStats(visited, skipped, pv_visited=pv[0], pv_skipped=pv[1])
+    return out.to(q.dtype), lse.float(), stats
 
 
 def blasst_attention_varlen(q, k, v, *, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
@@ -365,16 +398,15 @@ def blasst_attention_varlen(q, k, v, *, cu_seqlens_q: torch.Tensor, cu_seqlens_k
     out = q.new_zeros(q.shape[0], Hq, Dv)
     lse = torch.full((Hq, q.shape[0]), -math.inf, dtype=torch.float32, device=q.device)
     units = Hk if geometry.get("pack_gqa", False) else Hq
-    visited = torch.zeros(n, units, dtype=torch.int64, device=q.device)
-    skipped = torch.zeros_like(visited)
+    counts = torch.zeros(4, n, units, dtype=torch.int64, device=q.device)
     for b in range(n):
         o, l, st = blasst_attention(
             q[cq[b]:cq[b + 1]][None], k[ck[b]:ck[b + 1]][None], v[ck[b]:ck[b + 1]][None],
             causal=causal, softmax_scale=softmax_scale, threshold_scale_factor=factors[b], **geometry)
         out[cq[b]:cq[b + 1]] = o[0]
         lse[:, cq[b]:cq[b + 1]] = l[0]
-        visited[b], skipped[b] = st.visited[0], st.skipped[0]
-    return out, lse, BlasstStats(visited, skipped)
+        _store_counts(counts, b, st)
+    return out, lse, _stats_of(counts, geometry)
 
 
 def blasst_attention_paged(q, k_cache, v_cache, *, cache_seqlens: torch.Tensor,
@@ -396,8 +428,7 @@ def blasst_attention_paged(q, k_cache, v_cache, *, cache_seqlens: torch.Tensor,
     out = q.new_zeros(*q.shape[:3], Dv)
     lse = torch.full((B, Hq, q.shape[1]), -math.inf, dtype=torch.float32, device=q.device)
     units = Hk if geometry.get("pack_gqa", False) else Hq
-    visited = torch.zeros(B, units, dtype=torch.int64, device=q.device)
-    skipped = torch.zeros_like(visited)
+    counts = torch.zeros(4, B, units, dtype=torch.int64, device=q.device)
     for b in range(B):
         L = lens[b]
         if block_table is not None:
@@ -411,8 +442,21 @@ def blasst_attention_paged(q, k_cache, v_cache, *, cache_seqlens: torch.Tensor,
                                     softmax_scale=softmax_scale, threshold_scale_factor=factors[b],
                                     **geometry)
         out[b], lse[b] = o[0], l[0]
-        visited[b], skipped[b] = st.visited[0], st.skipped[0]
-    return out, lse, BlasstStats(visited, skipped)
+        _store_counts(counts, b, st)
+    return out, lse, _stats_of(counts, geometry)
+
+
+def _store_counts(counts: torch.Tensor, b: int, st: BlasstStats) -> None:
+    """Sequence b's counters (a one-sequence call's stats) into counts [4, n, U]."""
+    counts[0, b], counts[1, b] = st.visited[0], st.skipped[0]
+    if st.pv_visited is not None:
+        counts[2, b], counts[3, b] = st.pv_visited[0], st.pv_skipped[0]
+
+
+def _stats_of(counts: torch.Tensor, geometry: dict) -> BlasstStats:
+    if geometry.get("rows_per_pv"):
+        return BlasstStats(counts[0], counts[1], pv_visited=counts[2], pv_skipped=counts[3])
+    return BlasstStats(counts[0], counts[1])
 
 
 def _per_sequence_factor(threshold_scale_factor: Factor, n: int):

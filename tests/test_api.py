@@ -17,16 +17,20 @@ def qkv(b=2, lq=40, lk=70, hq=4, hk=2, d=32, dv=None, dtype=torch.float32):
 
 
 def test_prefill_cpu_runs_reference_with_kernel_geometry():
-    q, k, v = synthetic_qkv(1, 300, 300, 4, 2, 64, dtype=torch.float32, seed=5)
-    out, lse, st = blasst_cute.prefill(q, k, v, causal=True, threshold_scale_factor=50.0,
+    q, k, v = synthetic_qkv(1, 1024, 1024, 4, 2, 64, dtype=torch.float32, seed=5)
+    out, lse, st = blasst_cute.prefill(q, k, v, causal=True, threshold_scale_factor=500.0,
                                        return_lse=True, return_stats=True)
     geom = prefill_geometry(64, 64, True, torch.float32)
-    ref_out, ref_lse, ref_st = blasst_attention(q, k, v, causal=True, threshold_scale_factor=50.0,
+    ref_out, ref_lse, ref_st = blasst_attention(q, k, v, causal=True, threshold_scale_factor=500.0,
                                                 **geom.kwargs())
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(lse, ref_lse)
     assert isinstance(st, BlasstStats) and st.skipped.tolist() == ref_st.skipped.tolist()
-    assert st.visited.shape == (1, 4)
+    assert st.visited.shape == (1, 4) and st.skipped.sum() > 0
+    # P·V counts per 64-row warpgroup, as the kernel reports them
+    assert geom.rows_per_pv == 64 and st.pv_visited.shape == (1, 4)
+    assert st.pv_skipped.tolist() == ref_st.pv_skipped.tolist() and st.pv_skipped.sum() > 0
+    assert st.pv_sparsity <= st.sparsity
 
 
 def test_return_forms():

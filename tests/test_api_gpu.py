@@ -25,6 +25,9 @@ def test_prefill_api_matches_reference_decisions():
     assert st.visited.tolist() == ref_st.visited.tolist()
     assert _flips(st.skipped, ref_st.skipped) <= 0.005 * ref_st.visited.sum().item()
     assert ref_st.skipped.sum() > 0
+    assert st.pv_visited.tolist() == ref_st.pv_visited.tolist()  # per 64-row warpgroup
+    assert _flips(st.pv_skipped, ref_st.pv_skipped) <= 0.005 * ref_st.pv_visited.sum().item()
+    assert ref_st.pv_skipped.sum() > 0
     assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
 
 

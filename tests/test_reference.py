@@ -164,6 +164,83 @@ def test_rows_per_decision_decide_independently():
     assert st.visited.tolist() == [[4]] and st.skipped.tolist() == [[1]]
 
 
+def test_pv_groups_skip_when_all_their_decision_groups_skip():
+    # The rows_per_decision test's case with one 4-row P·V group over the two 2-row decision
+    # groups: tile 3 is skipped by both (a P·V skip), tiles 1 and 2 by one group each (no P·V
+    # skip); the decisions and outputs are those of the 2-row groups.
+    y = [0, 0, 20, 20, 0, 0, 0, 0]
+    q, k, v = scored(X4, a_rows=[0, 0, 1, 1], y_keys=y)
+    kw = dict(softmax_scale=1.0, threshold_scale_factor=factor_for(8), block_m=4, block_n=2,
+              rows_per_decision=2)
+    out, _, st = blasst_attention(q, k, v, rows_per_pv=4, **kw)
+    out2, _, st2 = blasst_attention(q, k, v, **kw)
+    assert torch.equal(out, out2) and st2.pv_visited is None and st2.pv_sparsity is None
+    assert st.visited.tolist() == [[8]] and st.skipped.tolist() == [[4]]
+    assert st.pv_visited.tolist() == [[4]] and st.pv_skipped.tolist() == [[1]]
+    assert st.pv_sparsity == 0.25
+
+
+def test_pv_group_of_padding_rows_neither_vetoes_nor_counts():
+    # Lq = 5, block_m = 8, 2-row decision groups, 4-row P·V groups: the second P·V group holds
+    # row 4 and padding rows (its all-padding decision group votes skip and is not counted).
+    q, k, v = scored(X4, a_rows=[0] * 5)
+    _, _, st = blasst_attention(q, k, v, softmax_scale=1.0, threshold_scale_factor=factor_for(8),
+                                block_m=8, block_n=2, rows_per_decision=2, rows_per_pv=4)
+    assert st.visited.tolist() == [[3 * 4]] and st.skipped.tolist() == [[3 * 2]]
+    assert st.pv_visited.tolist() == [[2 * 4]] and st.pv_skipped.tolist() == [[2 * 2]]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("pack_gqa", [False, True])
+def test_pv_counts_equal_counts_at_pv_granularity(causal, pack_gqa):
+    # A P·V group skips iff each of its decision groups does; a skipping row's tile max is below
+    # its running max, so the P·V group's keeps leave it unchanged: the P·V counts are the
+    # counts of decisions made per rows_per_pv rows. Ragged Lq (padding), several factors.
+    q, k, v = synthetic_qkv(2, 300, 700, 4, 2, 32, dtype=torch.float32, seed=11)
+    geom = dict(block_m=64, block_n=32, pack_gqa=pack_gqa, order="reverse")
+    skipped_any = 0
+    for f in (1.0, 10.0, 100.0, 400.0):
+        _, _, st = blasst_attention(q, k, v, causal=causal, threshold_scale_factor=f,
+                                    rows_per_decision=8, rows_per_pv=32, **geom)
+        _, _, st32 = blasst_attention(q, k, v, causal=causal, threshold_scale_factor=f,
+                                      rows_per_decision=32, **geom)
+        assert st.pv_visited.tolist() == st32.visited.tolist()
+        assert st.pv_skipped.tolist() == st32.skipped.tolist()
+        assert int(st.pv_skipped.sum()) * 4 <= int(st.skipped.sum())
+        skipped_any += int(st.pv_skipped.sum() > 0)
+        assert st.pv_sparsity <= st.sparsity
+    assert skipped_any >= 2
+
+
+def _varlen_case():
+    """4 sequences of ragged lengths (one empty query, one 3-key), packed: cu_seqlens, q, k, v."""
+    lens_q, lens_k = [5, 0, 130, 64], [70, 3, 130, 300]
+    cq = torch.tensor([0] + lens_q).cumsum(0).to(torch.int32)
+    ck = torch.tensor([0] + lens_k).cumsum(0).to(torch.int32)
+    q, _, _ = synthetic_qkv(1, sum(lens_q), sum(lens_q), 4, 2, 32, dtype=torch.float64, seed=1)
+    _, k, v = synthetic_qkv(1, sum(lens_k), sum(lens_k), 4, 2, 32, dtype=torch.float64, seed=2)
+    return cq, ck, q[0], k[0], v[0]
+
+
+def test_pv_counts_varlen_and_paged():
+    cq, ck, q, k, v = _varlen_case()
+    geom = dict(block_m=32, block_n=32, rows_per_decision=8, rows_per_pv=16)
+    _, _, st = blasst_attention_varlen(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, causal=True,
+                                       threshold_scale_factor=20.0, **geom)
+    assert st.pv_skipped.sum() > 0
+    for b in range(4):
+        sq, sk = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+        _, _, s = blasst_attention(q[sq][None], k[sk][None], v[sk][None], causal=True,
+                                   threshold_scale_factor=20.0, **geom)
+        assert st.pv_visited[b].tolist() == s.pv_visited[0].tolist()
+        assert st.pv_skipped[b].tolist() == s.pv_skipped[0].tolist()
+    qd, kd, vd = synthetic_qkv(2, 2, 150, 8, 2, 32, dtype=torch.float64, seed=3)
+    _, _, sp = blasst_attention_paged(qd, kd, vd, cache_seqlens=torch.tensor([150, 40]),
+                                      threshold_scale_factor=3.0, block_m=16, block_n=32,
+                                      pack_gqa=True, rows_per_decision=8, rows_per_pv=16)
+    assert sp.pv_visited.shape == (2, 2) and int(sp.pv_visited.sum()) > 0
+
+
 def test_padding_rows_neither_veto_nor_count():
     # Lq = 5 with block_m = 4 and 2-row groups: q-tile 1 holds row 4 and 3 padding rows; the
     # all-padding group (rows 6, 7) is not counted.
@@ -242,12 +319,7 @@ def test_synthetic_skipping_changes_output_only_slightly():
 
 
 def test_varlen_matches_per_sequence_calls():
-    lens_q, lens_k = [5, 0, 130, 64], [70, 3, 130, 300]
-    cq = torch.tensor([0] + lens_q).cumsum(0).to(torch.int32)
-    ck = torch.tensor([0] + lens_k).cumsum(0).to(torch.int32)
-    q, _, _ = synthetic_qkv(1, sum(lens_q), sum(lens_q), 4, 2, 32, dtype=torch.float64, seed=1)
-    _, k, v = synthetic_qkv(1, sum(lens_k), sum(lens_k), 4, 2, 32, dtype=torch.float64, seed=2)
-    q, k, v = q[0], k[0], v[0]
+    cq, ck, q, k, v = _varlen_case()
     factors = torch.tensor([2.0, 1.0, 0.0, 20.0], dtype=torch.float64)
     geom = dict(block_m=32, block_n=32, rows_per_decision=16)
     out, lse, st = blasst_attention_varlen(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, causal=True,
@@ -293,6 +365,9 @@ def test_geometry_errors_are_clear():
         blasst_attention(q, k, v, order="sideways")
     with pytest.raises(ValueError, match="num_splits"):
         blasst_attention(q, k, v, num_splits=0)
+    for bad in (24, 128, 0, 16.0):  # not a multiple of rows_per_decision dividing block_m
+        with pytest.raises(ValueError, match="rows_per_pv"):
+            blasst_attention(q, k, v, block_m=64, rows_per_decision=16, rows_per_pv=bad)
 
 
 @pytest.mark.parametrize("geom", [Geometry(64, 64, False, "forward", 1, 32), Geometry(32, 64, True, "reverse", 2)])

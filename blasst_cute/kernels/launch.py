@@ -19,6 +19,7 @@ from blasst_cute.kernels.dtypes import TORCH_TO_CUTLASS, kernel_dtype
 from blasst_cute.kernels.sm90.prefill import (
     SUPPORTED_HEAD_DIM_PAIRS,
     SUPPORTED_HEAD_DIMS,
+    PV_SKIP_UNIT,
     BlasstFwdSm90,
     check_head_dims,
     default_tile_config,
@@ -30,14 +31,15 @@ def prefill_geometry(head_dim: int, head_dim_v: int, causal: bool, dtype,
     """The tiling of the sm90 prefill kernel: what the reference needs to reproduce its decisions.
 
     Each warp (16 rows of a 64-row consumer warpgroup) makes its own skip decision
-    (``rows_per_decision=16``); ``decision_rows=64`` describes the per-warpgroup variant
+    (``rows_per_decision=16``) and a warpgroup skips its P·V wgmma when its 4 warps all skipped
+    (``rows_per_pv=64``); ``decision_rows=64`` describes the per-warpgroup variant
     (``tuning={"decision_rows": 64}``), ``tile_m`` a ``tuning={"tile_m": ...}`` launch.
     """
     check_head_dims(head_dim, head_dim_v)
     kernel_dtype(dtype, "sm90 prefill")
     cfg = default_tile_config(head_dim, causal, head_dim_v)
     return dict(block_m=tile_m or cfg["tile_m"], block_n=cfg["tile_n"], rows_per_decision=decision_rows,
-                order="reverse", pack_gqa=False)
+                order="reverse", pack_gqa=False, rows_per_pv=64)
 
 
 # 2-CTA clusters sharing each K/V tile by TMA multicast (BlasstFwdSm90 cluster_m / cluster_h):
@@ -121,7 +123,7 @@ _KNOB_DEFAULTS = dict(
     vote_smem=True, lpt=None, debug_no_vote=False, decision_rows=16, debug_no_v_load=False,
     pv_skip=True, lpt_heads=None, fast_vote=True, late_v_wait=True, v_load_skip=None, v_warp=None,
     lazy_p_zero=False, defer_v_release=None, qk_lookahead=False, lookahead_after_skips=None,
-    rescale_o_before_pv=False, vote_thread_max=None,
+    rescale_o_before_pv=False, vote_thread_max=None, flag_addr_before_sync=None,
 )
 
 
@@ -185,13 +187,14 @@ def compile_prefill_sm90(config: dict, options: Optional[str] = None):
         k, v = _fake(dt, (b, sk, hk, d), a), _fake(dt, (b, sk, hk, dv), a)
         lse = _fake(Float32, (b, hq, sq), 1)
         cu_q = cu_k = None
-    vis = skp = None
+    vis = skp = pv = None
     if c["has_stats"]:
         vis, skp = _fake(Int32, (b, hq), 1), _fake(Int32, (b, hq), 1)
+        pv = _fake(Int32, (2, b, hq), 1)
     fac = None
     if c["factor_per_batch"]:
         fac = cute.runtime.make_fake_tensor(Float32, (b,), (1,), assumed_align=4)
-    args = (q, k, v, o, lse, Float32(1.0), Float32(0.0), fac, cu_q, cu_k, Int32(1), vis, skp,
+    args = (q, k, v, o, lse, Float32(1.0), Float32(0.0), fac, cu_q, cu_k, Int32(1), vis, skp, pv,
             cuda.CUstream(0))
     if options:
         return cute.compile(kern, *args, options=options)
@@ -213,11 +216,15 @@ def _to_cute(t: Optional[torch.Tensor], align: int = 16):
 def run_prefill_sm90(q, k, v, out, lse, *, causal: bool, softmax_scale: float,
                      threshold_scale_factor=None, cu_seqlens_q=None, cu_seqlens_k=None,
                      max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
-                     visited=None, skipped=None, tuning: Optional[dict] = None) -> None:
+                     visited=None, skipped=None, pv_counts=None,
+                     tuning: Optional[dict] = None) -> None:
     """Launch the sm90 prefill kernel on torch's current stream.
 
     q/k/v/out: [B, L, H, D] or varlen [total, H, D] (last dim contiguous, 16-byte aligned rows).
-    lse: float32 [B, Hq, Lq] or [Hq, total_q]. visited/skipped: int32 [B, Hq] zeroed, or None.
+    lse: float32 [B, Hq, Lq] or [Hq, total_q]. visited/skipped: int32 [B, Hq] zeroed, or None
+    (the (16-row decision group, key tile) pairs). pv_counts: int32 [2, B, Hq] zeroed (the
+    (64-row warpgroup, key tile) P·V products visited, then skipped), or None (with visited, a
+    scratch buffer is allocated).
     threshold_scale_factor: None/0 (dense), a number, or a float32 tensor [B] (one per sequence).
     """
     import cuda.bindings.driver as cuda
@@ -228,6 +235,14 @@ def run_prefill_sm90(q, k, v, out, lse, *, causal: bool, softmax_scale: float,
     has_stats = visited is not None
     if has_stats != (skipped is not None):
         raise NotImplementedError("blasst sm90 prefill: visited and skipped go together")
+    if pv_counts is not None and not has_stats:
+        raise NotImplementedError("blasst sm90 prefill: pv_counts needs visited and skipped")
+    if has_stats and pv_counts is None:
+        pv_counts = torch.zeros(2, *visited.shape, dtype=torch.int32, device=visited.device)
+    if has_stats and (pv_counts.dtype != torch.int32 or
+                      tuple(pv_counts.shape) != (2, *visited.shape)):
+        raise ValueError(f"blasst sm90 prefill: pv_counts must be int32 {[2, *visited.shape]}, "
+                         f"got {pv_counts.dtype} {list(pv_counts.shape)}")
     factor_t = None
     factor = 0.0
     if isinstance(threshold_scale_factor, torch.Tensor):
@@ -249,6 +264,18 @@ def run_prefill_sm90(q, k, v, out, lse, *, causal: bool, softmax_scale: float,
         max_seqlen_q = q.shape[1]
     if batch == 0 or q.numel() == 0 or max_seqlen_q == 0:
         return
+    if has_stats:
+        keys = k.shape[1]
+        if varlen:
+            keys = max_seqlen_k if max_seqlen_k is not None else (
+                int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max().item()))
+        min_tile_n = min(64, (tuning or {}).get("tile_n") or 64)
+        if -(-keys // min_tile_n) >= PV_SKIP_UNIT:
+            # a warp's counter holds its softmax skips and its warpgroup's PV skips in 16 bits
+            # each (the default key tiles are >= 64 wide)
+            raise NotImplementedError(
+                f"blasst sm90 prefill: stats need fewer than {min_tile_n * PV_SKIP_UNIT} keys per "
+                f"sequence, got {keys}")
     config = dict(dtype=q.dtype, head_dim=q.shape[-1], head_dim_v=v.shape[-1], causal=bool(causal),
                   has_skip=has_skip, has_stats=has_stats, varlen=varlen,
                   factor_per_batch=factor_t is not None)
@@ -265,7 +292,7 @@ def run_prefill_sm90(q, k, v, out, lse, *, causal: bool, softmax_scale: float,
         _to_cute(q), _to_cute(k), _to_cute(v), _to_cute(out), _to_cute(lse, 4),
         Float32(softmax_scale), Float32(factor), _to_cute(factor_t, 4),
         _to_cute(cu_seqlens_q, 4), _to_cute(cu_seqlens_k, 4), Int32(max_seqlen_q),
-        _to_cute(visited, 4), _to_cute(skipped, 4),
+        _to_cute(visited, 4), _to_cute(skipped, 4), _to_cute(pv_counts, 4),
         cuda.CUstream(torch.cuda.current_stream(q.device).cuda_stream),
     ]
     fn = compile_cache.get_or_compile(("sm90-prefill",) + key, lambda: cute.compile(_make_kernel(key), *args))

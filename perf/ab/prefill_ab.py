@@ -226,15 +226,18 @@ def load_baseline(path):
 
 
 def sparsity(q, k, v, causal, factor, tuning=None):
+    """(share of (warp, key tile) softmaxes skipped, share of (warpgroup, key tile) P·V wgmmas
+    skipped, out) from the kernel's counters."""
     B, L, H = q.shape[0], q.shape[1], q.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(B, H, L, device=q.device)
-    vis = torch.zeros(B, H, dtype=torch.int32, device=q.device)
-    skp = torch.zeros_like(vis)
+    counts = torch.zeros(4, B, H, dtype=torch.int32, device=q.device)
     launch.run_prefill_sm90(q, k, v, out, lse, causal=causal, softmax_scale=q.shape[-1] ** -0.5,
-                            threshold_scale_factor=factor, visited=vis, skipped=skp, tuning=tuning)
+                            threshold_scale_factor=factor, visited=counts[0], skipped=counts[1],
+                            pv_counts=counts[2:], tuning=tuning)
     torch.cuda.synchronize()
-    return float(skp.sum()) / max(1.0, float(vis.sum())), out
+    c = counts.sum((1, 2)).double().tolist()
+    return c[1] / max(1.0, c[0]), c[3] / max(1.0, c[2]), out
 
 
 def time_ms(fn, sets, iters):
@@ -277,13 +280,11 @@ def main():
         sparse_factors = ([(f"@{lam:g}", lam * L) for lam in a.lambdas] if a.lambdas
                           else [("", a.sparse_factor)])
         for causal in ([False, True] if a.causal == "both" else [a.causal == "true"]):
-            s0, _ = sparsity(*sets[0], causal, zero)
-            ss = {tag: sparsity(*sets[0], causal, f)[0] for tag, f in sparse_factors}
-            # The same decisions counted per 64-row warpgroup (decision_rows=64): a warpgroup
-            # skips a tile iff its 4 warps all do, so this is the share of PV wgmmas skipped
-            # (m_run moves only on rows that keep a tile, so both rules see the same m_run).
-            ss64 = {tag: sparsity(*sets[0], causal, f, dict(decision_rows=64))[0]
-                    for tag, f in sparse_factors}
+            s0 = sparsity(*sets[0], causal, zero)[0]
+            # per warp (the softmax skips) and per 64-row warpgroup (the P·V wgmmas skipped)
+            both = {tag: sparsity(*sets[0], causal, f)[:2] for tag, f in sparse_factors}
+            ss = {tag: b[0] for tag, b in both.items()}
+            ss64 = {tag: b[1] for tag, b in both.items()}
             variants = {}
             for name in a.variants:
                 if name == "fa4":  # the dense peer, timed in the same rounds

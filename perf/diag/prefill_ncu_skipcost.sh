@@ -2,7 +2,7 @@
 # Where the skip build's time goes at 0 % skipped (issue #3), in cycles at locked clocks: the
 # dense build, the skip build, and the skip build with its pieces taken out one by one, under
 # Nsight Compute (perf/diag/prefill_ncu_variants.py). On the GPU host, from the repo root:
-#   bash perf/diag/prefill_ncu_skipcost.sh OUTDIR [d128|d128c|d64|d256|ovl|stalls|all]
+#   bash perf/diag/prefill_ncu_skipcost.sh OUTDIR [d128|d128c|d64|d256|ovl|stalls|fab|all]
 # REPORT=1 reprints the tables from OUTDIR without running anything.
 set -uo pipefail
 out=$1; which=${2:-all}
@@ -57,4 +57,21 @@ stalls=smsp__warp_issue_stalled_no_instruction_per_warp_active.pct,smsp__warp_is
 case $which in stalls|all)
   run stalls-d128-16k-nc --seqlen 16384 --batch 2 --extra-metrics $stalls "${common[@]}" \
     --variant "la0:$z:{\"lookahead_after_skips\": 0}";;
+esac
+# flag_addr_before_sync (the hdim-128 default: the PV flag word's address formed before the
+# ping-pong barrier) against the flag address after it (fab0, the earlier build; at hdim 64
+# fab1 against its default) and the build without the look-ahead switch (la0)
+case $which in fab|all)
+  for c in "" --causal; do
+    run fab-d128-16k${c:+-c} --seqlen 16384 --batch 2 $c "${common[@]}" \
+      --variant "fab0:$z:{\"flag_addr_before_sync\": false}" \
+      --variant "la0:$z:{\"lookahead_after_skips\": 0}"
+  done
+  for f in 4915 15565; do
+    run fab-d128-16k-nc-f$f --seqlen 16384 --batch 2 --stats --variant "skip:$f:{}" \
+      --variant "fab0:$f:{\"flag_addr_before_sync\": false}" \
+      --variant "la0:$f:{\"lookahead_after_skips\": 0}"
+  done
+  run fab-d64-8k-nc --head-dim 64 --seqlen 8192 --batch 4 "${common[@]}" \
+    --variant "fab1:$z:{\"flag_addr_before_sync\": true}";;
 esac

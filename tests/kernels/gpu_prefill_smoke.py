@@ -44,8 +44,9 @@ def sdpa_ref64(q, k, v, causal, scale):
 
 
 def run_kernel(q, k, v, *, causal, scale, factor=None, stats=False, cu_q=None, cu_k=None,
-               max_q=None, tuning=None):
-    """Launch with poisoned outputs; returns out, lse, (visited, skipped)."""
+               max_q=None, tuning=None, pv=False):
+    """Launch with poisoned outputs; returns out, lse, visited, skipped (None without stats) and,
+    with pv, the P·V counts [2, B, Hq] (visited, skipped)."""
     varlen = cu_q is not None
     hq = q.shape[-2]
     if varlen:
@@ -55,13 +56,17 @@ def run_kernel(q, k, v, *, causal, scale, factor=None, stats=False, cu_q=None, c
         batch = q.shape[0]
         lse = torch.full((batch, hq, q.shape[1]), float("nan"), device=q.device)
     out = torch.full((*q.shape[:-1], v.shape[-1]), float("nan"), dtype=q.dtype, device=q.device)
-    vis = skp = None
+    vis = skp = pvc = None
     if stats:
         vis = torch.zeros(batch, hq, dtype=torch.int32, device=q.device)
         skp = torch.zeros_like(vis)
+        pvc = torch.zeros(2, batch, hq, dtype=torch.int32, device=q.device)
     launch.run_prefill_sm90(q, k, v, out, lse, causal=causal, softmax_scale=scale,
                             threshold_scale_factor=factor, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                            max_seqlen_q=max_q, visited=vis, skipped=skp, tuning=tuning)
+                            max_seqlen_q=max_q, visited=vis, skipped=skp, pv_counts=pvc,
+                            tuning=tuning)
+    if pv:
+        return out, lse, vis, skp, pvc
     return out, lse, vis, skp
 
 
@@ -105,8 +110,8 @@ def check_skip(B, Lq, Lk, Hq, Hk, D, causal, dtype, factor, seed=0, synthetic=Tr
     mk = synthetic_qkv if synthetic else random_qkv
     q, k, v = mk(B, Lq, Lk, Hq, Hk, D, Dv, dtype=dtype, device="cuda", seed=seed)
     scale = D ** -0.5
-    out, lse, vis, skp = run_kernel(q, k, v, causal=causal, scale=scale, factor=factor, stats=True,
-                                    tuning=tuning)
+    out, lse, vis, skp, pvc = run_kernel(q, k, v, causal=causal, scale=scale, factor=factor,
+                                         stats=True, tuning=tuning, pv=True)
     torch.cuda.synchronize()
     ro, rl, st = reference.blasst_attention(q, k, v, causal=causal, softmax_scale=scale,
                                             threshold_scale_factor=factor,
@@ -115,15 +120,29 @@ def check_skip(B, Lq, Lk, Hq, Hk, D, causal, dtype, factor, seed=0, synthetic=Tr
     tot = int(st.visited.sum())
     vis_ok = bool((vis.long() == st.visited).all())
     dskip = int((skp.long() - st.skipped).abs().sum())
+    pv_ok, dpv = _pv_counts_ok(pvc, st, tuning, flip_tol)
     e, el = rel_err(out, ro), lse_err(lse, rl)
     sp = float(skp.sum()) / max(1, int(vis.sum()))
-    ok = nan == 0 and vis_ok and dskip <= max(1, flip_tol * tot) and e < 2e-2
+    ok = nan == 0 and vis_ok and dskip <= max(1, flip_tol * tot) and pv_ok and e < 2e-2
     if verbose or not ok:
         log(f"{'PASS' if ok else 'FAIL'} skip B={B} Lq={Lq} Lk={Lk} H={Hq}/{Hk} D={_dims(D, Dv)} "
             f"causal={causal} {str(dtype)[6:]} factor={factor}{' ' + str(tuning) if tuning else ''}: sparsity={sp:.3f} "
             f"ref_sparsity={st.sparsity:.3f} visited_equal={vis_ok} |dskip|={dskip}/{tot} "
+            f"pv_sparsity={float(pvc[1].sum()) / max(1, int(pvc[0].sum())):.3f} "
+            f"ref_pv_sparsity={st.pv_sparsity:.3f} |dpv|={dpv} "
             f"rel_err_vs_ref={e:.2e} lse_err={el:.2e} unwritten={nan}")
     return ok
+
+
+def _pv_counts_ok(pvc, st, tuning, flip_tol):
+    """The kernel's P·V counts [2, B, H] against the reference's: the same visited, skipped up to
+    borderline flips (none skipped where the build never skips a P·V: pv_skip=False).
+    Returns (ok, |difference of skipped|)."""
+    if (tuning or {}).get("pv_skip") is False:
+        return bool((pvc[0].long() == st.pv_visited).all()) and int(pvc[1].sum()) == 0, 0
+    dpv = int((pvc[1].long() - st.pv_skipped).abs().sum())
+    ok = bool((pvc[0].long() == st.pv_visited).all())
+    return ok and dpv <= max(1, flip_tol * int(st.pv_visited.sum())), dpv
 
 
 def check_varlen(seqs_q, seqs_k, Hq, Hk, D, causal, dtype, factor=None, seed=0, Dv=None,
@@ -137,9 +156,9 @@ def check_varlen(seqs_q, seqs_k, Hq, Hk, D, causal, dtype, factor=None, seed=0, 
     cu_q = torch.tensor([0] + list(torch.tensor(seqs_q).cumsum(0)), dtype=torch.int32, device="cuda")
     cu_k = torch.tensor([0] + list(torch.tensor(seqs_k).cumsum(0)), dtype=torch.int32, device="cuda")
     scale = D ** -0.5
-    out, lse, vis, skp = run_kernel(q, k, v, causal=causal, scale=scale, factor=factor,
-                                    stats=factor is not None, cu_q=cu_q, cu_k=cu_k,
-                                    max_q=max(seqs_q), tuning=tuning)
+    out, lse, vis, skp, pvc = run_kernel(q, k, v, causal=causal, scale=scale, factor=factor,
+                                         stats=factor is not None, cu_q=cu_q, cu_k=cu_k,
+                                         max_q=max(seqs_q), tuning=tuning, pv=True)
     torch.cuda.synchronize()
     ro, rl, st = reference.blasst_attention_varlen(
         q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=causal, softmax_scale=scale,
@@ -151,8 +170,10 @@ def check_varlen(seqs_q, seqs_k, Hq, Hk, D, causal, dtype, factor=None, seed=0, 
     if factor is not None:
         dskip = int((skp.long() - st.skipped).abs().sum())
         vis_ok = bool((vis.long() == st.visited).all())
-        ok = ok and vis_ok and dskip <= max(1, 0.005 * int(st.visited.sum()))
-        extra = f" visited_equal={vis_ok} |dskip|={dskip}/{int(st.visited.sum())}"
+        pv_ok, dpv = _pv_counts_ok(pvc, st, tuning, 0.005)
+        ok = ok and vis_ok and pv_ok and dskip <= max(1, 0.005 * int(st.visited.sum()))
+        extra = (f" visited_equal={vis_ok} |dskip|={dskip}/{int(st.visited.sum())} pv_ok={pv_ok} "
+                 f"|dpv|={dpv}")
     log(f"{'PASS' if ok else 'FAIL'} varlen q={seqs_q} k={seqs_k} H={Hq}/{Hk} D={_dims(D, Dv)} "
         f"causal={causal} factor={factor}{' ' + str(tuning) if tuning else ''}: rel_err={e:.2e} lse_err={el:.2e} unwritten={nan}{extra}")
     return ok

@@ -217,7 +217,9 @@ def test_geometry():
             assert g["rows_per_decision"] == 16 and g["block_m"] == block_m.get((d, dv), 128)
             assert g["block_n"] == block_n[(d, dv)]
             assert g["order"] == "reverse" and g["pack_gqa"] is False
-            assert set(g) == {"block_m", "block_n", "rows_per_decision", "order", "pack_gqa"}
+            assert g["rows_per_pv"] == 64  # a warpgroup's P·V wgmma
+            assert set(g) == {"block_m", "block_n", "rows_per_decision", "order", "pack_gqa",
+                              "rows_per_pv"}
     assert launch.prefill_geometry(64, 64, False, torch.bfloat16, tile_m=128)["block_m"] == 128
 
 
@@ -290,6 +292,35 @@ def test_vote_thread_max_defaults():
         assert modes(**kw) == (False, False, False), kw
     with pytest.raises(NotImplementedError, match="vote_thread_max"):
         _kernel_of(has_skip=True, vote_thread_max="always")
+
+
+def test_run_pv_counts_errors():
+    """The launcher refuses P·V counters without the tile counters, of the wrong shape or dtype,
+    and stats where a 16-bit half of a warp's counter could overflow (before touching a GPU)."""
+    q = torch.empty(1, 64, 2, 128, dtype=torch.bfloat16)
+    out, lse = torch.empty_like(q), torch.empty(1, 2, 64)
+    vis, skp = torch.zeros(1, 2, dtype=torch.int32), torch.zeros(1, 2, dtype=torch.int32)
+    run = lambda k, **kw: launch.run_prefill_sm90(q, k, k, out, lse, causal=False,
+                                                  softmax_scale=0.1, **kw)
+    with pytest.raises(NotImplementedError, match="pv_counts needs visited"):
+        run(q, pv_counts=torch.zeros(2, 1, 2, dtype=torch.int32))
+    for bad in (torch.zeros(1, 2, dtype=torch.int32), torch.zeros(2, 1, 2, dtype=torch.int64)):
+        with pytest.raises(ValueError, match=r"pv_counts must be int32 \[2, 1, 2\]"):
+            run(q, visited=vis, skipped=skp, pv_counts=bad)
+    long_k = q[:, :1].expand(1, 64 << 16, 2, 128)  # 2^16 key tiles of 64, no memory
+    with pytest.raises(NotImplementedError, match="stats need fewer than 4194304 keys"):
+        run(long_k, visited=vis, skipped=skp)
+
+
+def test_flag_addr_before_sync_defaults():
+    """The PV flag word's address is formed before the ping-pong barrier by default at hdim 128
+    only (the other head dims compile the other form); never without the PV skip."""
+    assert _kernel_of(has_skip=True).flag_addr_before_sync
+    for kw in (dict(has_skip=True, head_dim=64), dict(has_skip=True, head_dim=256),
+               dict(has_skip=True, head_dim=192, head_dim_v=128), dict(),
+               dict(has_skip=True, pv_skip=False), dict(has_skip=True, flag_addr_before_sync=False)):
+        assert not _kernel_of(**kw).flag_addr_before_sync, kw
+    assert _kernel_of(has_skip=True, head_dim=64, flag_addr_before_sync=True).flag_addr_before_sync
 
 
 def test_lookahead_defaults_and_policy():
@@ -473,15 +504,16 @@ def _assert_schedules_bitwise(dims, causal, cases, tunings):
         q, k, v = synthetic_qkv(B, Lq, Lk, Hq, Hk, d, dv, device="cuda", seed=Lq + Lk)
         for has_skip in (False, True):
             f = factor if has_skip else None
-            o1, l1, v1, s1 = smoke.run_kernel(q, k, v, causal=causal, scale=d ** -0.5, factor=f,
-                                              stats=has_skip)
+            o1, l1, v1, s1, p1 = smoke.run_kernel(q, k, v, causal=causal, scale=d ** -0.5,
+                                                  factor=f, stats=has_skip, pv=True)
             for t in tunings:
-                o2, l2, v2, s2 = smoke.run_kernel(q, k, v, causal=causal, scale=d ** -0.5,
-                                                  factor=f, stats=has_skip, tuning=t)
+                o2, l2, v2, s2, p2 = smoke.run_kernel(q, k, v, causal=causal, scale=d ** -0.5,
+                                                      factor=f, stats=has_skip, tuning=t, pv=True)
                 torch.cuda.synchronize()
                 assert torch.equal(o1, o2) and torch.equal(l1, l2), (B, Lq, Lk, f, t)
                 if has_skip:
                     assert torch.equal(v1, v2) and torch.equal(s1, s2), (B, Lq, Lk, f, t)
+                    assert torch.equal(p1, p2), (B, Lq, Lk, f, t)
             if has_skip:
                 mixed += int(0 < int(s1.sum()) < int(v1.sum()))
     assert mixed >= 2  # some tiles skipped, some kept
@@ -542,6 +574,19 @@ def test_vote_thread_max_bitwise(causal, dims):
     _assert_schedules_bitwise(dims, causal, [
         ((2, 1000, 1500, 4, 1), 30.0), ((1, 700, 2100, 4, 2), 300.0), ((1, 512, 4096, 2, 1), 1e5),
         ((1, 200, 100, 2, 1), 30.0), ((1, 130, 150, 2, 2), 3.0)], tunings)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dims", [(128, 128), (64, 64)], ids=_dims_id)
+@pytest.mark.gpu
+def test_flag_addr_before_sync_bitwise(causal, dims):
+    """The PV flag word's address formed before the ping-pong barrier (hdim-128 default) or
+    after it: the same bits and counters."""
+    if not _on_hopper():
+        pytest.skip("needs sm_90")
+    _assert_schedules_bitwise(dims, causal, [
+        ((2, 1000, 1500, 4, 1), 30.0), ((1, 700, 2100, 4, 2), 300.0), ((1, 512, 4096, 2, 1), 1e5),
+        ((1, 130, 150, 2, 2), 3.0)], [dict(flag_addr_before_sync=dims[0] != 128)])
 
 
 @pytest.mark.parametrize("causal", [False, True])

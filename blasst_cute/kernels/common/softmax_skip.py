@@ -315,7 +315,20 @@ def publish_warp_flag(flag: Boolean, sFlags: cute.Tensor, slot: Int32, group_idx
 
 
 @cute.jit
-def group_all_published(sFlags: cute.Tensor, slot: Int32, group_idx: Int32) -> Boolean:
-    """True iff the 4 warps of ``group_idx`` published a true flag in ``slot`` (one 32-bit load)."""
+def group_flag_word(sFlags: cute.Tensor, slot: Int32, group_idx: Int32) -> cute.Tensor:
+    """The 32-bit word of the 4 warp flags of ``group_idx`` in ``slot``, as a 1-element view
+    (its address can be formed before the barrier after which the word is read)."""
     words = cute.recast_tensor(sFlags, Int32)  # (1, group, slot)
-    return words[0, group_idx, slot] == Int32(0x01010101)
+    return words[None, group_idx, slot]
+
+
+@cute.jit
+def all_published(flag_word: cute.Tensor) -> Boolean:
+    """True iff all 4 warps published a true flag in ``flag_word`` (one 32-bit load)."""
+    return flag_word[0] == Int32(0x01010101)
+
+
+@cute.jit
+def group_all_published(sFlags: cute.Tensor, slot: Int32, group_idx: Int32) -> Boolean:
+    """True iff the 4 warps of ``group_idx`` published a true flag in ``slot``."""
+    return all_published(group_flag_word(sFlags, slot, group_idx))

@@ -104,7 +104,9 @@ from blasst_cute.kernels.common.softmax_skip import (
     OnlineSoftmax,
     convert_f32_to_16bit,
     group_all,
+    all_published,
     group_all_published,
+    group_flag_word,
     publish_warp_flag,
     rescale_rows,
     threshold_log2,
@@ -114,6 +116,9 @@ from blasst_cute.kernels.common.softmax_skip import (
 from blasst_cute.kernels.common.tile_info import KeyTileRange, SeqInfo
 
 FLT_MAX = 3.4028234663852886e38
+# Stats builds count a warp's skipped softmaxes in the low 16 bits of its counter and its
+# warpgroup's skipped PVs in the high 16 bits (the launcher bounds key tiles per q-tile below 2^16).
+PV_SKIP_UNIT = 1 << 16
 SUPPORTED_HEAD_DIMS = (64, 128, 256)  # with head_dim_v == head_dim
 # (q/k head dim, v head dim) pairs: the MHA/GQA dims, and DeepSeek MLA prefill (128 nope + 64 rope
 # q/k dims, 128 v dims).
@@ -189,6 +194,7 @@ class BlasstFwdSm90:
         lookahead_after_skips: Optional[int] = None,
         rescale_o_before_pv: bool = False,
         vote_thread_max=None,
+        flag_addr_before_sync: Optional[bool] = None,
     ):
         head_dim_v = head_dim if head_dim_v is None else head_dim_v
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
@@ -412,6 +418,15 @@ class BlasstFwdSm90:
                     "blasst sm90 prefill: lookahead_after_skips needs pv_skip, 16-row decisions "
                     "and no debug knob")
         self.lookahead_after_skips = lookahead_after_skips
+        # flag_addr_before_sync (default schedule, pv_skip): the address of the warpgroup's PV
+        # flag word is formed before the ping-pong barrier, its load stays after it. Only
+        # ptxas's schedule of the QK issue changes. ncu cycles at locked clocks, 0 % skipped
+        # (prefill-h100-skip-cost-ncu.md, section 5): hdim 128 16k non-causal -0.85 % (H100 and
+        # H200, three runs), causal -0.1 %; hdim 64 +0.4 % (two runs), hdim 256 +0.05 %. Default:
+        # hdim 128 only.
+        if flag_addr_before_sync is None:
+            flag_addr_before_sync = head_dim == 128
+        self.flag_addr_before_sync = bool(flag_addr_before_sync) and self.pv_skip
         self.pingpong = (head_dim <= 128 and intra_wg_overlap) if pingpong is None else pingpong
         # rescale_o_before_pv (default schedule): the O rescale of a kept tile waits in a
         # register per row and is applied at the next iteration, while that iteration's QK is on
@@ -469,6 +484,7 @@ class BlasstFwdSm90:
         max_seqlen_q: Int32,
         mVisited: Optional[cute.Tensor],  # int32 (b, h) or None
         mSkipped: Optional[cute.Tensor],
+        mPvCounts: Optional[cute.Tensor],  # int32 (2, b, h): PVs issued + skipped, or None
         stream: cuda.CUstream,
     ):
         for t in (mQ, mK, mV, mO):
@@ -562,7 +578,7 @@ class BlasstFwdSm90:
             tma_Q, tma_K, tma_V, mO, mLSE,
             tma_atom_Q, tma_atom_K, tma_atom_V,
             scale_log2, threshold_scale_factor, mFactor,
-            mCuSeqlensQ, mCuSeqlensK, mVisited, mSkipped,
+            mCuSeqlensQ, mCuSeqlensK, mVisited, mSkipped, mPvCounts,
             qhead_per_kvhead, num_m_blocks, num_heads, num_batch, l2_heads,
             sQ_layout, sK_layout, sV_layout, sO_layout,
             tiled_mma_qk, tiled_mma_pv, self._gmem_copy_O(),
@@ -593,6 +609,7 @@ class BlasstFwdSm90:
         mCuSeqlensK: Optional[cute.Tensor],
         mVisited: Optional[cute.Tensor],
         mSkipped: Optional[cute.Tensor],
+        mPvCounts: Optional[cute.Tensor],
         qhead_per_kvhead: Int32,
         num_m_blocks: Int32,
         num_heads: Int32,
@@ -726,7 +743,7 @@ class BlasstFwdSm90:
                     pipeline_q, pipeline_k, pipeline_v,
                     tidx - 128, seq, m_block, head_idx, batch_idx,
                     n_block_min, n_block_max, n_block_causal,
-                    scale_log2, threshold_scale_factor, mFactor, mVisited, mSkipped,
+                    scale_log2, threshold_scale_factor, mFactor, mVisited, mSkipped, mPvCounts,
                 )
         if const_expr(self.cluster_size > 1):
             # No CTA exits while its peer may still multicast into it or arrive on its barriers.
@@ -890,6 +907,7 @@ class BlasstFwdSm90:
         mFactor: Optional[cute.Tensor],
         mVisited: Optional[cute.Tensor],
         mSkipped: Optional[cute.Tensor],
+        mPvCounts: Optional[cute.Tensor],
     ):
         wg_idx = cute.arch.make_warp_uniform(tidx // 128)
         thr_mma_qk = tiled_mma_qk.get_slice(tidx)
@@ -1020,6 +1038,9 @@ class BlasstFwdSm90:
                     barrier_id=int(NamedBarrierSm90.SkipVoteWG1) + wg_idx, number_of_threads=128
                 )
                 pv_skip = group_all_published(sFlags, self._slot(n_last), wg_idx)
+                if const_expr(self.has_stats):
+                    if pv_skip:
+                        num_skipped += PV_SKIP_UNIT
             if not pv_skip:
                 self.apply_pending_o_scale(ctx)
             pipeline_v.consumer_wait(kv_state)
@@ -1040,19 +1061,24 @@ class BlasstFwdSm90:
             pipeline_q.consumer_release(q_state)
 
         # ---- counters: lane 0 of each decision group (a warp, or warp 0 of a warpgroup) whose
-        # group has at least one valid row.
+        # group has at least one valid row; the PV counts from each warpgroup's first thread.
         if const_expr(self.has_stats):
             warp_in_wg = cute.arch.make_warp_uniform(cute.arch.warp_idx()) % 4
-            group_first_row = m_block * self.tile_m + wg_idx * 64 + warp_in_wg * 16
+            wg_first_row = m_block * self.tile_m + wg_idx * 64
+            group_first_row = wg_first_row + warp_in_wg * 16
             counts = cute.arch.lane_idx() == 0
             if const_expr(self.decision_rows == 64):
                 counts = tidx % 128 == 0
-                group_first_row = m_block * self.tile_m + wg_idx * 64
-            if counts and group_first_row < seq.seqlen_q and n_block_max > n_block_min:
-                cute.arch.atomic_add(
-                    elem_ptr(mVisited, (batch_idx, head_idx)), n_block_max - n_block_min
-                )
-                cute.arch.atomic_add(elem_ptr(mSkipped, (batch_idx, head_idx)), num_skipped)
+                group_first_row = wg_first_row
+            n_visited = n_block_max - n_block_min
+            if counts and group_first_row < seq.seqlen_q and n_visited > 0:
+                cute.arch.atomic_add(elem_ptr(mVisited, (batch_idx, head_idx)), n_visited)
+                cute.arch.atomic_add(elem_ptr(mSkipped, (batch_idx, head_idx)),
+                                     num_skipped & (PV_SKIP_UNIT - 1))
+            if tidx % 128 == 0 and wg_first_row < seq.seqlen_q and n_visited > 0:
+                cute.arch.atomic_add(elem_ptr(mPvCounts, (0, batch_idx, head_idx)), n_visited)
+                cute.arch.atomic_add(elem_ptr(mPvCounts, (1, batch_idx, head_idx)),
+                                     num_skipped >> 16)
 
         # ---- epilogue
         inv_l, lse = softmax.finalize()
@@ -1136,6 +1162,9 @@ class BlasstFwdSm90:
         kv_state.advance()
         acc_S = cute.make_rmem_tensor(ctx["acc_S_shape"], Float32)
 
+        flag_word = None
+        if const_expr(self.flag_addr_before_sync):
+            flag_word = group_flag_word(ctx["sFlags"], self._slot(n_block + 1), wg_idx)
         pipeline_k.consumer_wait(kv_state)
         if const_expr(self.pingpong):
             self.scheduler_sync(wg_idx)
@@ -1144,8 +1173,13 @@ class BlasstFwdSm90:
                 barrier_id=int(NamedBarrierSm90.SkipVoteWG1) + wg_idx, number_of_threads=128
             )
         pv_skip = Boolean(False)
-        if const_expr(self.pv_skip):
+        if const_expr(self.flag_addr_before_sync):
+            pv_skip = all_published(flag_word)  # (loaded only now: the barrier publishes it)
+        elif const_expr(self.pv_skip):
             pv_skip = group_all_published(ctx["sFlags"], self._slot(n_block + 1), wg_idx)
+        if const_expr(self.has_stats):
+            if pv_skip:
+                num_skipped += PV_SKIP_UNIT
         wgmma(ctx["tiled_mma_qk"], acc_S, ctx["tSrQ"], ctx["tSrK"][None, None, None, kv_state.index], True)
         if const_expr(not self.late_v_wait):
             pipeline_v.consumer_wait(kv_state_v)
@@ -1338,6 +1372,9 @@ class BlasstFwdSm90:
         group_skip = Boolean(False)
         if const_expr(self.pv_skip and not is_first):
             group_skip = group_all(skip, int(NamedBarrierSm90.SkipVoteWG1) + ctx["wg_idx"])
+            if const_expr(self.has_stats):
+                if group_skip:
+                    num_skipped += PV_SKIP_UNIT
         # The wait closes both branches: a merge of O's registers (wgmma result or not) inside
         # the look-ahead QK's window made ptxas serialize every wgmma.
         if group_skip:
