@@ -7,7 +7,8 @@ For each shape it times the dense peers once (torch SDPA with the flash and cuDN
 FlashAttention-4 ``flash_attn.cute`` when importable) and BLASST at every factor of the sweep
 (factor 0 is the dense kernel; the sparsity of each point comes from the kernel's own counters).
 Per point it reports sparsity, time, TFLOP/s (prefill) or K+V GB/s (decode), the speedup over
-each dense peer and the ideal bound 1/(1 - s/2). Timing: median of CUDA-event timed runs after
+each dense peer and the ideal bound 1/(1 - s/2); prefill points also give the share of P·V
+MMAs skipped and the ideal at that share. Timing: median of CUDA-event timed runs after
 warm-up, rotating between enough input sets to exceed the L2 cache. Writes JSON, a markdown table
 and a PNG plot (speedup vs sparsity with the ideal curve) to ``--out``, stamped with the GPU,
 versions and date. A backend that cannot run a configuration is recorded with its error, never
@@ -179,6 +180,11 @@ def run_prefill(args):
                     s_ = st.sparsity
                     point.update(ms=ms, sparsity=s_, tflops_dense_equiv=flops / ms / 1e9,
                                  ideal=1 / (1 - s_ / 2))
+                    if st.pv_sparsity is not None:
+                        # the share of P·V MMAs skipped (64-row warpgroups): the s the kernel's
+                        # gain 1/(1 - s/2) is bounded by when decisions are finer than the MMA
+                        point.update(pv_sparsity=st.pv_sparsity,
+                                     ideal_pv=1 / (1 - st.pv_sparsity / 2))
                 except Exception as exc:
                     point.update(error=f"{type(exc).__name__}: {exc}")
                     if args.verbose:
@@ -292,8 +298,10 @@ def markdown(rows, meta):
              "versions: " + ", ".join(f"{k} {v}" for k, v in meta.items() if k not in ("date",)), ""]
     unit = "TFLOP/s" if rows and rows[0]["phase"] == "prefill" else "K+V GB/s"
     lines += [f"Times are medians in ms; in parentheses the dense-equivalent rate ({unit}).", ""]
+    with_pv = any("pv_sparsity" in r for r in rows)
     head = ["shape", "factor", "sparsity", "blasst ms"] + [f"{n} ms" for n in peer_names] + \
-        [f"vs {n}" for n in peer_names] + ["ideal 1/(1-s/2)"]
+        [f"vs {n}" for n in peer_names] + ["ideal 1/(1-s/2)"] + (
+            ["P·V skipped", "ideal at P·V s"] if with_pv else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [_shape_str(r), f"{r['factor']:g}"]
@@ -310,7 +318,13 @@ def markdown(rows, meta):
             v = r["peers"].get(n, {})
             cells.append(f"{v['ms'] / r['ms']:.2f}x" if "ms" in v and "ms" in r else "—")
         cells.append(f"{r['ideal']:.2f}x" if "ideal" in r else "—")
+        if with_pv:
+            cells += ([f"{r['pv_sparsity']:.3f}", f"{r['ideal_pv']:.2f}x"] if "pv_sparsity" in r
+                      else ["—", "—"])
         lines.append("| " + " | ".join(cells) + " |")
+    if with_pv:
+        lines += ["", "sparsity: share of (16-row warp, key tile) softmaxes skipped; P·V skipped: "
+                  "share of (64-row warpgroup, key tile) P·V MMAs skipped (all 4 warps skipped)."]
     errs = {n: v["error"] for r in rows for n, v in r["peers"].items() if "error" in v}
     if errs:
         lines += ["", "Peers that could not run:"] + [f"- {n}: {e[:200]}" for n, e in errs.items()]
@@ -336,10 +350,15 @@ def plot(rows, meta, path):
         if not peers:
             continue
         best_name = min(peers, key=peers.get)
-        groups.setdefault((_shape_str(r), best_name), []).append((r["sparsity"], peers[best_name] / r["ms"]))
+        groups.setdefault((_shape_str(r), best_name), []).append(
+            (r["sparsity"], peers[best_name] / r["ms"], r.get("pv_sparsity")))
     for (name, peer), pts in groups.items():
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{name} (vs {peer})")
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{name} (vs {peer})")
+        pv = [(p[2], p[1]) for p in pts if p[2] is not None]
+        if pv:  # the same points placed at the share of P·V MMAs skipped
+            ax.plot([p[0] for p in pv], [p[1] for p in pv], "x:", color=line.get_color(),
+                    label=f"{name}, x = P·V sparsity")
     ax.set_xlabel("block sparsity (fraction of tiles skipped)")
     ax.set_ylabel("speedup over the fastest dense peer")
     ax.set_title(f"BLASST on {meta.get('gpu', '?')}")

@@ -29,12 +29,15 @@ def test_report_files(tmp_path):
     rows = [dict(phase="prefill", batch=1, seqlen=4096, heads_q=32, heads_kv=8, head_dim=128, causal=True,
                  factor=f, peers=peers, ms=ms, sparsity=s, tflops_dense_equiv=600 / ms, ideal=1 / (1 - s / 2))
             for f, ms, s in ((0, 2.1, 0.0), (1000, 1.5, 0.6))]
+    rows[1].update(pv_sparsity=0.5, ideal_pv=1 / (1 - 0.25))
     rows.append(dict(rows[0], factor=5000, error="NotImplementedError: no kernel"))
     del rows[-1]["ms"]
     meta = {"date": "2026-11-26T00:00:00+00:00", "gpu": "test", "torch": "x"}
     bench.write_results(rows, meta, str(tmp_path), "t")
     md = (tmp_path / "t.md").read_text()
     assert "0.95x" in md and "n/a: NotImplementedError" in md and "fa4: ImportError" in md
+    assert "| P·V skipped | ideal at P·V s |" in md and "| 0.500 | 1.33x |" in md
+    assert md.count("| — | — |") >= 1  # the dense point has no P·V counts
     assert json.loads((tmp_path / "t.json").read_text())["rows"][1]["sparsity"] == 0.6
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "t.png").stat().st_size > 1000
