@@ -61,7 +61,11 @@ def demo(args) -> int:
                                       return_stats=True, backend=backend)
     dense, _ = dense_attention(q, k, v, causal=True)
     print(f"  tile sparsity {st.sparsity:6.1%}  ({int(st.skipped.sum())} of {int(st.visited.sum())} "
-          f"tiles skipped; ideal kernel speedup 1/(1-s/2) = {1 / (1 - st.sparsity / 2):.2f}x)")
+          f"(16-row group, key tile) softmaxes skipped)")
+    if st.pv_sparsity is not None:  # the ideal gain counts the skipped P·V MMAs (64-row groups)
+        print(f"  P·V sparsity {st.pv_sparsity:6.1%}  ({int(st.pv_skipped.sum())} of "
+              f"{int(st.pv_visited.sum())} P·V products skipped; ideal kernel speedup "
+              f"1/(1-s/2) = {1 / (1 - st.pv_sparsity / 2):.2f}x)")
     print(f"  relative error vs dense float64 attention: {rel_err(out, dense):.2e}")
     if on_gpu and backend == "auto":
         t_b = _time_ms(lambda: blasst_cute.prefill(q, k, v, causal=True,

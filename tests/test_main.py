@@ -14,4 +14,4 @@ def test_demo_small_cpu(capsys):
     assert main(["--seqlen", "1024", "--heads-q", "4", "--heads-kv", "2", "--head-dim", "64", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "prefill (causal)" in out and "decode" in out and "tile sparsity" in out
-    assert "relative error vs dense float64 attention" in out
+    assert "relative error vs dense float64 attention" in out and "P·V sparsity" in out
