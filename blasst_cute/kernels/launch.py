@@ -265,12 +265,16 @@ def run_prefill_sm90(q, k, v, out, lse, *, causal: bool, softmax_scale: float,
     if batch == 0 or q.numel() == 0 or max_seqlen_q == 0:
         return
     if has_stats:
+        min_tile_n = min(64, (tuning or {}).get("tile_n") or 64)
+        fits = lambda keys: -(-keys // min_tile_n) < PV_SKIP_UNIT
         keys = k.shape[1]
         if varlen:
-            keys = max_seqlen_k if max_seqlen_k is not None else (
-                int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max().item()))
-        min_tile_n = min(64, (tuning or {}).get("tile_n") or 64)
-        if -(-keys // min_tile_n) >= PV_SKIP_UNIT:
+            # the packed total bounds every sequence; the exact maximum (a host sync, so not
+            # under graph capture in the common case) only when the bound is too long
+            keys = max_seqlen_k if max_seqlen_k is not None else k.shape[0]
+            if not fits(keys) and max_seqlen_k is None:
+                keys = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max().item())
+        if not fits(keys):
             # a warp's counter holds its softmax skips and its warpgroup's PV skips in 16 bits
             # each (the default key tiles are >= 64 wide)
             raise NotImplementedError(

@@ -310,6 +310,12 @@ def test_run_pv_counts_errors():
     long_k = q[:, :1].expand(1, 64 << 16, 2, 128)  # 2^16 key tiles of 64, no memory
     with pytest.raises(NotImplementedError, match="stats need fewer than 4194304 keys"):
         run(long_k, visited=vis, skipped=skp)
+    # varlen: the one sequence's exact length (the packed total is only a bound)
+    cu_q, cu_k = torch.tensor([0, 64], dtype=torch.int32), torch.tensor([0, 64 << 16], dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match="got 4194304"):
+        launch.run_prefill_sm90(q[0], long_k[0], long_k[0], out[0], lse[0], causal=False,
+                                softmax_scale=0.1, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                visited=vis, skipped=skp)
 
 
 def test_flag_addr_before_sync_defaults():
