@@ -374,10 +374,7 @@ def blasst_attention(q, k, v, *, causal: bool = False, softmax_scale: Optional[f
         pack_gqa=pack_gqa, order=order, num_splits=num_splits, rpd=rpd, split_tiles=split_tiles,
         interleave_splits=interleave_splits, rows_per_pv=rows_per_pv)
     out, lse = _unpack(out_u, lse_u, B, Lq, Hq, Hk, Dv, pack_gqa)
-    stats = BlasstStats(visited, skipped)
-    if pv is not None:
-        stats = BlasstStats(visited, skipped, pv_visited=pv[0], pv_skipped=pv[1])
-    return out.to(q.dtype), lse.float(), stats
+    return out.to(q.dtype), lse.float(), _stats(visited, skipped, pv)
 
 
 def blasst_attention_varlen(q, k, v, *, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
@@ -454,9 +451,14 @@ def _store_counts(counts: torch.Tensor, b: int, st: BlasstStats) -> None:
 
 
 def _stats_of(counts: torch.Tensor, geometry: dict) -> BlasstStats:
-    if geometry.get("rows_per_pv"):
-        return BlasstStats(counts[0], counts[1], pv_visited=counts[2], pv_skipped=counts[3])
-    return BlasstStats(counts[0], counts[1])
+    return _stats(counts[0], counts[1], counts[2:] if geometry.get("rows_per_pv") else None)
+
+
+def _stats(visited, skipped, pv=None) -> BlasstStats:
+    """The stats of the counters, with the P·V counts pv [2, ...] (visited, skipped) if any."""
+    if pv is None:
+        return BlasstStats(visited, skipped)
+    return BlasstStats(visited, skipped, pv_visited=pv[0], pv_skipped=pv[1])
 
 
 def _per_sequence_factor(threshold_scale_factor: Factor, n: int):
