@@ -1038,9 +1038,7 @@ class BlasstFwdSm90:
                     barrier_id=int(NamedBarrierSm90.SkipVoteWG1) + wg_idx, number_of_threads=128
                 )
                 pv_skip = group_all_published(sFlags, self._slot(n_last), wg_idx)
-                if const_expr(self.has_stats):
-                    if pv_skip:
-                        num_skipped += PV_SKIP_UNIT
+                num_skipped = self.count_pv_skip(num_skipped, pv_skip)
             if not pv_skip:
                 self.apply_pending_o_scale(ctx)
             pipeline_v.consumer_wait(kv_state)
@@ -1177,9 +1175,7 @@ class BlasstFwdSm90:
             pv_skip = all_published(flag_word)  # (loaded only now: the barrier publishes it)
         elif const_expr(self.pv_skip):
             pv_skip = group_all_published(ctx["sFlags"], self._slot(n_block + 1), wg_idx)
-        if const_expr(self.has_stats):
-            if pv_skip:
-                num_skipped += PV_SKIP_UNIT
+        num_skipped = self.count_pv_skip(num_skipped, pv_skip)
         wgmma(ctx["tiled_mma_qk"], acc_S, ctx["tSrQ"], ctx["tSrK"][None, None, None, kv_state.index], True)
         if const_expr(not self.late_v_wait):
             pipeline_v.consumer_wait(kv_state_v)
@@ -1372,9 +1368,7 @@ class BlasstFwdSm90:
         group_skip = Boolean(False)
         if const_expr(self.pv_skip and not is_first):
             group_skip = group_all(skip, int(NamedBarrierSm90.SkipVoteWG1) + ctx["wg_idx"])
-            if const_expr(self.has_stats):
-                if group_skip:
-                    num_skipped += PV_SKIP_UNIT
+            num_skipped = self.count_pv_skip(num_skipped, group_skip)
         # The wait closes both branches: a merge of O's registers (wgmma result or not) inside
         # the look-ahead QK's window made ptxas serialize every wgmma.
         if group_skip:
@@ -1390,6 +1384,15 @@ class BlasstFwdSm90:
         if not group_skip:
             pipeline_v.consumer_release(kv_state)
         return next_state, num_skipped, not group_skip, kv_state
+
+    @cute.jit
+    def count_pv_skip(self, num_skipped: Int32, pv_skip: Boolean) -> Int32:
+        """Stats builds count a warpgroup's skipped P·V wgmmas in the high half of each warp's
+        skip counter (the low half counts the warp's skipped softmaxes)."""
+        if const_expr(self.has_stats):
+            if pv_skip:
+                num_skipped += PV_SKIP_UNIT
+        return num_skipped
 
     @cute.jit
     def zero_stale_p(self, tOrP: cute.Tensor, warp_skipped: Boolean):
