@@ -185,7 +185,7 @@ def bitwise_base(name):
 def _args(q, k, v, out, lse, factor, vis=None, skp=None):
     return [launch._to_cute(q), launch._to_cute(k), launch._to_cute(v), launch._to_cute(out),
             launch._to_cute(lse, 4), Float32(q.shape[-1] ** -0.5), Float32(factor), None, None, None,
-            Int32(q.shape[1]), launch._to_cute(vis, 4), launch._to_cute(skp, 4),
+            Int32(q.shape[1]), launch._to_cute(vis, 4), launch._to_cute(skp, 4), None,
             cuda.CUstream(torch.cuda.current_stream().cuda_stream)]
 
 
