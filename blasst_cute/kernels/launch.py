@@ -227,8 +227,6 @@ def run_prefill_sm90(q, k, v, out, lse, *, causal: bool, softmax_scale: float,
     scratch buffer is allocated).
     threshold_scale_factor: None/0 (dense), a number, or a float32 tensor [B] (one per sequence).
     """
-    import cuda.bindings.driver as cuda
-
     varlen = cu_seqlens_q is not None
     if varlen != (cu_seqlens_k is not None):
         raise NotImplementedError("blasst sm90 prefill: cu_seqlens_q and cu_seqlens_k go together")
@@ -292,15 +290,27 @@ def run_prefill_sm90(q, k, v, out, lse, *, causal: bool, softmax_scale: float,
     config.update(prefill_lookahead(max_seqlen_k if varlen else k.shape[1], tuning))
     key = _config_key(config)
 
-    args = [
+    args = prefill_kernel_args(q, k, v, out, lse, softmax_scale, factor, factor_t, cu_seqlens_q,
+                               cu_seqlens_k, max_seqlen_q, visited, skipped, pv_counts)
+    fn = compile_cache.get_or_compile(("sm90-prefill",) + key, lambda: cute.compile(_make_kernel(key), *args))
+    fn(*args)
+
+
+def prefill_kernel_args(q, k, v, out, lse, softmax_scale: float, factor: float, factor_t=None,
+                        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: Optional[int] = None,
+                        visited=None, skipped=None, pv_counts=None) -> list:
+    """The kernel's call arguments, in the order of ``BlasstFwdSm90.__call__``, on torch's
+    current stream (also used by the A/B and ncu tools, so they follow signature changes)."""
+    import cuda.bindings.driver as cuda
+
+    return [
         _to_cute(q), _to_cute(k), _to_cute(v), _to_cute(out), _to_cute(lse, 4),
         Float32(softmax_scale), Float32(factor), _to_cute(factor_t, 4),
-        _to_cute(cu_seqlens_q, 4), _to_cute(cu_seqlens_k, 4), Int32(max_seqlen_q),
+        _to_cute(cu_seqlens_q, 4), _to_cute(cu_seqlens_k, 4),
+        Int32(q.shape[1] if max_seqlen_q is None else max_seqlen_q),
         _to_cute(visited, 4), _to_cute(skipped, 4), _to_cute(pv_counts, 4),
         cuda.CUstream(torch.cuda.current_stream(q.device).cuda_stream),
     ]
-    fn = compile_cache.get_or_compile(("sm90-prefill",) + key, lambda: cute.compile(_make_kernel(key), *args))
-    fn(*args)
 
 
 def clear_cache() -> None:
@@ -308,4 +318,4 @@ def clear_cache() -> None:
 
 
 __all__ = ["SUPPORTED_HEAD_DIM_PAIRS", "SUPPORTED_HEAD_DIMS", "prefill_geometry", "prefill_cluster",
-           "compile_prefill_sm90", "run_prefill_sm90", "clear_cache"]
+           "compile_prefill_sm90", "run_prefill_sm90", "prefill_kernel_args", "clear_cache"]

@@ -34,9 +34,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import cuda.bindings.driver as cuda  # noqa: E402
 import cutlass.cute as cute  # noqa: E402
-from cutlass import Float32, Int32  # noqa: E402
 
 from blasst_cute.kernels import launch  # noqa: E402
 from blasst_cute.kernels.dtypes import TORCH_TO_CUTLASS  # noqa: E402
@@ -182,11 +180,8 @@ def bitwise_base(name):
     return name
 
 
-def _args(q, k, v, out, lse, factor, vis=None, skp=None):
-    return [launch._to_cute(q), launch._to_cute(k), launch._to_cute(v), launch._to_cute(out),
-            launch._to_cute(lse, 4), Float32(q.shape[-1] ** -0.5), Float32(factor), None, None, None,
-            Int32(q.shape[1]), launch._to_cute(vis, 4), launch._to_cute(skp, 4), None,
-            cuda.CUstream(torch.cuda.current_stream().cuda_stream)]
+def _args(q, k, v, out, lse, factor):
+    return launch.prefill_kernel_args(q, k, v, out, lse, q.shape[-1] ** -0.5, factor)
 
 
 def make_runner(name, module, causal, has_skip, factor, **kw):

@@ -318,6 +318,22 @@ def test_run_pv_counts_errors():
                                 visited=vis, skipped=skp)
 
 
+def test_kernel_args_follow_call_signature(monkeypatch):
+    """prefill_kernel_args (used by the launcher and the A/B tool) gives one argument per
+    parameter of the kernel's __call__, the stream last."""
+    import inspect
+
+    from blasst_cute.kernels.sm90.prefill import BlasstFwdSm90
+
+    class _Stream:
+        cuda_stream = 0
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream())
+    q = torch.randn(1, 64, 2, 128).to(torch.bfloat16)
+    args = launch.prefill_kernel_args(q, q, q, torch.empty_like(q), torch.empty(1, 2, 64), 0.1, 1.0)
+    params = list(inspect.signature(BlasstFwdSm90.__call__).parameters)[1:]
+    assert len(args) == len(params) and params[-1] == "stream"
+
+
 def test_flag_addr_before_sync_defaults():
     """The PV flag word's address is formed before the ping-pong barrier by default at hdim 128
     only (the other head dims compile the other form); never without the PV skip."""
