@@ -300,7 +300,7 @@ def prefill_kernel_args(q, k, v, out, lse, softmax_scale: float, factor: float, 
                         cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: Optional[int] = None,
                         visited=None, skipped=None, pv_counts=None) -> list:
     """The kernel's call arguments, in the order of ``BlasstFwdSm90.__call__``, on torch's
-    current stream (also used by the A/B and ncu tools, so they follow signature changes)."""
+    current stream (the A/B tool builds its calls with it too, so it follows signature changes)."""
     import cuda.bindings.driver as cuda
 
     return [
