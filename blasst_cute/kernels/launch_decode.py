@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 import threading
 from typing import Optional
 
@@ -49,13 +50,21 @@ MAX_SPLITS = 128
 DEFAULT_TILE_N = 128
 
 # Split-KV partials merged inside the decode launch (the last split CTA of each q-tile) instead
-# of by the separate combine kernel. Off by default: the fused merge runs on ONE SM per q-tile
-# (L2 reads of rows x splits partials, plus an arrival handshake and, in a captured graph, a
-# zero-fill of the counters per call), and the combine kernel launched with PDL beat it at every
-# measured shape (perf/results/decode-h100-small.md). The second launch did not measurably add
-# host time per call (H100 host, B=1 L=1024: medians 15-18 us either way, noisy).
-# BLASST_DECODE_FUSED_MERGE=1 (per call: tuning={"fused_merge": True}) turns it on.
+# of by the separate combine kernel. Off by default in device time: the fused merge runs on ONE
+# SM per q-tile (L2 reads of rows x splits partials, plus an arrival handshake and, in a captured
+# graph, a zero-fill of the counters per call), and the combine kernel launched with PDL beat it
+# in kernel time at every measured shape (perf/results/decode-h100-small.md).
+# BLASST_DECODE_FUSED_MERGE=1 (per call: tuning={"fused_merge": True}) turns it on everywhere.
 FUSED_MERGE = os.environ.get("BLASST_DECODE_FUSED_MERGE", "0") == "1"
+# But the second launch costs host time: ~5 us on the H100 host (perf/decode_host.py; API call
+# 19.9 -> 15.0 us at B=1 L=1024), and an eager decode loop of small launches runs at the host's
+# pace. So a call outside CUDA-graph capture, without a caller workspace, whose cache holds at
+# most EAGER_FUSED_MAX_KV_BYTES of K+V (B x capacity x Hk x (D + Dv) x element size) merges in
+# the decode launch: eager loops 0.77x (4 MiB) to 0.96-0.98x (16-32 MiB) the time per call, never
+# slower up to 128 MiB, same output bits (perf/results/decode-h100-host.md). Graph captures, whose
+# replays have no host time per launch, keep the combine kernel.
+# BLASST_DECODE_EAGER_FUSED_MAX_KV_BYTES=0 turns the rule off.
+EAGER_FUSED_MAX_KV_BYTES = int(os.environ.get("BLASST_DECODE_EAGER_FUSED_MAX_KV_BYTES", 32 << 20))
 # Merge loops with the loads of a batch of splits in flight together (fused merge and combine
 # kernel; combine.merge_split_rows_pipelined). BLASST_DECODE_PIPELINED_MERGE=0: the old loops.
 PIPELINED_MERGE = os.environ.get("BLASST_DECODE_PIPELINED_MERGE", "1") != "0"
@@ -227,76 +236,72 @@ def plan_decode_sm90(q, k_cache, block_table=None, num_splits: Optional[int] = N
 
 class _FastCall:
     """Low-overhead invocation of a compiled function whose parameters are all pointers and
-    scalars: the argument storage is preallocated ctypes and only the values change per call
-    (the DSL's generic per-call argument marshalling costs ~50 us).
+    scalars (the DSL's generic per-call argument marshalling costs ~50 us).
 
-    Built from the compile-time arguments; verifies that its storage reproduces the DSL's own
-    execution arguments byte for byte, and otherwise disables itself (``ok`` False). Not
-    thread-safe (one storage per compiled function; calls are serialized by a lock).
+    The parameters live in one preallocated buffer, 8 bytes each, the per-call ("dynamic")
+    ones first in the order given, so one ``struct.pack_into`` writes them all; the rest are
+    written once (:meth:`preset`). The buffer starts as a byte copy of the DSL's own execution
+    arguments for the compile-time arguments; when those are not one parameter per argument,
+    the call path disables itself (``ok`` False). tests/kernels/test_launch_decode.py checks the
+    storage against the DSL's marshalling. Calls are serialized by a lock (one storage per
+    compiled function).
     """
 
-    def __init__(self, fn, sample_args):
+    def __init__(self, fn, sample_args, dynamic):
         self.fn = fn
         self.ok = False
         self.lock = threading.Lock()
-        self.store = []
-        kinds = []
+        codes = []  # (struct code, bytes) per parameter
         for a in sample_args:
             if a is None:
                 continue
             if isinstance(a, cute.Pointer):
-                kinds.append((ctypes.c_uint64, 8))
+                codes.append(("Q", 8))
             elif isinstance(a, cutlass.Int64):
-                kinds.append((ctypes.c_int64, 8))
+                codes.append(("q", 8))
             elif isinstance(a, Int32):
-                kinds.append((ctypes.c_int32, 4))
+                codes.append(("i", 4))
             elif isinstance(a, Float32):
-                kinds.append((ctypes.c_float, 4))
+                codes.append(("f", 4))
             else:  # the stream
-                kinds.append((ctypes.c_uint64, 8))
+                codes.append(("Q", 8))
         try:
             exe, _ = fn.execution_args.generate_execution_args(tuple(sample_args), {})
         except Exception:  # noqa: BLE001
             return
-        if len(exe) != len(kinds):
+        dynamic = list(dynamic)
+        if len(exe) != len(codes) or len(set(dynamic)) != len(dynamic) \
+                or not all(0 <= i < len(codes) for i in dynamic):
             return
-        self.store = [k() for k, _ in kinds]
-        for st, e, (_, nbytes) in zip(self.store, exe, kinds):
-            addr = e if isinstance(e, int) else e.value
-            ctypes.memmove(ctypes.addressof(st), addr, nbytes)
-        self.addrs = [ctypes.addressof(st) for st in self.store]
+        order = dynamic + [i for i in range(len(codes)) if i not in dynamic]
+        self.buf = (ctypes.c_uint64 * len(codes))()
+        base = ctypes.addressof(self.buf)
+        self.offset = [0] * len(codes)
+        for slot, i in enumerate(order):
+            self.offset[i] = 8 * slot
+        self.addrs = [base + off for off in self.offset]
+        for dst, e, (_, nbytes) in zip(self.addrs, exe, codes):
+            ctypes.memmove(dst, e if isinstance(e, int) else e.value, nbytes)
+        self.formats = ["<" + c for c, _ in codes]
+        self.dynamic = struct.Struct("<" + "".join(codes[i][0] + ("4x" if codes[i][1] == 4 else "")
+                                                   for i in dynamic))
         self.ok = True
         self.first = True
 
     def preset(self, positions, values):
-        """Write slots that stay fixed for this storage (a plan's shapes); returns self."""
+        """Write parameters that stay fixed for this storage (a plan's shapes); returns self."""
         for i, v in zip(positions, values):
-            self.store[i].value = v
+            struct.pack_into(self.formats[i], self.buf, self.offset[i], v)
         return self
 
-    def call_dyn(self, positions, values):
-        """Write only the slots at ``positions`` (the rest were preset), then launch."""
-        store = self.store
+    def launch(self, values):
+        """Write the dynamic parameters (in the order given at construction), then launch."""
         with self.lock:
-            for i, v in zip(positions, values):
-                store[i].value = v
-            self._launch()
-
-    def slots(self, positions):
-        """The ctypes slots at ``positions`` (for :meth:`call_slots`)."""
-        return [self.store[i] for i in positions]
-
-    def call_slots(self, slots, values):
-        """:meth:`call_dyn` with the slots looked up once (host time per call)."""
-        with self.lock:
-            for st, v in zip(slots, values):
-                st.value = v
-            self._launch()
-
-    def __call__(self, values):
-        with self.lock:
-            for st, v in zip(self.store, values):
-                st.value = v
+            try:
+                self.dynamic.pack_into(self.buf, 0, *values)
+            except OverflowError:  # a float beyond float32's range: inf, as a C cast gives
+                self.dynamic.pack_into(self.buf, 0, *[ctypes.c_float(v).value if type(v) is float
+                                                      else v for v in values])
             self._launch()
 
     def _launch(self):
@@ -341,12 +346,11 @@ class _Plan:
     and stream."""
 
     __slots__ = ("geo", "splits", "direct", "has_skip", "fpb", "has_stats", "fn", "cfn",
-                 "fast", "fast_pos", "fast_slots", "cfast", "statics", "cstatics", "ws_o", "ws_numel", "out_shape",
+                 "fast", "cfast", "statics", "cstatics", "ws_o", "ws_numel", "out_shape",
                  "lse_shape", "lse_numel", "dtype", "device", "lock", "scratch", "fused", "use_pdl",
                  "n_arrivals", "arrivals", "stream_bufs")
 
     def __init__(self):
-        self.fast_pos = None
         self.scratch = {}
         self.arrivals = {}
         self.stream_bufs = {}  # stream -> (scratch address, arrivals address or None)
@@ -387,7 +391,7 @@ _CPOS = (0, 1, 2, 3, 8)  # combine: the dynamic slots (pointers, stream)
 
 
 def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, num_splits,
-               tuning) -> _Plan:
+               tuning, eager_fused=False) -> _Plan:
     tile_n = interleave = None
     if tuning:
         tuning = dict(tuning)
@@ -404,7 +408,7 @@ def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, n
     page_size = k_cache.shape[1] if paged else None
     config = dict(dtype=q.dtype, head_dim=d, page_size=page_size, tile_n=geo["block_n"],
                   causal=bool(causal), has_skip=has_skip, factor_per_batch=fpb,
-                  has_stats=has_stats, direct_out=direct, fused_merge=FUSED_MERGE,
+                  has_stats=has_stats, direct_out=direct, fused_merge=FUSED_MERGE or eager_fused,
                   producer_v=PRODUCER_V, pipelined_merge=PIPELINED_MERGE,
                   use_pdl=USE_PDL and splits >= PDL_MIN_SPLITS,
                   order=geo["order"],
@@ -432,13 +436,14 @@ def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, n
     p.fast = None
     n_ptr = 6 + paged + fpb + 3 * has_stats + 3 * fused
     if USE_FAST_CALL:
-        fc = _FastCall(p.fn, compile_args)
+        # dynamic: the pointers, softmax scale, factor and stream (after the statics and the
+        # split count, in launch_ptrs' order)
+        n_st = len(p.statics)
+        fc = _FastCall(p.fn, compile_args,
+                       list(range(n_ptr)) + [n_ptr + n_st, n_ptr + n_st + 1, n_ptr + n_st + 3])
         if fc.ok:
-            pos = list(range(n_ptr, n_ptr + len(p.statics))) + [n_ptr + len(p.statics) + 2]
-            p.fast = fc.preset(pos, p.statics + [splits])
-            p.fast_pos = list(range(n_ptr)) + [n_ptr + len(p.statics), n_ptr + len(p.statics) + 1,
-                                               n_ptr + len(p.statics) + 3]
-            p.fast_slots = p.fast.slots(p.fast_pos)
+            p.fast = fc.preset(list(range(n_ptr, n_ptr + n_st)) + [n_ptr + n_st + 2],
+                               p.statics + [splits])
     p.out_shape = (B, lq, hq, d)
     p.lse_shape = (B, hq, lq)
     p.dtype = q.dtype
@@ -457,7 +462,7 @@ def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, n
                                                           pipelined=c_pipe).launch_ptrs)
         p.cstatics = [splits, B, lq, hq]
         if USE_FAST_CALL:
-            fc = _FastCall(p.cfn, combine_compile_args(TORCH_TO_CUTLASS[q.dtype]))
+            fc = _FastCall(p.cfn, combine_compile_args(TORCH_TO_CUTLASS[q.dtype]), _CPOS)
             if fc.ok:
                 p.cfast = fc.preset((4, 5, 6, 7), p.cstatics)
     p.lock = threading.Lock()
@@ -469,6 +474,14 @@ _CONTIGUOUS = torch.contiguous_format
 # torch.cuda.is_current_stream_capturing without its Python wrapper (host time per call).
 _is_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing",
                         torch.cuda.is_current_stream_capturing)
+
+
+def cache_kv_bytes(q, k_cache, v_cache, block_table) -> int:
+    """K+V bytes a call may read: B x capacity x Hk x (D + Dv) x element size (capacity: the
+    block table's pages x page size, or the contiguous cache's length)."""
+    B = q.shape[0]
+    cap = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+    return B * cap * k_cache.shape[2] * (k_cache.shape[3] + v_cache.shape[3]) * k_cache.element_size()
 
 
 def _launch(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, softmax_scale,
@@ -488,12 +501,17 @@ def _launch(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, softmax_s
     if plan_key is None:
         plan_key = (q.shape, q.dtype, q.get_device(), k_cache.shape, k_cache.stride(),
                     None if block_table is None else (block_table.shape, block_table.stride(0)))
+    # (the capture query only where the eager rule can apply; an explicit fused_merge wins)
+    eager_fused = bool(EAGER_FUSED_MAX_KV_BYTES) and workspace is None \
+        and not (tuning and "fused_merge" in tuning) and not _is_capturing()
     key = (plan_key, causal, has_skip, factor_t is not None, has_stats, num_splits,
-           tuple(sorted(tuning.items())) if tuning else None)
+           tuple(sorted(tuning.items())) if tuning else None, eager_fused)
     plan = _plans.get(key)
     if plan is None:
         plan = _make_plan(key, q, k_cache, block_table, causal, has_skip, factor_t is not None,
-                          has_stats, num_splits, tuning)
+                          has_stats, num_splits, tuning,
+                          eager_fused and cache_kv_bytes(q, k_cache, v_cache, block_table)
+                          <= EAGER_FUSED_MAX_KV_BYTES)
         # Bounded: a plan holds per-stream scratch (up to a few MB), and keys churn with the batch
         # and block-table shape under continuous batching. Oldest first out (rebuilt on demand;
         # the compiled kernels stay in compile_cache).
@@ -568,7 +586,7 @@ def _launch(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, softmax_s
     fast = plan.fast
     if fast is not None:
         ptrs += (float(softmax_scale), factor, stream_h)
-        fast.call_slots(plan.fast_slots, ptrs)
+        fast.launch(ptrs)
     else:
         _slow_decode_call(plan, q, ptrs, softmax_scale, factor, stream_h, block_table, factor_t,
                           has_stats)
@@ -580,7 +598,7 @@ def _launch(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, softmax_s
         lse_out = lse.data_ptr() if lse is not None else scratch_p + 4 * plan.ws_numel
         cvals = [o_p, lse_p, out.data_ptr(), lse_out, stream_h]
         if plan.cfast is not None:
-            plan.cfast.call_dyn(_CPOS, cvals)
+            plan.cfast.launch(cvals)
         else:
             dt = TORCH_TO_CUTLASS[q.dtype]
             plan.cfn(make_ptr(Float32, o_p, 16), make_ptr(Float32, lse_p, 4), make_ptr(dt, cvals[2], 16),

@@ -141,17 +141,20 @@ def test_alternate_kernel_paths(alt):
 
 @gpu
 def test_merge_and_pdl_choice():
-    # combine kernel unless BLASST_DECODE_FUSED_MERGE=1; PDL from PDL_MIN_SPLITS splits on
+    # combine kernel unless BLASST_DECODE_FUSED_MERGE=1, or an eager call whose cache holds at
+    # most EAGER_FUSED_MAX_KV_BYTES (fused merge: one launch); PDL from PDL_MIN_SPLITS splits on
     from gpu_decode_smoke import run_kernel, make_cache
-    for B, hq, hk in ((1, 32, 8), (8, 64, 4)):
+    for B, L, hq, hk in ((1, 8192, 32, 8), (8, 8192, 64, 4), (1, 1024, 32, 8)):
         q = torch.randn(B, 1, hq, 128, device="cuda", dtype=torch.bfloat16)
-        _, _, kc, vc, bt = make_cache(B, 8192, hk, 128, 64)
-        lens = torch.full((B,), 8192, dtype=torch.int32, device="cuda")
+        _, _, kc, vc, bt = make_cache(B, L, hk, 128, 64)
+        lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
         launch_decode._plans.clear()  # rebuilt on demand
         geo = run_kernel(q, kc, vc, lens, bt)[3]
         assert geo["num_splits"] > 1
         (plan,) = launch_decode._plans.values()
-        assert plan.fused == launch_decode.FUSED_MERGE
+        small = 2 * B * L * hk * 128 * 2 <= launch_decode.EAGER_FUSED_MAX_KV_BYTES
+        assert launch_decode.cache_kv_bytes(q, kc, vc, bt) == 2 * B * L * hk * 128 * 2
+        assert plan.fused == (launch_decode.FUSED_MERGE or small)
         assert plan.use_pdl == (launch_decode.USE_PDL
                                 and geo["num_splits"] >= launch_decode.PDL_MIN_SPLITS)
 
