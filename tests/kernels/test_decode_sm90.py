@@ -160,6 +160,36 @@ def test_merge_and_pdl_choice():
 
 
 @gpu
+def test_eager_fused_merge_and_captured_combine():
+    # A small cache: eager API calls merge in the decode launch (one launch), a graph capture of
+    # the same call uses the combine kernel; both give the same bits.
+    import blasst_cute
+    from blasst_cute.testing import capture_graph
+    from gpu_decode_smoke import make_cache
+    B, L, hq, hk = 1, 4096, 32, 8
+    if 2 * B * L * hk * 128 * 2 > launch_decode.EAGER_FUSED_MAX_KV_BYTES:
+        pytest.skip("the eager fused-merge rule is off or below this cache size")
+    q = torch.randn(B, 1, hq, 128, device="cuda", dtype=torch.bfloat16)
+    _, _, kc, vc, bt = make_cache(B, L, hk, 128, 64)
+    lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    launch_decode._plans.clear()
+
+    def call():
+        return blasst_cute.decode(q, kc, vc, cache_seqlens=lens, block_table=bt,
+                                  threshold_scale_factor=100.0)
+    eager = call()
+    torch.cuda.synchronize()
+    plans = list(launch_decode._plans.values())
+    assert [(p.splits > 1, p.fused) for p in plans] == [(True, True)]
+    out = torch.full_like(q, float("nan"))
+    g = capture_graph(lambda: out.copy_(call()), eager_first=False)
+    g.replay()
+    torch.cuda.synchronize()
+    assert sorted(p.fused for p in launch_decode._plans.values()) == [False, True]
+    assert torch.equal(out, eager)
+
+
+@gpu
 def test_cuda_graph_replay_new_factor():
     from gpu_decode_smoke import graph_check
     ok, msg = graph_check()
