@@ -47,37 +47,6 @@ def _record(obj, name):
     return orig, seen
 
 
-def bare_launches(s, factor):
-    """(decode launch, combine launch or None) replaying the plan's last arguments."""
-    launch_decode._plans.clear()
-    blasst_cute.decode(s["q"], s["kc"], s["vc"], cache_seqlens=s["lens"], block_table=s["bt"],
-                       threshold_scale_factor=factor)
-    plan = next(iter(launch_decode._plans.values()))
-    if plan.fast is None:
-        raise RuntimeError("the plan has no fast path")
-    # (_FastCall.launch; call_slots / call_dyn before the one-buffer storage)
-    dname = "launch" if hasattr(plan.fast, "launch") else "call_slots"
-    cname = "launch" if hasattr(plan.fast, "launch") else "call_dyn"
-    orig_d, seen_d = _record(plan.fast, dname)
-    orig_c = seen_c = None
-    if plan.cfast is not None:
-        orig_c, seen_c = _record(plan.cfast, cname)
-    blasst_cute.decode(s["q"], s["kc"], s["vc"], cache_seqlens=s["lens"], block_table=s["bt"],
-                       threshold_scale_factor=factor)
-    torch.cuda.synchronize()
-    delattr(plan.fast, dname)  # back to the class method
-    da = seen_d["args"]
-    dec = lambda: orig_d(*da)  # noqa: E731
-    comb = None
-    if plan.cfast is not None:
-        delattr(plan.cfast, cname)
-        ca = seen_c["args"]
-        comb = lambda: orig_c(*ca)  # noqa: E731
-    ex = plan.fast.executor if getattr(plan.fast, "packed", None) is not None else None
-    raw = (lambda: ex.capi_func(plan.fast.packed)) if ex is not None else None
-    return plan, dec, comb, raw
-
-
 def with_tuning(tuning, fn):
     """fn run with the API's launcher tuning set to ``tuning`` (launch_decode.DEFAULT_TUNING)."""
     def run():
@@ -93,14 +62,37 @@ FUSED = {"fused_merge": True}  # one launch: the decode kernel merges the split 
 COMBINE = {"fused_merge": False}  # two launches: decode, then the combine kernel
 
 
+def bare_launches(s, factor):
+    """(plan, decode launch, combine launch, raw decode launch) replaying the last arguments of
+    an API call with the combine kernel (two launches)."""
+    launch_decode._plans.clear()
+    call = with_tuning(COMBINE, lambda: blasst_cute.decode(
+        s["q"], s["kc"], s["vc"], cache_seqlens=s["lens"], block_table=s["bt"],
+        threshold_scale_factor=factor))
+    call()
+    plan = next(iter(launch_decode._plans.values()))
+    if plan.fast is None or plan.cfast is None:
+        raise RuntimeError("the plan has no fast path or no combine launch")
+    orig_d, seen_d = _record(plan.fast, "launch")
+    orig_c, seen_c = _record(plan.cfast, "launch")
+    call()
+    torch.cuda.synchronize()
+    del plan.fast.launch, plan.cfast.launch  # back to the class method
+    da, ca = seen_d["args"], seen_c["args"]
+    dec = lambda: orig_d(*da)  # noqa: E731
+    comb = lambda: orig_c(*ca)  # noqa: E731
+    ex = plan.fast.executor if getattr(plan.fast, "packed", None) is not None else None
+    raw = (lambda: ex.capi_func(plan.fast.packed)) if ex is not None else None
+    return plan, dec, comb, raw
+
+
 def host_rows(args):
     s = dense_sets(1, 1024, 32, 8)[0][0]
     out = torch.empty_like(s["q"])
     lse = torch.empty(1, 32, 1, device="cuda")
     x = torch.zeros(16, device="cuda")
     plan, dec, comb, raw = bare_launches(s, 100.0)
-    print(f"plan B=1 L=1024 32/8: splits {plan.splits}, direct {plan.direct}, fused {plan.fused}, "
-          f"pdl {plan.use_pdl}, combine launch {'yes' if comb else 'no'}", flush=True)
+    print(f"B=1 L=1024 32/8: {plan.splits} splits, PDL {plan.use_pdl}", flush=True)
 
     def api(factor):
         return lambda: blasst_cute.decode(s["q"], s["kc"], s["vc"], cache_seqlens=s["lens"],
@@ -114,10 +106,9 @@ def host_rows(args):
     rows = [("torch: x.add_(1) (one launch)", lambda: x.add_(1)),
             ("torch: torch.empty_like(q)", lambda: torch.empty_like(s["q"])),
             ("DSL: decode launch, capi_func only", raw),
-            ("DSL: decode launch, _FastCall", dec)]
-    if comb is not None:
-        rows.append(("DSL: combine launch, _FastCall", comb))
-        rows.append(("DSL: decode + combine launches", lambda: (dec(), comb())))
+            ("DSL: decode launch, _FastCall", dec),
+            ("DSL: combine launch, _FastCall", comb),
+            ("DSL: decode + combine launches", lambda: (dec(), comb()))]
     rows += [
         ("run_decode_sm90 f=100 (preallocated), combine", run_sm90(COMBINE)),
         ("run_decode_sm90 f=100 (preallocated), fused merge", run_sm90(FUSED)),
