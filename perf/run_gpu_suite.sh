@@ -16,5 +16,6 @@ if [ "${1:-}" = quick ]; then
 else
   python3 perf/bench.py prefill --out "$OUT" --tag prefill 2>&1 | tail -40
   python3 perf/decode_matrix.py --out "$OUT" 2>&1 | tail -30
+  python3 perf/decode_host.py 2>&1 | tee "$OUT/decode-host.log" | tail -30
   python3 tests/kernels/gpu_mla_decode_smoke.py --out "$OUT" 2>&1 | tail -40
 fi
