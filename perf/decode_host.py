@@ -144,7 +144,7 @@ def eager_loop(args):
     loop runs at max(host time, device time) per call. Combine kernel vs fused merge."""
     print(f"\n{torch.cuda.get_device_name()}: eager loop, us per call of {args.loop_calls} "
           f"back-to-back blasst_cute.decode calls (f=100, content checks off), median of "
-          f"{args.rounds} rounds; one input set per shape")
+          f"{args.rounds} rounds; input sets cycled past the L2")
     print("| B | L | Hq/Hk | splits | K+V MiB | combine kernel | fused merge | fused / combine | "
           "default |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -164,7 +164,7 @@ def eager_loop(args):
                     ("default", fn)]
         outs = {}
         for name, f in variants:
-            nxt = itertools.cycle(sets).__next__  # both start on set 0
+            nxt = itertools.cycle(sets).__next__  # (fn reads it) each variant starts on set 0
             outs[name] = f()
         torch.cuda.synchronize()
         err = (outs["fused"].float() - outs["combine"].float()).abs().max().item()

@@ -61,7 +61,7 @@ def assert_storage_matches_dsl(fn, sample_args, dynamic):
     present = [a for a in args if a is not None]
     for i, (e, dst) in enumerate(zip(exe, fast.addrs)):
         a = present[i]
-        nbytes = 4 if isinstance(a, (Int32, Float32)) and not isinstance(a, cutlass.Int64) else 8
+        nbytes = 4 if isinstance(a, (Int32, Float32)) else 8
         want = ctypes.string_at(e if isinstance(e, int) else e.value, nbytes)
         assert ctypes.string_at(dst, nbytes) == want, f"parameter {i} ({type(a).__name__})"
 
