@@ -73,12 +73,6 @@ INTERLEAVE_SPLITS = os.environ.get("BLASST_MLA_INTERLEAVE", "1") != "0"
 # starts while the previous kernel of the stream drains. BLASST_MLA_PDL=0 turns it off.
 USE_PDL = os.environ.get("BLASST_MLA_PDL", "1") != "0"
 
-# Full barriers per K stage (mla_decode.py: QK^T starts on the first column chunk of a tile).
-# BLASST_MLA_K_CHUNKS picks 1, 3 or 9. Experimental: 3 and 9 compile (CPU tests) but have not
-# yet run on a GPU (fifteenth session: no machine); A/B them with perf/mla_ab.py
-# --variants "kc1:K_CHUNKS=1" "kc9:K_CHUNKS=9" "kc3:K_CHUNKS=3" before changing the default.
-K_CHUNKS = int(os.environ.get("BLASST_MLA_K_CHUNKS", "1"))
-
 
 def mla_num_splits(work_units: int, n_tiles: int, num_sms: int) -> int:
     """Splits per (q-tile, batch): fill the SMs once (one CTA per SM: ~226 KiB of smem), i.e.
@@ -142,7 +136,6 @@ def _config_key(config: dict) -> tuple:
               "use_pdl"):
         c[k] = bool(c.get(k, False))
     c["cluster_m"] = int(c.get("cluster_m", 1))
-    c["k_chunks"] = int(c.get("k_chunks", 1))
     return tuple(sorted(c.items(), key=lambda kv: kv[0]))
 
 
@@ -152,7 +145,7 @@ def _make_kernel(key: tuple) -> BlasstMlaDecodeSm90:
         TORCH_TO_CUTLASS[c["dtype"]], page_size=c["page_size"], causal=c["causal"],
         has_skip=c["has_skip"], factor_per_batch=c["factor_per_batch"],
         has_stats=c["has_stats"], direct_out=c["direct_out"], cluster_m=c["cluster_m"],
-        interleave_splits=c["interleave_splits"], use_pdl=c["use_pdl"], k_chunks=c["k_chunks"])
+        interleave_splits=c["interleave_splits"], use_pdl=c["use_pdl"])
 
 
 def _compile_args(c: dict, stream):
@@ -175,8 +168,9 @@ def compile_mla_decode_sm90(config: dict, options: Optional[str] = None):
     """Compile one MLA decode configuration (no GPU needed; CUTE_DSL_ARCH=sm_90a on a CPU host).
 
     config keys: dtype, page_size (None = contiguous cache), and optionally causal, has_skip,
-    factor_per_batch, has_stats, direct_out, cluster_m (1 or 2), interleave_splits, use_pdl,
-    k_chunks (1, 3 or 9). Returns the compiled ``launch_ptrs``.
+    factor_per_batch, has_stats, direct_out, cluster_m (1 or 2), interleave_splits, use_pdl. Returns
+    the compiled
+    ``launch_ptrs``.
     """
     key = _config_key(config)
     args = _compile_args(dict(key), cuda_stream(0))
@@ -221,8 +215,7 @@ _plans_lock = threading.Lock()
 def _get_plan(q, kv_cache, block_table, causal, has_skip, fpb, has_stats, num_splits) -> _Plan:
     key = (q.shape, q.dtype, q.get_device(), kv_cache.shape, kv_cache.stride(),
            None if block_table is None else (block_table.shape, block_table.stride(0)),
-           causal, has_skip, fpb, has_stats, num_splits, CLUSTER_MODE, INTERLEAVE_SPLITS, USE_PDL,
-           K_CHUNKS)
+           causal, has_skip, fpb, has_stats, num_splits, CLUSTER_MODE, INTERLEAVE_SPLITS, USE_PDL)
     plan = _plans.get(key)
     if plan is not None:
         return plan
@@ -242,7 +235,7 @@ def _get_plan(q, kv_cache, block_table, causal, has_skip, fpb, has_stats, num_sp
                                               tiles_per_split),
                       # one split: both tile orders coincide (one compiled kernel)
                       interleave_splits=geo["interleave_splits"] and not p.direct,
-                      use_pdl=USE_PDL, k_chunks=K_CHUNKS)
+                      use_pdl=USE_PDL)
         ck = _config_key(config)
         p.fn = _compiled(ck, lambda: _make_kernel(ck).launch_ptrs,
                          _compile_args(dict(ck), cuda_stream(0)))

@@ -46,14 +46,9 @@ def test_compile_mla_decode_cpu(config):
                                    dict(page_size=32, has_skip=True, has_stats=True),
                                    dict(page_size=256, has_skip=True, direct_out=True),
                                    dict(page_size=None, has_skip=True, causal=False),
-                                   dict(page_size=16, direct_out=True),
-                                   dict(page_size=64, has_skip=True, factor_per_batch=True,
-                                        has_stats=True, interleave_splits=True, k_chunks=9),
-                                   dict(page_size=None, direct_out=True, k_chunks=3),
-                                   dict(page_size=16, has_skip=True, cluster_m=2, k_chunks=9)],
+                                   dict(page_size=16, direct_out=True)],
                          ids=["fp16-p128", "p32-stats", "p256-direct", "contig-noncausal",
-                              "p16-dense-direct", "kchunks9-p64-stats", "kchunks3-contig-direct",
-                              "kchunks9-p16-cluster"])
+                              "p16-dense-direct"])
 def test_compile_mla_decode_variants_cpu(extra):
     cfg = dict(dtype=torch.bfloat16)
     cfg.update(extra)
@@ -101,8 +96,6 @@ def test_unsupported_configs_raise():
         launch_mla.compile_mla_decode_sm90(dict(dtype=torch.float32, page_size=64))
     with pytest.raises(NotImplementedError, match="page_size 48"):
         launch_mla.mla_decode_geometry_sm90(128, 1, 48, 1, 4096)
-    with pytest.raises(NotImplementedError, match="k_chunks 2"):
-        launch_mla.compile_mla_decode_sm90(dict(page_size=64, k_chunks=2))
 
 
 def test_geometry_contract():

@@ -25,16 +25,13 @@ class NamedBarrierSm90(enum.IntEnum):
 
 
 def wgmma(tiled_mma: cute.TiledMma, acc: cute.Tensor, tCrA: cute.Tensor, tCrB: cute.Tensor,
-          zero_init: bool, k_blocks=None):
-    """Issue one warpgroup GEMM over all k-blocks (or the static ``k_blocks``) and commit it as
-    one wgmma group (no wait)."""
+          zero_init: bool):
+    """Issue one warpgroup GEMM over all k-blocks and commit it as one wgmma group (no wait)."""
     warpgroup.fence()
     # A fresh atom per call: its ACCUMULATE field is mutated below.
     atom = cute.make_mma_atom(tiled_mma.op)
     atom.set(warpgroup.Field.ACCUMULATE, not zero_init)
-    if k_blocks is None:
-        k_blocks = range(cute.size(tCrA.shape[2]))
-    for k in k_blocks:
+    for k in range(cute.size(tCrA.shape[2])):
         cute.gemm(atom, acc, tCrA[None, None, k], tCrB[None, None, k], acc)
         atom.set(warpgroup.Field.ACCUMULATE, True)
     warpgroup.commit_group()

@@ -36,10 +36,13 @@
 # warpgroup and smem-bound: 0.64-0.73x dense; perf/results/mla-decode-h100-tile32.md). Also
 # (H200, same runs): issuing QK^T of tile i+1 before waiting for PV of tile i
 # (slower: the stage release then waits behind the next tile's load), and an L2 prefetch of the
-# next tile by the producer (no gain, slower at B >= 64 with 32k keys). And (H100): QK^T split
-# over the depth, each warpgroup an m64n64 partial over 288 columns, halves swapped through the
-# stage's rope block (a third less smem operand traffic, but 2-8% slower dense, even sparse:
-# perf/results/mla-decode-h100-ksplit.md).
+# next tile by the producer (no gain, slower at B >= 64 with 32k keys). And (H100, fifteenth
+# session, perf/results/mla-decode-h100-qk-tries.md): QK^T split over the depth (each warpgroup
+# an m64n64 partial over 288 columns, halves swapped through the stage's dead rope block: a third
+# less smem operand traffic, but 2-8% slower dense, even sparse); and each K stage landing in 3 or
+# 9 column chunks with a full barrier each, QK^T starting on the first (9: 3-5% slower dense,
+# 1-4% sparse; 3: within +-2%): neither smem operand bandwidth nor the tile's load latency bounds
+# the loop, whose QK^T, vote, softmax and PV phases run one after another in both warpgroups.
 #
 # Row maxima and the BLASST vote across the two warpgroups: a row skips a tile iff
 # (max(m_0, m_1) - m_run) * s < log2(lambda), which is the AND of the same test on each half's
@@ -49,11 +52,6 @@
 # read. Both warpgroups therefore hold identical running maxima, take the same branch, and run
 # the same barrier sequence (skip path: vote only; keep path: vote, P-ready). Row sums stay
 # per-warpgroup partials (same max) and are added through smem at the end.
-#
-# k_chunks (1 by default; 3 or 9 experimental, not yet run on a GPU): each K stage lands as
-# column chunks of 192 or 64 with a full barrier each, and QK^T issues a chunk's k-blocks once it
-# landed, so the head of a tile's product overlaps the tail of its load (FlashMLA's SM90 decode
-# waits per 64-column chunk in the same way).
 #
 # Output: with one split, O (q dtype) and lse directly; otherwise fp32 O / l and lse per split,
 # merged by blasst_cute.kernels.sm90.combine. The skip rule and online softmax are
@@ -110,7 +108,6 @@ TILE_M = 64  # packed rows (heads x new tokens) per CTA
 TILE_N = 64  # keys per tile
 SUPPORTED_PAGE_SIZES = (16, 32, 64, 128, 256)
 NUM_STAGES = 2
-K_CHUNKS = (1, 3, 9)  # full barriers per K stage (column chunks of 576, 192 or 64)
 SMEM_LIMIT = 227 * 1024  # opt-in dynamic smem per block on sm_90
 
 
@@ -140,7 +137,6 @@ class BlasstMlaDecodeSm90:
         cluster_m: int = 1,
         interleave_splits: bool = False,
         use_pdl: bool = False,
-        k_chunks: int = 1,
     ):
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
             raise NotImplementedError(f"blasst sm90 MLA decode: dtype {dtype} (bf16/fp16 only)")
@@ -153,14 +149,7 @@ class BlasstMlaDecodeSm90:
             raise NotImplementedError("blasst sm90 MLA decode: a factor tensor needs the skip variant")
         if cluster_m not in (1, 2):
             raise NotImplementedError(f"blasst sm90 MLA decode: cluster_m {cluster_m} (1 or 2)")
-        if k_chunks not in K_CHUNKS:
-            raise NotImplementedError(f"blasst sm90 MLA decode: k_chunks {k_chunks} ({K_CHUNKS})")
         self.dtype = dtype
-        # Each K stage arrives as k_chunks column chunks with a full barrier each, and QK^T
-        # issues the k-blocks of a chunk as soon as it landed: the head of a tile's product
-        # overlaps the tail of its load.
-        self.k_chunks = k_chunks
-        self.chunk_cols = HEAD_DIM // k_chunks
         # Split s visits tiles s, s + S, ... (kv_tiles.split_tiles_interleaved) instead of the s-th
         # contiguous chunk: every split samples the whole sequence, so its running max finds the
         # high-scoring keys early (more skips) and the kept tiles spread evenly over the CTAs.
@@ -274,17 +263,14 @@ class BlasstMlaDecodeSm90:
         sP_layout = self._smem_layout(TILE_M, TILE_N)
 
         rpt = self.rows_per_tma
-        cc = self.chunk_cols
-        copy_tiler = (cute.make_layout(rpt), cute.make_layout(cc))
+        copy_tiler = (cute.make_layout(rpt), cute.make_layout(HEAD_DIM))
         sK_copy = cute.composition(cute.select(sK_layout, mode=[0, 1]), copy_tiler)
         tma_op = cpasync.CopyBulkTensorTileG2SOp()
         if const_expr(self.cluster_m > 1):
             # The box is already this CTA's share: the multicast factor of the atom stays 1.
             tma_op = cpasync.CopyBulkTensorTileG2SMulticastOp()
-        tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(tma_op, mKc, sK_copy, (rpt, cc), 1)
-        # bytes per full barrier: one column chunk of the whole tile (all CTAs' rows)
-        self.tx_bytes_K = cute.size_in_bytes(self.dtype, cute.select(sK_layout, mode=[0, 1])) \
-            // self.k_chunks
+        tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(tma_op, mKc, sK_copy, (rpt, HEAD_DIM), 1)
+        self.tx_bytes_K = cute.size_in_bytes(self.dtype, cute.select(sK_layout, mode=[0, 1]))
         # Q by TMA: a sequence's packed rows (r = pos * H + h) in CuTe order (rows, d, batch);
         # rows past Lq_new * H are out of bounds and arrive as zeros.
         rows_q = mQ.shape[1] * mQ.shape[2]
@@ -300,7 +286,7 @@ class BlasstMlaDecodeSm90:
             sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sQ_layout)], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
             sP: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sP_layout)], 1024]
-            mbar_full: cute.struct.MemRange[cutlass.Int64, NS * self.k_chunks]
+            mbar_full: cute.struct.MemRange[cutlass.Int64, NS]
             mbar_empty: cute.struct.MemRange[cutlass.Int64, NS]
             mbar_q: cute.struct.MemRange[cutlass.Int64, 1]
             row_max: cute.struct.MemRange[Float32, 2 * 2 * TILE_M]  # (parity, warpgroup, row)
@@ -382,9 +368,8 @@ class BlasstMlaDecodeSm90:
         if warp_idx == 0:
             with cute.arch.elect_one():
                 cute.arch.mbarrier_init(mbar_q, 1)
-                for s in cutlass.range_constexpr(NS * self.k_chunks):
-                    cute.arch.mbarrier_init(mbar_full + s, 1)
                 for s in cutlass.range_constexpr(NS):
+                    cute.arch.mbarrier_init(mbar_full + s, 1)
                     # one arrival per consumer warp of every CTA of the cluster
                     cute.arch.mbarrier_init(mbar_empty + s, 8 * self.cluster_m)
             cute.arch.mbarrier_init_fence()
@@ -463,19 +448,16 @@ class BlasstMlaDecodeSm90:
         ncl = self.cluster_m
         rpt = self.rows_per_tma
         lane = cute.arch.lane_idx()
-        KC = self.k_chunks
-        cc = self.chunk_cols
-        # Per-TMA partitions: gmem (vals, row_block, chunk, page) and smem (vals, chunk, stage)
-        # per row slice of rows_per_tma rows; slice ncl * c + r of a tile is CTA r's share of
-        # copy c; chunk k holds columns [k * cc, (k + 1) * cc).
-        gK = cute.flat_divide(mK, (rpt, cc))
-        sKd = cute.flat_divide(sK, (rpt, cc))  # (rpt, cc, slices, chunks, stages)
+        # Per-TMA partitions: gmem (vals, row_block, 1, page) and smem (vals, stage) per row slice
+        # of rows_per_tma rows; slice ncl * c + r of a tile is CTA r's share of copy c.
+        gK = cute.flat_divide(mK, (rpt, HEAD_DIM))
+        sKd = cute.flat_divide(sK, (rpt, HEAD_DIM))  # (rpt, d, slices, 1, stages)
         tKsK = []
         tKgK = None
         for j in cutlass.range_constexpr(cpt * ncl):
             tKsK_j, tKgK = cpasync.tma_partition(
                 tma_atom_K, 0, cute.make_layout(1),
-                cute.group_modes(sKd[None, None, j, None, None], 0, 2),
+                cute.group_modes(sKd[None, None, j, 0, None], 0, 2),
                 cute.group_modes(gK, 0, 2),
             )
             tKsK.append(tKsK_j)
@@ -504,27 +486,24 @@ class BlasstMlaDecodeSm90:
                     slot, _ = self.copy_coords(tile + tile_step, lane % cpt, seqlen_k)
                     page_next = mBlockTable[batch_idx, slot]
             cute.arch.mbarrier_wait(mbar_empty + stage, ((i // NS) % 2) ^ 1)
-            # Chunk by chunk (the consumers start on chunk 0 while the others are in flight).
-            for k in cutlass.range_constexpr(KC):
-                mbar = mbar_full + stage * KC + k
-                with cute.arch.elect_one():
-                    cute.arch.mbarrier_arrive_and_expect_tx(mbar, self.tx_bytes_K)
-                for c in cutlass.range_constexpr(cpt):
-                    _, rb = self.copy_coords(tile, c, seqlen_k)
-                    pg = batch_idx
-                    if const_expr(self.paged):
-                        pg = cute.arch.shuffle_sync(page_cur, c)
-                    if const_expr(ncl == 1):
-                        cute.copy(tma_atom_K, tKgK[None, rb, k, pg], tKsK[c][None, k, stage],
-                                  tma_bar_ptr=mbar)
-                    else:
-                        # This CTA's row slice of copy c, multicast to every CTA of the cluster
-                        # (the smem slice is static, so one branch per rank).
-                        for r in cutlass.range_constexpr(ncl):
-                            if cta_rank == r:
-                                cute.copy(tma_atom_K, tKgK[None, ncl * rb + r, k, pg],
-                                          tKsK[ncl * c + r][None, k, stage],
-                                          tma_bar_ptr=mbar, mcast_mask=mcast_mask)
+            with cute.arch.elect_one():
+                cute.arch.mbarrier_arrive_and_expect_tx(mbar_full + stage, self.tx_bytes_K)
+            for c in cutlass.range_constexpr(cpt):
+                _, rb = self.copy_coords(tile, c, seqlen_k)
+                pg = batch_idx
+                if const_expr(self.paged):
+                    pg = cute.arch.shuffle_sync(page_cur, c)
+                if const_expr(ncl == 1):
+                    cute.copy(tma_atom_K, tKgK[None, rb, 0, pg], tKsK[c][None, stage],
+                              tma_bar_ptr=mbar_full + stage)
+                else:
+                    # This CTA's row slice of copy c, multicast to every CTA of the cluster
+                    # (the smem slice is static, so one branch per rank).
+                    for r in cutlass.range_constexpr(ncl):
+                        if cta_rank == r:
+                            cute.copy(tma_atom_K, tKgK[None, ncl * rb + r, 0, pg],
+                                      tKsK[ncl * c + r][None, stage],
+                                      tma_bar_ptr=mbar_full + stage, mcast_mask=mcast_mask)
 
     # ------------------------------------------------------------------ consumer warpgroups
     @cute.jit
@@ -590,11 +569,8 @@ class BlasstMlaDecodeSm90:
             parity = i % 2
             # ---- S = Q K^T (this warpgroup: 32 of the 64 keys)
             acc_S = cute.make_rmem_tensor(acc_S_shape, Float32)
-            kpc = cute.size(tSrQ.shape[2]) // self.k_chunks  # k-blocks per chunk
-            for k in cutlass.range_constexpr(self.k_chunks):
-                cute.arch.mbarrier_wait(mbar_full + stage * self.k_chunks + k, (i // NS) % 2)
-                wgmma(tiled_mma_qk, acc_S, tSrQ, tSrK[None, None, None, stage], k == 0,
-                      range(k * kpc, (k + 1) * kpc))
+            cute.arch.mbarrier_wait(mbar_full + stage, (i // NS) % 2)
+            wgmma(tiled_mma_qk, acc_S, tSrQ, tSrK[None, None, None, stage], True)
             warpgroup.wait_group(0)
             # ---- mask (key length, causality among the new tokens)
             if tile * TILE_N + TILE_N > mask_from:
