@@ -2,12 +2,15 @@
 time against a copy of the same bytes, and where the host time of a call goes.
 
     python perf/decode_small.py [--out DIR] [--no-host]
-    python perf/decode_small.py --ab [--rounds N] [--variants a,b,...]   # interleaved A/B
+    python perf/decode_small.py --ab [--rounds N] [--variants a,b,...] [--factors F ...]
 
 --ab: the kernel variants of VARIANTS (launcher tuning, split counts, a preallocated workspace
 with the merge's arrival counters, i.e. no zero-fill kernel in the graph), dense and skip-on at
 0% sparsity (factor 1e-6), each captured once (16 calls cycling the input sets) and the graphs
 replayed in alternation for --rounds rounds (reverse order on odd rounds); medians. Every variant's output is checked first.
+--factors adds skip builds at those factors and switches to synthetic LLM-like inputs (the
+sparsity of each is counted on the first input set). Without --variants, shapes of B * L >= 1M
+run only BIG_SHAPE_VARIANTS.
 
 Kernel time = CUDA-graph replay of many back-to-back calls, cycling through input sets larger
 than the L2 together (so K/V come from DRAM), divided by the number of calls: the launch gap is
@@ -41,7 +44,7 @@ from blasst_cute.testing import (  # noqa: E402
     time_graph_cycle,
     time_per_call,
 )
-from decode_matrix import dense_sets  # noqa: E402
+from decode_matrix import dense_sets, n_rotations, synthetic_set  # noqa: E402
 
 SHAPES = [  # (B, L, Hq, Hk)
     (1, 8192, 32, 8), (1, 8192, 64, 4), (1, 32768, 32, 8), (1, 32768, 64, 4),
@@ -112,16 +115,24 @@ VARIANTS = {
     "new": (None, None, False),  # the launcher's defaults
     "new ws": (None, None, True),
     "new pv": (dict(producer_v=True), None, False),
+    # ring depths (K, V/P stages); the launcher's: (3, 2) dense, (2, 3) skip (head dim 128)
+    "new k2 v3": (dict(num_k_stages=2, num_v_stages=3), None, False),
+    "new k3 v2": (dict(num_k_stages=3, num_v_stages=2), None, False),
     "new splits x2": (None, "x2", False),
     "new splits /2": (None, "/2", False),
 }
 BIG_SHAPE_VARIANTS = ("old", "new")  # B * L >= 1M: the regression check only
 
 
-def shape_setup(B, L, hq, hk):
+def shape_setup(B, L, hq, hk, synthetic=False):
     """Per shape: the input sets and their K+V bytes, the fp32 reference of set 0, the time of a
-    copy of the same bytes, and one out / lse buffer per set."""
-    sets, kv_bytes = dense_sets(B, L, hq, hk)
+    copy of the same bytes, and one out / lse buffer per set. synthetic: LLM-like inputs
+    (decode_matrix.synthetic_set, one seed per set) instead of random ones, for sparse builds."""
+    if synthetic:
+        kv_bytes = 2 * B * L * hk * 128 * 2
+        sets = [synthetic_set(B, L, hq, hk, seed=7 + i) for i in range(n_rotations(kv_bytes))]
+    else:
+        sets, kv_bytes = dense_sets(B, L, hq, hk)
     ref = paged_reference(sets[0], B, L, hk)
     cu = copy_us(kv_bytes, len(sets))
     outs = [torch.empty_like(s["q"]) for s in sets]
@@ -135,15 +146,22 @@ def ab_main(args, log):
     log(f"Interleaved A/B, {args.rounds} rounds, kernel us = median of the rounds' graph replays "
         f"({CALLS_PER_GRAPH} calls per graph, input sets cycled past the L2)")
     log("")
+    builds = [("dense", None), ("skip0", 1e-6)]
+    builds += [(f"skip f={f:g}", f) for f in args.factors]
+    if args.factors:
+        log("Inputs: synthetic LLM-like sets (perf/decode_matrix.synthetic_set); sparsity = share "
+            "of key tiles skipped in set 0 (the kernel's counters).")
     log("| B | L | Hq/Hk | build | variant | splits | kernel us | K+V GB/s | copy same bytes us | "
         "vs first variant | rel err |")
     log("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for B, L, hq, hk in shapes:
-        sets, kv_bytes, ref, cu, outs, lses = shape_setup(B, L, hq, hk)
+        sets, kv_bytes, ref, cu, outs, lses = shape_setup(B, L, hq, hk, bool(args.factors))
         entries = []
-        shape_names = [n for n in names if n in BIG_SHAPE_VARIANTS] if B * L >= 1 << 20 else names
-        for build, factor in (("dense", None), ("skip0", 1e-6)):
+        shape_names = names
+        if not args.variants and B * L >= 1 << 20:
+            shape_names = [n for n in names if n in BIG_SHAPE_VARIANTS]
+        for build, factor in builds:
             for name in shape_names:
                 tuning, split_rule, use_ws = VARIANTS[name]
                 s0 = sets[0]
@@ -176,6 +194,17 @@ def ab_main(args, log):
                     g = call(0)
                     torch.cuda.synchronize()
                     err = rel_err(outs[0][:REF_SEQS].float(), ref)
+                    if factor:  # the sparsity of set 0 (one more call, with counters)
+                        s = sets[0]
+                        cnt = [torch.zeros(B, hk, dtype=torch.int32, device="cuda")
+                               for _ in range(3)]
+                        launch_decode.run_decode_sm90(
+                            s["q"], s["kc"], s["vc"], outs[0], lses[0], cache_seqlens=s["lens"],
+                            block_table=s["bt"], threshold_scale_factor=factor, num_splits=ns,
+                            visited=cnt[0], skipped=cnt[1], v_loaded=cnt[2], tuning=tuning)
+                        build_s = f"{build} ({int(cnt[1].sum()) / int(cnt[0].sum()):.1%})"
+                    else:
+                        build_s = build
                     graph = capture_cycle([lambda i=i: call(i) for i in range(len(sets))],
                                           CALLS_PER_GRAPH)
                     if args.check_replay:  # replay once now: a fault is pinned to this variant
@@ -188,7 +217,7 @@ def ab_main(args, log):
                         print(f"replay check {build} {name} ok, sets with non-finite out: {bad}",
                               flush=True)
                     # the graph uses ws: keep it alive as long as the graph
-                    entries.append(dict(build=build, name=name, splits=g["num_splits"], err=err,
+                    entries.append(dict(build=build_s, name=name, splits=g["num_splits"], err=err,
                                         graph=graph, times=[], ws=ws))
                 except Exception as e:  # noqa: BLE001
                     log(f"| {B} | {L} | {hq}/{hk} | {build} | {name} | ERROR {type(e).__name__}: "
@@ -222,6 +251,8 @@ def main():
     ap.add_argument("--variants", default=None)
     ap.add_argument("--check-replay", action="store_true")
     ap.add_argument("--shapes", nargs="*", default=None)
+    ap.add_argument("--factors", type=float, nargs="*", default=[],
+                    help="--ab: also time skip builds at these factors, on synthetic inputs")
     args = ap.parse_args()
     dev = torch.cuda.get_device_name()
     lines = [f"# decode small shapes — {dev} — {time.strftime('%Y-%m-%dT%H:%M:%S')}", ""]

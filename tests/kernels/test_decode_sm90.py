@@ -44,13 +44,27 @@ def test_compile_decode_cpu(config):
                                         fused_merge=True),
                                    dict(head_dim=128, page_size=256, has_skip=True,
                                         producer_v=True, fused_merge=True,
-                                        pipelined_merge=False, use_pdl=False)],
+                                        pipelined_merge=False, use_pdl=False),
+                                   dict(head_dim=128, page_size=16, has_skip=True,
+                                        num_k_stages=2, num_v_stages=3)],
                          ids=["d64", "tile64", "reverse-noncausal", "combine-kernel",
-                              "producer-v-dense", "producer-v-skip-old-merge"])
+                              "producer-v-dense", "producer-v-skip-old-merge", "k2-v3"])
 def test_compile_decode_variants_cpu(extra):
     cfg = dict(dtype=torch.bfloat16)
     cfg.update(extra)
     assert launch_decode.compile_decode_sm90(cfg) is not None
+
+
+def test_ring_depths_checked_against_smem():
+    from blasst_cute.kernels.sm90.decode import BlasstDecodeSm90, decode_stages
+    assert decode_stages(128, 128) == (3, 2)
+    assert decode_stages(128, 128, has_skip=True) == (2, 3)
+    assert decode_stages(64, 128, has_skip=True) == decode_stages(64, 128) == (7, 3)
+    BlasstDecodeSm90(cutlass.BFloat16, 128, page_size=64, num_k_stages=2, num_v_stages=3)
+    with pytest.raises(ValueError, match="shared memory"):
+        BlasstDecodeSm90(cutlass.BFloat16, 128, page_size=64, num_k_stages=3, num_v_stages=3)
+    with pytest.raises(ValueError, match="num_v_stages 1"):
+        BlasstDecodeSm90(cutlass.BFloat16, 128, page_size=64, num_v_stages=1)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU compile check")
@@ -187,6 +201,34 @@ def test_eager_fused_merge_and_captured_combine():
     torch.cuda.synchronize()
     assert sorted(p.fused for p in launch_decode._plans.values()) == [False, True]
     assert torch.equal(out, eager)
+
+
+@gpu
+@pytest.mark.parametrize("tuning", [{"num_k_stages": 3, "num_v_stages": 2},
+                                    {"num_k_stages": 2, "num_v_stages": 2}], ids=["k3-v2", "k2-v2"])
+def test_ring_depths_same_bits(tuning):
+    # The skip build's default rings (2 K, 3 V/P stages: each PV deferred by 2 kept tiles)
+    # against others (deferred by 1): the same operations on O in the same order, so the same
+    # counters and bits, at a factor that skips.
+    from blasst_cute.workloads import synthetic_qkv
+    from gpu_decode_smoke import make_cache
+    B, L, hq, hk = 3, 8192, 64, 4
+    q, k, v = synthetic_qkv(B, 1, L, hq, hk, 128, device="cuda", seed=1)
+    _, _, kc, vc, bt = make_cache(B, L, hk, 128, 64, k=k, v=v)
+    lens = torch.tensor([L, 5000, 1], dtype=torch.int32, device="cuda")
+    res = []
+    for t in (None, tuning):
+        cnt = [torch.zeros(B, hk, dtype=torch.int32, device="cuda") for _ in range(3)]
+        out, lse = launch_decode.decode_sm90(
+            q, kc, vc, cache_seqlens=lens, block_table=bt, threshold_scale_factor=3000.0,
+            visited=cnt[0], skipped=cnt[1], v_loaded=cnt[2], tuning=t)
+        torch.cuda.synchronize()
+        res.append((out, lse, cnt))
+    (o1, l1, c1), (o0, l0, c0) = res
+    assert 0 < int(c1[1].sum()) < int(c1[0].sum()), "the case should skip some tiles, not all"
+    for a, b in zip(c1, c0):
+        assert torch.equal(a, b)
+    assert torch.equal(o1, o0) and torch.equal(l1, l0)
 
 
 @gpu

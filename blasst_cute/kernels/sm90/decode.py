@@ -12,8 +12,9 @@
 # V-load skipping: the consumer itself issues the TMA of V tile j (one elected lane of warp 0),
 # right after the warpgroup decided to keep j; a skipped tile is never loaded. V tiles and their
 # P tiles live in an NV-stage ring that advances only on kept tiles. The PV product of a kept tile
-# is deferred by LP = NV - 1 kept tiles, so the V load has the time of >= 1 more K tile to land;
-# the per-row O rescale factor of each pending tile is parked in smem until its PV runs.
+# is deferred by LP = NV - 1 kept tiles, so the V load has the time of >= 1 more K tile to land
+# (the skip build takes NV = 3 where it fits: decode_stages); the per-row O rescale factor of
+# each pending tile is parked in smem (one word per packed row and V slot) until its PV runs.
 # producer_v (off by default: no measured gain) lets the producer issue the V loads no vote gates.
 # Both sides of every ring are in the same warpgroup (V/P) or advance once per visited tile (K),
 # so the skip path and the keep path perform the same barrier sequence: no deadlock, no stale stage.
@@ -87,7 +88,8 @@ SUPPORTED_PAGE_SIZES = (16, 32, 64, 128, 256)
 TILE_M = 64  # packed rows per CTA (one consumer warpgroup)
 # Rows a warp of the fused merge merges together (one memory wait per split batch serves them all).
 MERGE_ROWS = 4
-SMEM_BUDGET = 220 * 1024
+SMEM_BUDGET = 220 * 1024  # the dense build's ring depths (decode_stages)
+SMEM_MAX = 227 * 1024  # sm_90 per-block limit
 # trace=True: int64 (CTAs, TRACE_SLOTS) per launch, CTA = bidx + grid_x * (head_kv + hk * batch).
 # Slots 0-6: %globaltimer (ns) at the points TracePoint; 8-14: clock64 at the same points;
 # 16: 1 if this CTA ran the fused merge; 17: its key tiles; 18: its SM.
@@ -112,8 +114,16 @@ class DecodeBarrier(enum.IntEnum):
     Merge = 3  # bar.red.and: "was this CTA the last split to arrive" (fused merge)
 
 
-def decode_stages(head_dim: int, tile_n: int, dtype_bytes: int = 2):
-    """(NK, NV): K-ring and V/P-ring depths that fit the smem budget."""
+def decode_stages(head_dim: int, tile_n: int, dtype_bytes: int = 2, has_skip: bool = False,
+                  copies_per_tile: int = 8):
+    """(NK, NV): K-ring and V/P-ring depths that fit the smem budget.
+
+    The skip build takes a third V/P stage where it fits in the block's limit at the cost of a
+    K stage (head dim 128, 128-key tiles: (2, 3) instead of (3, 2)): its PVs then wait for 2
+    more kept tiles, which gives a vote-gated V load more time to land. H100, B=64 L=32k 32/8:
+    +5.6 % at 71 % skipped, +2.4 % at 91 %; 0.98x at 0 % skipped (the dense build keeps (3, 2):
+    with (2, 3) it was 1.5 % slower there); perf/results/decode-h100-v-ring.md.
+    """
     q = TILE_M * head_dim * dtype_bytes
     kv = tile_n * head_dim * dtype_bytes
     p = TILE_M * tile_n * dtype_bytes
@@ -124,7 +134,22 @@ def decode_stages(head_dim: int, tile_n: int, dtype_bytes: int = 2):
                 if best is None or nk + nv > best[0] + best[1]:
                     best = (nk, nv)
                 break
+    if has_skip and best[1] < 3:
+        for nk in range(best[0] - 1, 1, -1):
+            if decode_smem_bytes(head_dim, tile_n, dtype_bytes, nk, 3, copies_per_tile) \
+                    <= SMEM_MAX:
+                return nk, 3
     return best
+
+
+def decode_smem_bytes(head_dim: int, tile_n: int, dtype_bytes: int, nk: int, nv: int,
+                      copies_per_tile: int) -> int:
+    """Shared memory of the decode kernel's storage: Q, the K ring, the V and P rings, and the
+    barriers, page ids and row scales before them (padded to the rings' 1 KiB alignment)."""
+    rings = (TILE_M * head_dim + nk * tile_n * head_dim
+             + nv * (tile_n * head_dim + TILE_M * tile_n)) * dtype_bytes
+    small = 16 * (nk + nv) + 4 * nk * copies_per_tile + 4 * nv * TILE_M
+    return rings + -(-small // 1024) * 1024
 
 
 class BlasstDecodeSm90:
@@ -203,11 +228,19 @@ class BlasstDecodeSm90:
         # Rows per TMA copy: a whole page, or a slice of one when pages are larger than a tile.
         self.rows_per_copy = min(page_size, tile_n) if self.paged else tile_n
         self.copies_per_tile = tile_n // self.rows_per_copy
-        nk, nv = decode_stages(head_dim, tile_n, dtype.width // 8)
+        nk, nv = decode_stages(head_dim, tile_n, dtype.width // 8, has_skip, self.copies_per_tile)
         self.num_k_stages = num_k_stages or nk
         self.num_v_stages = num_v_stages or nv
         self.pv_lag = self.num_v_stages - 1  # kept tiles a PV product waits behind
-        assert self.pv_lag >= 1
+        if self.pv_lag < 1 or self.num_k_stages < 1:
+            raise ValueError(f"blasst sm90 decode: num_k_stages {self.num_k_stages} >= 1 and "
+                             f"num_v_stages {self.num_v_stages} >= 2 expected")
+        smem = decode_smem_bytes(head_dim, tile_n, dtype.width // 8, self.num_k_stages,
+                                 self.num_v_stages, self.copies_per_tile)
+        if smem > SMEM_MAX:
+            raise ValueError(
+                f"blasst sm90 decode: {self.num_k_stages} K and {self.num_v_stages} V stages of "
+                f"{tile_n} x {head_dim} need {smem} bytes of shared memory (at most {SMEM_MAX})")
         self.num_threads = 160
         self.producer_warp = 4
 
@@ -344,7 +377,7 @@ class BlasstDecodeSm90:
             mbar_v_full: cute.struct.MemRange[cutlass.Int64, NV]
             mbar_v_empty: cute.struct.MemRange[cutlass.Int64, NV]  # dense producer_v only
             pages: cute.struct.MemRange[Int32, NK * self.copies_per_tile]
-            row_scale: cute.struct.MemRange[Float32, NV * 128 * 2]
+            row_scale: cute.struct.MemRange[Float32, NV * TILE_M]  # per packed row and V slot
             sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sQ_layout)], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
             sV: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sV_layout)], 1024]
@@ -441,7 +474,7 @@ class BlasstDecodeSm90:
         sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
         sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
         sPages = storage.pages.get_tensor(cute.make_layout((self.copies_per_tile, NK)))
-        sScale = storage.row_scale.get_tensor(cute.make_layout((2, 128, NV)))
+        sScale = storage.row_scale.get_tensor(cute.make_layout((TILE_M, NV)))
 
         if const_expr(self.use_pdl):
             cute.arch.griddepcontrol_wait()
@@ -763,8 +796,9 @@ class BlasstDecodeSm90:
                     row_scale.fill(1.0)
                 else:
                     row_scale.store(softmax.update(acc_S, m_tile, False).load())
+                # The 4 threads of a row's quad write the same value (the warp's own rows).
                 for r in cutlass.range_constexpr(n_rows_thr):
-                    sScale[r, tidx, slot] = row_scale[r]
+                    sScale[tScS_mn[r, 0][0], slot] = row_scale[r]
                 rP = cute.make_rmem_tensor(acc_S.layout, self.dtype)
                 convert_f32_to_16bit(acc_S, rP)
                 cute.copy(st_atom, thr_st.retile(rP), tPsP[None, None, None, slot])
@@ -772,7 +806,7 @@ class BlasstDecodeSm90:
                 num_kept += 1
             if num_kept - num_done > self.pv_lag:
                 self.pv_step(acc_O, tOrP, tOrVt, sScale, mbar_v_full, mbar_v_empty, tiled_mma_pv,
-                             tidx, num_done, n_rows_thr)
+                             tScS_mn, num_done, n_rows_thr)
                 num_done += 1
         self.trace_mark(mTrace, cta_id, tidx, TracePoint.LoopEnd)
 
@@ -780,7 +814,7 @@ class BlasstDecodeSm90:
         cute.arch.barrier(barrier_id=int(DecodeBarrier.Consumer), number_of_threads=128)
         for _ in cutlass.range(num_kept - num_done, unroll=1):
             self.pv_step(acc_O, tOrP, tOrVt, sScale, mbar_v_full, mbar_v_empty, tiled_mma_pv,
-                         tidx, num_done, n_rows_thr)
+                         tScS_mn, num_done, n_rows_thr)
             num_done += 1
         self.trace_mark(mTrace, cta_id, tidx, TracePoint.DrainEnd)
 
@@ -877,7 +911,7 @@ class BlasstDecodeSm90:
     @cute.jit
     def pv_step(
         self, acc_O: cute.Tensor, tOrP: cute.Tensor, tOrVt: cute.Tensor, sScale: cute.Tensor,
-        mbar_v_full, mbar_v_empty, tiled_mma_pv: cute.TiledMma, tidx: Int32, k: Int32,
+        mbar_v_full, mbar_v_empty, tiled_mma_pv: cute.TiledMma, tScS_mn: cute.Tensor, k: Int32,
         n_rows_thr: cutlass.Constexpr[int],
     ):
         """O = O * scale_k + P_k V_k for the k-th kept tile (its V and P in ring slot k % NV)."""
@@ -885,7 +919,7 @@ class BlasstDecodeSm90:
         slot = k % NV
         row_scale = cute.make_rmem_tensor(n_rows_thr, Float32)
         for r in cutlass.range_constexpr(n_rows_thr):
-            row_scale[r] = sScale[r, tidx, slot]
+            row_scale[r] = sScale[tScS_mn[r, 0][0], slot]
         rescale_rows(acc_O, row_scale)
         cute.arch.mbarrier_wait(mbar_v_full + slot, (k // NV) % 2)
         wgmma(tiled_mma_pv, acc_O, tOrP[None, None, None, slot], tOrVt[None, None, None, slot], False)
