@@ -116,29 +116,22 @@ class DecodeBarrier(enum.IntEnum):
 
 def decode_stages(head_dim: int, tile_n: int, dtype_bytes: int = 2, has_skip: bool = False,
                   copies_per_tile: int = 8):
-    """(NK, NV): K-ring and V/P-ring depths that fit the smem budget.
+    """(NK, NV): the deepest K and V/P rings that fit, preferring a third V/P stage.
 
-    The skip build takes a third V/P stage where it fits in the block's limit at the cost of a
-    K stage (head dim 128, 128-key tiles: (2, 3) instead of (3, 2)): its PVs then wait for 2
-    more kept tiles, which gives a vote-gated V load more time to land. H100, B=64 L=32k 32/8:
-    +5.6 % at 71 % skipped, +2.4 % at 91 %; 0.98x at 0 % skipped (the dense build keeps (3, 2):
-    with (2, 3) it was 1.5 % slower there); perf/results/decode-h100-v-ring.md.
+    The dense build keeps the depths of a 220 KiB budget; the skip build may use the block's
+    limit, which at head dim 128 with 128-key tiles gives it (2, 3) instead of (3, 2): its PVs
+    wait for 2 more kept tiles, time for a vote-gated V load to land. H100, B=64 L=32k 32/8:
+    +5.6 % at 71 % skipped, +2.4 % at 91 %, 0.98x dense at 0 %; the dense build with (2, 3) was
+    1.5 % slower there (perf/results/decode-h100-v-ring.md).
     """
-    q = TILE_M * head_dim * dtype_bytes
-    kv = tile_n * head_dim * dtype_bytes
-    p = TILE_M * tile_n * dtype_bytes
+    budget = SMEM_MAX if has_skip else SMEM_BUDGET
     best = None
     for nv in (3, 2):
         for nk in (8, 7, 6, 5, 4, 3, 2):
-            if q + nk * kv + nv * (kv + p) + 4096 <= SMEM_BUDGET:
+            if decode_smem_bytes(head_dim, tile_n, dtype_bytes, nk, nv, copies_per_tile) <= budget:
                 if best is None or nk + nv > best[0] + best[1]:
                     best = (nk, nv)
                 break
-    if has_skip and best[1] < 3:
-        for nk in range(best[0] - 1, 1, -1):
-            if decode_smem_bytes(head_dim, tile_n, dtype_bytes, nk, 3, copies_per_tile) \
-                    <= SMEM_MAX:
-                return nk, 3
     return best
 
 
