@@ -37,7 +37,7 @@ from blasst_cute.kernels.launch_common import (
     make_ptr,
     sm_count,
 )
-from blasst_cute.kernels.sm90.combine import BlasstDecodeCombineSm90
+from blasst_cute.kernels.sm90.combine import BlasstDecodeCombineSm90, combine_warps_per_row
 from blasst_cute.kernels.sm90.decode import (
     SUPPORTED_PAGE_SIZES,
     TILE_M,
@@ -65,8 +65,10 @@ FUSED_MERGE = os.environ.get("BLASST_DECODE_FUSED_MERGE", "0") == "1"
 # replays have no host time per launch, keep the combine kernel.
 # BLASST_DECODE_EAGER_FUSED_MAX_KV_BYTES=0 turns the rule off.
 EAGER_FUSED_MAX_KV_BYTES = int(os.environ.get("BLASST_DECODE_EAGER_FUSED_MAX_KV_BYTES", 32 << 20))
-# Merge loops with the loads of a batch of splits in flight together (fused merge and combine
-# kernel; combine.merge_split_rows_pipelined). BLASST_DECODE_PIPELINED_MERGE=0: the old loops.
+# The grouped merge (combine.py): the combine kernel spreads a row's split groups over up to 8
+# warps (one memory round trip), the fused merge walks the same groups with the loads of a batch
+# of splits in flight together; both give the same bits. BLASST_DECODE_PIPELINED_MERGE=0: the
+# old one-warp-per-row loops.
 PIPELINED_MERGE = os.environ.get("BLASST_DECODE_PIPELINED_MERGE", "1") != "0"
 # Programmatic dependent launch of the decode kernel and of its combine: each grid launches
 # while the kernel before it in the stream drains. Used for launches of >= PDL_MIN_SPLITS splits
@@ -190,10 +192,11 @@ def compile_decode_sm90(config: dict, options: Optional[str] = None):
 
 
 def compile_combine_sm90(dtype, head_dim: int, options: Optional[str] = None,
-                         use_pdl: bool = False, pipelined: bool = False):
+                         use_pdl: bool = False, pipelined: bool = False, warps_per_row: int = 1):
     """Compile the split-KV combine kernel (no GPU needed)."""
     dt = TORCH_TO_CUTLASS[kernel_dtype(dtype, "sm90 decode")]
-    kern = BlasstDecodeCombineSm90(dt, head_dim, use_pdl=use_pdl, pipelined=pipelined)
+    kern = BlasstDecodeCombineSm90(dt, head_dim, use_pdl=use_pdl, pipelined=pipelined,
+                                   warps_per_row=warps_per_row)
     args = combine_compile_args(dt)
     if options:
         return cute.compile(kern.launch_ptrs, *args, options=options)
@@ -455,11 +458,12 @@ def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, n
     p.cfn = p.cfast = None
     if not direct and not fused:
         c_pdl, c_pipe = bool(config["use_pdl"]), bool(config["pipelined_merge"])
-        ckey = ("combine", q.dtype, d, c_pdl, c_pipe)
+        c_warps = combine_warps_per_row(splits) if c_pipe else 1
+        ckey = ("combine", q.dtype, d, c_pdl, c_pipe, c_warps)
         p.cfn = _compiled(ckey, combine_compile_args(TORCH_TO_CUTLASS[q.dtype]),
                           lambda: BlasstDecodeCombineSm90(TORCH_TO_CUTLASS[q.dtype], d,
-                                                          use_pdl=c_pdl,
-                                                          pipelined=c_pipe).launch_ptrs)
+                                                          use_pdl=c_pdl, pipelined=c_pipe,
+                                                          warps_per_row=c_warps).launch_ptrs)
         p.cstatics = [splits, B, lq, hq]
         if USE_FAST_CALL:
             fc = _FastCall(p.cfn, combine_compile_args(TORCH_TO_CUTLASS[q.dtype]), _CPOS)

@@ -36,7 +36,7 @@ from blasst_cute.kernels.launch_common import (
     make_ptr,
     sm_count,
 )
-from blasst_cute.kernels.sm90.combine import BlasstDecodeCombineSm90
+from blasst_cute.kernels.sm90.combine import BlasstDecodeCombineSm90, combine_warps_per_row
 from blasst_cute.kernels.sm90.mla_decode import (
     HEAD_DIM,
     HEAD_DIM_V,
@@ -47,10 +47,12 @@ from blasst_cute.kernels.sm90.mla_decode import (
 )
 
 # A split's first tile is never skipped, and each split costs a 64 x 512 fp32 partial that the
-# combine reads back: keep >= MIN_TILES_PER_SPLIT tiles per split, and at most MAX_SPLITS (H200,
-# B=1 L=32k H=128: 66 splits 97 us, 33 splits 90 us; the combine took 46 us of the 97).
+# combine reads back: keep >= MIN_TILES_PER_SPLIT tiles per split, and at most MAX_SPLITS. H200,
+# B=1 L=32k H=128 (perf/diag/mla_split_sweep.py): with the grouped combine 64 splits 45.9 us,
+# 66 splits 46.9 us, 32 splits 58.8 us (the one-warp-per-chunk combine: 57.4-58.3 us for all
+# three, so the cap was 32 before).
 MIN_TILES_PER_SPLIT = 4
-MAX_SPLITS = 32
+MAX_SPLITS = 64
 
 # The q-tiles of a sequence as one 2-CTA cluster sharing each K tile by TMA multicast (see
 # mla_decode.py): "auto" = where a CTA walks >= CLUSTER_MIN_TILES_PER_SPLIT key tiles, "always"
@@ -72,6 +74,9 @@ INTERLEAVE_SPLITS = os.environ.get("BLASST_MLA_INTERLEAVE", "1") != "0"
 # Programmatic dependent launch of the kernel and its combine (see mla_decode.py): each grid
 # starts while the previous kernel of the stream drains. BLASST_MLA_PDL=0 turns it off.
 USE_PDL = os.environ.get("BLASST_MLA_PDL", "1") != "0"
+# The combine's grouped merge (combine.py: a row's split groups spread over up to 8 warps, one
+# memory round trip); BLASST_MLA_GROUPED_MERGE=0: the earlier one-warp-per-chunk loops.
+GROUPED_MERGE = os.environ.get("BLASST_MLA_GROUPED_MERGE", "1") != "0"
 
 
 def mla_num_splits(work_units: int, n_tiles: int, num_sms: int) -> int:
@@ -248,9 +253,12 @@ def _get_plan(q, kv_cache, block_table, causal, has_skip, fpb, has_stats, num_sp
         p.cfn = None
         if not p.direct:
             dt = TORCH_TO_CUTLASS[q.dtype]
-            p.cfn = _compiled(("combine", q.dtype, HEAD_DIM_V, USE_PDL),
-                              lambda: BlasstDecodeCombineSm90(dt, HEAD_DIM_V,
-                                                              use_pdl=USE_PDL).launch_ptrs,
+            grouped = GROUPED_MERGE
+            c_warps = combine_warps_per_row(splits) if grouped else 1
+            p.cfn = _compiled(("combine", q.dtype, HEAD_DIM_V, USE_PDL, grouped, c_warps),
+                              lambda: BlasstDecodeCombineSm90(dt, HEAD_DIM_V, use_pdl=USE_PDL,
+                                                              pipelined=grouped,
+                                                              warps_per_row=c_warps).launch_ptrs,
                               combine_compile_args(dt))
         _plans[key] = p
         return p

@@ -101,7 +101,7 @@ def test_unsupported_configs_raise():
 def test_geometry_contract():
     g = launch_mla.mla_decode_geometry_sm90(128, 1, 64, 1, 32768, 132)
     assert (g["block_m"], g["block_n"], g["pack_gqa"], g["rows_per_decision"]) == (64, 64, True, 64)
-    assert g["num_splits"] == 32  # 2 q-tiles x 66 splits would fill 132 SMs; capped at 32
+    assert g["num_splits"] == launch_mla.MAX_SPLITS == 64  # 66 would fill 132 SMs; capped
     assert launch_mla.mla_decode_geometry_sm90(128, 1, 64, 64, 32768, 132)["num_splits"] == 1
     assert launch_mla.mla_decode_geometry_sm90(128, 1, 64, 16, 4096, 132)["num_splits"] == 4
     assert launch_mla.mla_decode_geometry_sm90(16, 1, 64, 1, 1024, 132)["num_splits"] == 4

@@ -1,13 +1,19 @@
 # blasst_cute: merge of split-KV decode partials by their log-sum-exp (any arch >= sm_80 code,
 # compiled for sm_90a here).
 #
-# One warp per output row (b, pos, head) and chunk of COLS_PER_WARP columns (wide rows, e.g.
-# MLA's 512, take several warps: more CTAs pull the partials in): lanes reduce the split lse
-# values (max, then the sum of exp(lse_s - max)), then accumulate O = sum_s exp(lse_s - lse) * O_s,
-# each lane owning contiguous columns of the chunk. Splits with lse = -inf (no key, or no tile in
-# the split) get no weight, so whatever their O slot holds cannot leak in; a row whose splits are
-# all empty gets O = 0 and lse = -inf. merge_split_rows_pipelined: the same merge with the loads of
-# a batch of splits in flight together (the decode combine's default and the fused merge's).
+# O = sum_s exp(lse_s - lse) * O_s with lse the log-sum-exp of the splits' lse_s. Splits with
+# lse = -inf (no key, or no tile in the split) get no weight, so whatever their O slot holds cannot
+# leak in; a row whose splits are all empty gets O = 0 and lse = -inf.
+#
+# Summation order (fixed, so that every merge gives the same bits): the splits are cut into
+# groups of MERGE_GROUP consecutive splits; each group's terms are added in split order from 0,
+# then the group sums in group order from 0. The combine kernel's default (grouped) form spreads
+# the groups of one row over up to MAX_WARPS_PER_ROW warps (one memory round trip for a row's
+# partials instead of one per batch of splits) and adds the group sums through shared memory in
+# that order; the decode kernel's fused merge (merge_split_rows_pipelined, one warp per row batch)
+# walks the same groups in turn. The lse is merged the same way in both (merged_lse).
+# merge_split_row / merge_split_rows: the earlier one-warp-per-row loops (split order), kept as an
+# A/B option (pipelined=False).
 
 import math
 from typing import Optional
@@ -20,26 +26,53 @@ from cutlass import Float32, Int32, const_expr
 
 LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
-ROWS_PER_CTA = 4  # warps per CTA
+ROWS_PER_CTA = 4  # warps per CTA of the one-warp-per-row forms
 COLS_PER_WARP = 128
+MERGE_GROUP = 8  # splits per group of the summation order
+MAX_WARPS_PER_ROW = 8
+LSE_LOADS = 4  # lse loads per lane in flight per pass of merged_lse (128 splits per pass)
+
+
+def combine_warps_per_row(num_splits: int) -> int:
+    """Warps sharing one row (and column chunk) in the grouped combine: one per group of
+    MERGE_GROUP splits, as a power of two up to MAX_WARPS_PER_ROW (more groups: several rounds)."""
+    groups = -(-int(num_splits) // MERGE_GROUP)
+    w = 1
+    while w < groups and w < MAX_WARPS_PER_ROW:
+        w *= 2
+    return w
+
+
+def _pow2_floor(x: int) -> int:
+    p = 1
+    while p * 2 <= x:
+        p *= 2
+    return p
 
 
 class BlasstDecodeCombineSm90:
-    def __init__(self, dtype, head_dim: int, use_pdl: bool = False, pipelined: bool = False):
+    def __init__(self, dtype, head_dim: int, use_pdl: bool = False, pipelined: bool = False,
+                 warps_per_row: int = 1):
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
             raise NotImplementedError(f"blasst combine: dtype {dtype}")
         if head_dim % 32 != 0:
             raise NotImplementedError(f"blasst combine: head_dim {head_dim} (multiple of 32)")
+        if warps_per_row not in (1, 2, 4, 8) or (warps_per_row > 1 and not pipelined):
+            raise ValueError(f"blasst combine: warps_per_row {warps_per_row} (1, 2, 4 or 8; "
+                             "more than 1 needs the grouped form, pipelined=True)")
         self.dtype = dtype
         self.head_dim = head_dim
         # Programmatic dependent launch: the grid may start while the split kernel before it
         # drains (launch latency hidden); it reads the partials only after griddepcontrol.wait.
         self.use_pdl = use_pdl
-        # One-chunk rows (head_dim <= 128): merge_split_rows_pipelined, the loads of up to 16
-        # splits in flight together, instead of merge_split_row.
+        # True: the grouped merge (module comment); False: the one-warp-per-row loops.
         self.pipelined = pipelined
         # Column chunks per row: one warp each when head_dim is a multiple of COLS_PER_WARP.
         self.chunks = head_dim // COLS_PER_WARP if head_dim % COLS_PER_WARP == 0 else 1
+        self.per_lane = head_dim // self.chunks // 32
+        self.warps_per_row = warps_per_row
+        self.rows_per_cta = max(1, ROWS_PER_CTA // warps_per_row)  # (row, chunk) items per CTA
+        self.num_threads = 32 * warps_per_row * self.rows_per_cta
 
     @cute.jit
     def launch_ptrs(
@@ -53,15 +86,18 @@ class BlasstDecodeCombineSm90:
     ):
         """Pointer entry point (low host overhead)."""
         d = self.head_dim
-        row = seqlen_q * num_heads * d
+        # Strides are multiples of d (a multiple of 32): lets a lane's columns load as vectors.
+        row = cute.assume(seqlen_q * num_heads * d, divby=d)
         mOp = cute.make_tensor(op_ptr, cute.make_layout(
             (num_splits, batch, seqlen_q, num_heads, d),
-            stride=(batch * row, row, num_heads * d, d, 1)))
+            stride=(cute.assume(batch * row, divby=d), row,
+                    cute.assume(num_heads * d, divby=d), d, 1)))
         mLSEp = cute.make_tensor(lsep_ptr, cute.make_layout(
             (num_splits, batch, num_heads, seqlen_q),
             stride=(batch * num_heads * seqlen_q, num_heads * seqlen_q, seqlen_q, 1)))
         mO = cute.make_tensor(o_ptr, cute.make_layout(
-            (batch, seqlen_q, num_heads, d), stride=(row, num_heads * d, d, 1)))
+            (batch, seqlen_q, num_heads, d),
+            stride=(row, cute.assume(num_heads * d, divby=d), d, 1)))
         mLSE = cute.make_tensor(lse_ptr, cute.make_layout(
             (batch, num_heads, seqlen_q), stride=(num_heads * seqlen_q, seqlen_q, 1)))
         self.__call__(mOp, mLSEp, mO, mLSE, stream)
@@ -79,8 +115,8 @@ class BlasstDecodeCombineSm90:
             raise TypeError(f"expected {self.dtype}, got {mO.element_type}")
         total = mO.shape[0] * mO.shape[1] * mO.shape[2] * self.chunks
         self.kernel(mOp, mLSEp, mO, mLSE, total).launch(
-            grid=[(total + ROWS_PER_CTA - 1) // ROWS_PER_CTA, 1, 1],
-            block=[32 * ROWS_PER_CTA, 1, 1],
+            grid=[(total + self.rows_per_cta - 1) // self.rows_per_cta, 1, 1],
+            block=[self.num_threads, 1, 1],
             stream=stream,
             use_pdl=self.use_pdl,
         )
@@ -93,24 +129,110 @@ class BlasstDecodeCombineSm90:
         if const_expr(self.use_pdl):
             cute.arch.griddepcontrol_wait()  # the partials are complete and visible
             cute.arch.griddepcontrol_launch_dependents()
+        W = self.warps_per_row
         lane = tidx % 32
-        item = bidx * ROWS_PER_CTA + tidx // 32
-        if item < total:
-            num_heads = mO.shape[2]
-            seqlen_q = mO.shape[1]
-            row = item // self.chunks
-            chunk = item - row * self.chunks
-            head = row % num_heads
-            t = row // num_heads
-            pos = t % seqlen_q
-            b = t // seqlen_q
-            if const_expr(self.chunks == 1 and self.pipelined):
-                merge_split_rows_pipelined(mOp, mLSEp, mO, mLSE, b, [pos], [head], None, lane)
-            elif const_expr(self.chunks == 1):
+        warp = tidx // 32
+        item_local = warp // W
+        item = bidx * self.rows_per_cta + item_local
+        if const_expr(self.pipelined):
+            # Items past the end merge a duplicate of the last one, never stored: every warp of
+            # the CTA meets the same barriers.
+            b, pos, head, chunk = self.item_coords(cutlass.min(item, total - 1), mO)
+            sSums = None
+            if const_expr(W > 1):
+                smem = cutlass.memory.SmemAllocator()
+                sAll = smem.allocate_tensor(
+                    Float32, cute.make_layout((32 * self.per_lane, W, self.rows_per_cta)), 16)
+                sSums = sAll[None, None, item_local]
+            merge_row_grouped(mOp, mLSEp, mO, mLSE, b, pos, head, chunk, lane,
+                              warp - item_local * W, W, self.per_lane, sSums, item < total)
+        elif item < total:
+            b, pos, head, chunk = self.item_coords(item, mO)
+            if const_expr(self.chunks == 1):
                 merge_split_row(mOp, mLSEp, mO, mLSE, b, pos, head, lane)
             else:
                 merge_split_rows(mOp, mLSEp, mO, mLSE, b, [pos], [head], None, lane,
                                  per_lane=COLS_PER_WARP // 32, chunk=chunk)
+
+    @cute.jit
+    def item_coords(self, item: Int32, mO: cute.Tensor):
+        """(b, pos, head, chunk) of work item (b, pos, head) x column chunk, chunks fastest."""
+        row = item // self.chunks
+        t = row // mO.shape[2]
+        return t // mO.shape[1], t % mO.shape[1], row % mO.shape[2], item - row * self.chunks
+
+
+@cute.jit
+def add_weighted_split(acc: cute.Tensor, part: cute.Tensor, ls: Float32, lse: Float32, use,
+                       per_lane: cutlass.Constexpr):
+    """acc += exp(ls - lse) * part where use (a split past the end or with ls = -inf: += 0).
+    The one expression of the weighted sum, shared by every grouped merge (same bits)."""
+    w = cute.math.exp2((ls - lse) * LOG2_E, fastmath=True)
+    w = w if use else Float32(0.0)
+    for e in cutlass.range_constexpr(per_lane):
+        term = w * part[e]
+        acc[e] = acc[e] + (term if use else Float32(0.0))
+
+
+@cute.jit
+def merge_row_grouped(mOp: cute.Tensor, mLSEp: cute.Tensor, mO: cute.Tensor, mLSE: cute.Tensor,
+                      b: Int32, pos: Int32, head: Int32, chunk: Int32, lane: Int32, w: Int32,
+                      W: cutlass.Constexpr, per_lane: cutlass.Constexpr, sSums,
+                      store: cutlass.Boolean):
+    """Warp w of the W warps of one output row (b, pos, head) and column chunk merges groups
+    w, w + W, ... of MERGE_GROUP splits; round r's W group sums are added to the total in group
+    order through sSums ((32 * per_lane, W) floats; None when W == 1). Warp 0 stores (if store).
+    The first round's partials are loaded before the lse is merged, so both loads overlap."""
+    num_splits = mOp.shape[0]
+    n_groups = (num_splits + MERGE_GROUP - 1) // MERGE_GROUP
+    rounds = (n_groups + W - 1) // W
+    col_tile = chunk * 32 + lane
+    total = cute.make_rmem_tensor((per_lane,), Float32)
+    total.fill(0.0)
+    parts = [cute.make_rmem_tensor((per_lane,), Float32) for _ in range(MERGE_GROUP)]
+    lsp = cute.make_rmem_tensor((MERGE_GROUP,), Float32)
+    _load_group(mOp, mLSEp, b, pos, head, w * MERGE_GROUP, num_splits, col_tile, parts, lsp,
+                per_lane)
+    lse = merged_lse(mLSEp, num_splits, b, [pos], [head], lane)[0]
+    for r in cutlass.range(rounds, unroll=1):
+        g = r * W + w
+        if r > 0:
+            _load_group(mOp, mLSEp, b, pos, head, g * MERGE_GROUP, num_splits, col_tile, parts,
+                        lsp, per_lane)
+        acc = cute.make_rmem_tensor((per_lane,), Float32)
+        acc.fill(0.0)
+        for j in cutlass.range_constexpr(MERGE_GROUP):
+            s = g * MERGE_GROUP + j
+            add_weighted_split(acc, parts[j], lsp[j], lse, s < num_splits and lsp[j] > -Float32.inf,
+                               per_lane)
+        if const_expr(W == 1):
+            for e in cutlass.range_constexpr(per_lane):
+                total[e] = total[e] + acc[e]
+        else:
+            for e in cutlass.range_constexpr(per_lane):
+                sSums[lane * per_lane + e, w] = acc[e]
+            cute.arch.barrier()
+            if w == 0:
+                for k in cutlass.range_constexpr(W):
+                    if r * W + k < n_groups:
+                        for e in cutlass.range_constexpr(per_lane):
+                            total[e] = total[e] + sSums[lane * per_lane + e, k]
+            cute.arch.barrier()  # sums read before the next round overwrites them
+    if store and w == 0:
+        _store_row(mO, mLSE, total, lse, b, pos, head, lane, col_tile, per_lane)
+
+
+@cute.jit
+def _load_group(mOp: cute.Tensor, mLSEp: cute.Tensor, b: Int32, pos: Int32, head: Int32,
+                s0: Int32, num_splits: Int32, col_tile: Int32, parts: list, lsp: cute.Tensor,
+                per_lane: cutlass.Constexpr):
+    """The partials and lse of splits s0 .. s0 + MERGE_GROUP - 1 (past the end: the last split
+    again, weighted 0 by the caller), all loads issued before any is used."""
+    for j in cutlass.range_constexpr(MERGE_GROUP):
+        s = cutlass.min(s0 + j, num_splits - 1)
+        src = cute.local_tile(mOp[s, b, pos, head, None], (per_lane,), (col_tile,))
+        cute.autovec_copy(src, parts[j])
+        lsp[j] = mLSEp[s, b, head, pos]
 
 
 @cute.jit
@@ -127,23 +249,31 @@ def merge_split_row(mOp: cute.Tensor, mLSEp: cute.Tensor, mO: cute.Tensor, mLSE:
 def merged_lse(mLSEp: cute.Tensor, num_splits: Int32, b: Int32, pos: list, head: list,
                lane: Int32) -> cute.Tensor:
     """The merged lse of rows (b, pos[i], head[i]) over all splits: per-row max, then the sum of
-    exp over the splits' lse (lanes stride the splits; the second pass re-reads what the first
-    brought into L1); -inf for a row every split left empty."""
+    exp over the splits' lse (lane l takes splits l, l + 32, ... in that order, up to LSE_LOADS
+    of them per pass in flight together; the second pass re-reads what the first brought into
+    L1); -inf for a row every split left empty."""
     n = len(pos)
+    loads = max(1, min(LSE_LOADS, 16 // n))
     mx = cute.make_rmem_tensor((n,), Float32)
     mx.fill(-Float32.inf)
-    for s in cutlass.range(lane, num_splits, 32, unroll=1):
-        for i in cutlass.range_constexpr(n):
-            mx[i] = cute.arch.fmax(mx[i], mLSEp[s, b, head[i], pos[i]])
+    vals = cute.make_rmem_tensor((loads, n), Float32)
+    for s0 in cutlass.range(0, num_splits, 32 * loads, unroll=1):
+        _load_lse(mLSEp, num_splits, b, pos, head, s0 + lane, vals, loads)
+        for j in cutlass.range_constexpr(loads):
+            for i in cutlass.range_constexpr(n):
+                mx[i] = cute.arch.fmax(mx[i], vals[j, i])
     m_safe = cute.make_rmem_tensor((n,), Float32)
     for i in cutlass.range_constexpr(n):
         m = cute.arch.warp_reduction_max(mx[i])
         m_safe[i] = Float32(0.0) if m == -Float32.inf else m
     tot = cute.make_rmem_tensor((n,), Float32)
     tot.fill(0.0)
-    for s in cutlass.range(lane, num_splits, 32, unroll=1):
-        for i in cutlass.range_constexpr(n):
-            tot[i] += cute.math.exp2((mLSEp[s, b, head[i], pos[i]] - m_safe[i]) * LOG2_E, fastmath=True)
+    for s0 in cutlass.range(0, num_splits, 32 * loads, unroll=1):
+        _load_lse(mLSEp, num_splits, b, pos, head, s0 + lane, vals, loads)
+        for j in cutlass.range_constexpr(loads):
+            for i in cutlass.range_constexpr(n):
+                # exp2(-inf) = 0 for a split past the end: tot unchanged, bit for bit
+                tot[i] += cute.math.exp2((vals[j, i] - m_safe[i]) * LOG2_E, fastmath=True)
     lse = cute.make_rmem_tensor((n,), Float32)
     for i in cutlass.range_constexpr(n):
         total_w = cute.arch.warp_reduction(tot[i], lambda x, y: x + y)
@@ -151,6 +281,18 @@ def merged_lse(mLSEp: cute.Tensor, num_splits: Int32, b: Int32, pos: list, head:
         if total_w > Float32(0.0):
             lse[i] = m_safe[i] + cute.math.log2(total_w, fastmath=False) * LN_2
     return lse
+
+
+@cute.jit
+def _load_lse(mLSEp: cute.Tensor, num_splits: Int32, b: Int32, pos: list, head: list,
+              s_lane: Int32, vals: cute.Tensor, loads: cutlass.Constexpr):
+    """vals[j, i] = lse of split s_lane + 32 j for row i, j < loads (-inf past the end)."""
+    for j in cutlass.range_constexpr(loads):
+        s = s_lane + 32 * j
+        sc = cutlass.min(s, num_splits - 1)
+        for i in cutlass.range_constexpr(len(pos)):
+            v = mLSEp[sc, b, head[i], pos[i]]
+            vals[j, i] = v if s < num_splits else -Float32.inf
 
 
 @cute.jit
@@ -216,20 +358,22 @@ def _store_row(mO: cute.Tensor, mLSE: cute.Tensor, acc: cute.Tensor, lse: Float3
 def merge_split_rows_pipelined(mOp: cute.Tensor, mLSEp: cute.Tensor, mO: cute.Tensor,
                                mLSE: cute.Tensor, b: Int32, pos: list, head: list,
                                valid: Optional[list], lane: Int32):
-    """:func:`merge_split_rows` (lanes own head_dim / 32 contiguous columns) with the O pass
-    software-pipelined for a latency-bound merge (the fused merge of the decode kernel: one CTA
-    reads every split's partial of its q-tile from L2). The O loads of a batch of splits (all
-    rows) are issued before any is used and the batch has no branch: a split with lse = -inf is
-    masked by a select, not skipped, so a batch costs one memory round trip instead of one per
-    split. Splits per batch: 64 registers of partials per lane."""
+    """The grouped merge (module comment) of rows (b, pos[i], head[i]) by one warp, lanes owning
+    head_dim / 32 contiguous columns: the decode kernel's fused merge, where one CTA reads every
+    split's partial of its q-tile from L2. Gives the combine kernel's bits. The O loads of a batch
+    of splits (all rows) are issued before any is used and the batch has no branch (a split with
+    lse = -inf is weighted 0, not skipped), so a batch costs one memory round trip. Splits per
+    batch: a power of two dividing MERGE_GROUP, up to 64 registers of partials per lane."""
     n = len(pos)
     per_lane = mO.shape[3] // 32
     num_splits = mOp.shape[0]
-    batch = min(16, max(1, 64 // (n * per_lane)))
+    batch = _pow2_floor(min(MERGE_GROUP, 64 // (n * per_lane)))
     lse = merged_lse(mLSEp, num_splits, b, pos, head, lane)
 
+    totals = [cute.make_rmem_tensor((per_lane,), Float32) for _ in range(n)]
     accs = [cute.make_rmem_tensor((per_lane,), Float32) for _ in range(n)]
     for i in cutlass.range_constexpr(n):
+        totals[i].fill(0.0)
         accs[i].fill(0.0)
     parts = [[cute.make_rmem_tensor((per_lane,), Float32) for _ in range(n)] for _ in range(batch)]
     lsp = cute.make_rmem_tensor((batch, n), Float32)
@@ -241,14 +385,16 @@ def merge_split_rows_pipelined(mOp: cute.Tensor, mLSEp: cute.Tensor, mO: cute.Te
                 src = cute.local_tile(mOp[s, b, pos[i], head[i], None], (per_lane,), (lane,))
                 cute.autovec_copy(src, parts[j][i])
                 lsp[j, i] = mLSEp[s, b, head[i], pos[i]]
-        # ... then the weighted sums.
+        # ... then the weighted sums of this group ...
         for j in cutlass.range_constexpr(batch):
             for i in cutlass.range_constexpr(n):
-                ls = lsp[j, i]
-                use = s0 + j < num_splits and ls > -Float32.inf
-                w = cute.math.exp2((ls - lse[i]) * LOG2_E, fastmath=True)
-                w = w if use else Float32(0.0)
+                add_weighted_split(accs[i], parts[j][i], lsp[j, i], lse[i],
+                                   s0 + j < num_splits and lsp[j, i] > -Float32.inf, per_lane)
+        # ... and at a group's end, its sum into the total.
+        s_next = s0 + batch
+        if s_next % MERGE_GROUP == 0 or s_next >= num_splits:
+            for i in cutlass.range_constexpr(n):
                 for e in cutlass.range_constexpr(per_lane):
-                    term = w * parts[j][i][e]
-                    accs[i][e] = accs[i][e] + (term if use else Float32(0.0))
-    _store_rows(mO, mLSE, accs, lse, b, pos, head, valid, lane, lane, per_lane)
+                    totals[i][e] = totals[i][e] + accs[i][e]
+                accs[i].fill(0.0)
+    _store_rows(mO, mLSE, totals, lse, b, pos, head, valid, lane, lane, per_lane)
