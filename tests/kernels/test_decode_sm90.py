@@ -174,15 +174,19 @@ def test_merge_and_pdl_choice():
 
 
 @gpu
-def test_eager_fused_merge_and_captured_combine():
+@pytest.mark.parametrize("L,hq,hk,min_splits", [(4096, 32, 8, 2), (16384, 64, 4, 17)],
+                         ids=["G4-one-row-per-warp", "G16-row-batches-several-groups"])
+def test_eager_fused_merge_and_captured_combine(L, hq, hk, min_splits, monkeypatch):
     # A small cache: eager API calls merge in the decode launch (one launch), a graph capture of
-    # the same call uses the combine kernel; both give the same bits.
+    # the same call uses the combine kernel; both give the same bits (one summation order). G=16
+    # merges 4 rows per warp in batches of 4 splits, over several groups of 8 splits.
     import blasst_cute
     from blasst_cute.testing import capture_graph
     from gpu_decode_smoke import make_cache
-    B, L, hq, hk = 1, 4096, 32, 8
-    if 2 * B * L * hk * 128 * 2 > launch_decode.EAGER_FUSED_MAX_KV_BYTES:
-        pytest.skip("the eager fused-merge rule is off or below this cache size")
+    B = 1
+    if launch_decode.EAGER_FUSED_MAX_KV_BYTES <= 0:
+        pytest.skip("the eager fused-merge rule is off")
+    monkeypatch.setattr(launch_decode, "EAGER_FUSED_MAX_KV_BYTES", 2 * B * L * hk * 128 * 2)
     q = torch.randn(B, 1, hq, 128, device="cuda", dtype=torch.bfloat16)
     _, _, kc, vc, bt = make_cache(B, L, hk, 128, 64)
     lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
@@ -194,7 +198,7 @@ def test_eager_fused_merge_and_captured_combine():
     eager = call()
     torch.cuda.synchronize()
     plans = list(launch_decode._plans.values())
-    assert [(p.splits > 1, p.fused) for p in plans] == [(True, True)]
+    assert [(p.splits >= min_splits, p.fused) for p in plans] == [(True, True)]
     out = torch.full_like(q, float("nan"))
     g = capture_graph(lambda: out.copy_(call()), eager_first=False)
     g.replay()
