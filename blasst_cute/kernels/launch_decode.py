@@ -192,10 +192,10 @@ def compile_decode_sm90(config: dict, options: Optional[str] = None):
 
 
 def compile_combine_sm90(dtype, head_dim: int, options: Optional[str] = None,
-                         use_pdl: bool = False, pipelined: bool = False, warps_per_row: int = 1):
+                         use_pdl: bool = False, grouped: bool = False, warps_per_row: int = 1):
     """Compile the split-KV combine kernel (no GPU needed)."""
     dt = TORCH_TO_CUTLASS[kernel_dtype(dtype, "sm90 decode")]
-    kern = BlasstDecodeCombineSm90(dt, head_dim, use_pdl=use_pdl, pipelined=pipelined,
+    kern = BlasstDecodeCombineSm90(dt, head_dim, use_pdl=use_pdl, grouped=grouped,
                                    warps_per_row=warps_per_row)
     args = combine_compile_args(dt)
     if options:
@@ -457,12 +457,13 @@ def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, n
     p.n_arrivals = B * k_cache.shape[2] * (-(-(lq * (hq // k_cache.shape[2])) // TILE_M))
     p.cfn = p.cfast = None
     if not direct and not fused:
-        c_pdl, c_pipe = bool(config["use_pdl"]), bool(config["pipelined_merge"])
-        c_warps = combine_warps_per_row(splits) if c_pipe else 1
-        ckey = ("combine", q.dtype, d, c_pdl, c_pipe, c_warps)
+        # pipelined_merge: the grouped merge in the combine too (same bits as the fused merge)
+        c_pdl, c_grouped = bool(config["use_pdl"]), bool(config["pipelined_merge"])
+        c_warps = combine_warps_per_row(splits) if c_grouped else 1
+        ckey = ("combine", q.dtype, d, c_pdl, c_grouped, c_warps)
         p.cfn = _compiled(ckey, combine_compile_args(TORCH_TO_CUTLASS[q.dtype]),
                           lambda: BlasstDecodeCombineSm90(TORCH_TO_CUTLASS[q.dtype], d,
-                                                          use_pdl=c_pdl, pipelined=c_pipe,
+                                                          use_pdl=c_pdl, grouped=c_grouped,
                                                           warps_per_row=c_warps).launch_ptrs)
         p.cstatics = [splits, B, lq, hq]
         if USE_FAST_CALL:

@@ -257,7 +257,7 @@ def _get_plan(q, kv_cache, block_table, causal, has_skip, fpb, has_stats, num_sp
             c_warps = combine_warps_per_row(splits) if grouped else 1
             p.cfn = _compiled(("combine", q.dtype, HEAD_DIM_V, USE_PDL, grouped, c_warps),
                               lambda: BlasstDecodeCombineSm90(dt, HEAD_DIM_V, use_pdl=USE_PDL,
-                                                              pipelined=grouped,
+                                                              grouped=grouped,
                                                               warps_per_row=c_warps).launch_ptrs,
                               combine_compile_args(dt))
         _plans[key] = p

@@ -29,9 +29,9 @@ def test_warps_per_row():
 def test_bad_warps_per_row():
     import cutlass
     with pytest.raises(ValueError, match="warps_per_row 3"):
-        combine.BlasstDecodeCombineSm90(cutlass.BFloat16, 128, pipelined=True, warps_per_row=3)
-    with pytest.raises(ValueError, match="pipelined=True"):
-        combine.BlasstDecodeCombineSm90(cutlass.BFloat16, 128, pipelined=False, warps_per_row=2)
+        combine.BlasstDecodeCombineSm90(cutlass.BFloat16, 128, grouped=True, warps_per_row=3)
+    with pytest.raises(ValueError, match="grouped=True"):
+        combine.BlasstDecodeCombineSm90(cutlass.BFloat16, 128, grouped=False, warps_per_row=2)
 
 
 @cpu_only
@@ -39,22 +39,22 @@ def test_bad_warps_per_row():
 @pytest.mark.parametrize("warps", [1, 2, 4, 8])
 def test_compile_grouped_cpu(head_dim, warps):
     assert launch_decode.compile_combine_sm90(torch.bfloat16, head_dim, use_pdl=warps == 8,
-                                              pipelined=True, warps_per_row=warps) is not None
+                                              grouped=True, warps_per_row=warps) is not None
 
 
 _compiled = {}
 
 
-def _run(op, lsep, out_dtype, warps, pipelined=True):
+def _run(op, lsep, out_dtype, warps, grouped=True):
     """Launch the combine on (splits, b, lq, hq, d) fp32 partials and (splits, b, hq, lq) lse."""
     from cutlass import Float32, Int32
 
     from blasst_cute.kernels.dtypes import TORCH_TO_CUTLASS
     from blasst_cute.kernels.launch_common import cuda_stream, make_ptr
     S, B, lq, hq, d = op.shape
-    key = (out_dtype, d, pipelined, warps)
+    key = (out_dtype, d, grouped, warps)
     if key not in _compiled:
-        _compiled[key] = launch_decode.compile_combine_sm90(out_dtype, d, pipelined=pipelined,
+        _compiled[key] = launch_decode.compile_combine_sm90(out_dtype, d, grouped=grouped,
                                                             warps_per_row=warps)
     fn = _compiled[key]
     out = torch.full((B, lq, hq, d), float("nan"), device="cuda", dtype=out_dtype)
@@ -111,6 +111,6 @@ def test_grouped_merge_matches_float64_and_warp_counts(S, d):
     for warps, (out, lse) in outs.items():  # one summation order, whatever the warp count
         assert torch.equal(out, first[0]) and torch.equal(lse, first[1]), f"warps_per_row {warps}"
     # the one-warp-per-row loops (A/B option) agree to rounding
-    out_old, lse_old = _run(op, lsep, torch.bfloat16, 1, pipelined=False)
+    out_old, lse_old = _run(op, lsep, torch.bfloat16, 1, grouped=False)
     torch.testing.assert_close(out_old.double(), ref_o, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse_old, first[1], atol=1e-5, rtol=1e-5)

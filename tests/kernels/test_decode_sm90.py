@@ -75,9 +75,9 @@ def test_compile_combine_cpu(dtype, head_dim):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU compile check")
-def test_compile_combine_pipelined_pdl_cpu():
+def test_compile_combine_grouped_pdl_cpu():
     assert launch_decode.compile_combine_sm90(torch.bfloat16, 128, use_pdl=True,
-                                              pipelined=True) is not None
+                                              grouped=True, warps_per_row=2) is not None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU compile check")

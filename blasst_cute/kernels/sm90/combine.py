@@ -13,7 +13,7 @@
 # that order; the decode kernel's fused merge (merge_split_rows_pipelined, one warp per row batch)
 # walks the same groups in turn. The lse is merged the same way in both (merged_lse).
 # merge_split_row / merge_split_rows: the earlier one-warp-per-row loops (split order), kept as an
-# A/B option (pipelined=False).
+# A/B option (grouped=False).
 
 import math
 from typing import Optional
@@ -51,22 +51,22 @@ def _pow2_floor(x: int) -> int:
 
 
 class BlasstDecodeCombineSm90:
-    def __init__(self, dtype, head_dim: int, use_pdl: bool = False, pipelined: bool = False,
+    def __init__(self, dtype, head_dim: int, use_pdl: bool = False, grouped: bool = False,
                  warps_per_row: int = 1):
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
             raise NotImplementedError(f"blasst combine: dtype {dtype}")
         if head_dim % 32 != 0:
             raise NotImplementedError(f"blasst combine: head_dim {head_dim} (multiple of 32)")
-        if warps_per_row not in (1, 2, 4, 8) or (warps_per_row > 1 and not pipelined):
+        if warps_per_row not in (1, 2, 4, 8) or (warps_per_row > 1 and not grouped):
             raise ValueError(f"blasst combine: warps_per_row {warps_per_row} (1, 2, 4 or 8; "
-                             "more than 1 needs the grouped form, pipelined=True)")
+                             "more than 1 needs the grouped form, grouped=True)")
         self.dtype = dtype
         self.head_dim = head_dim
         # Programmatic dependent launch: the grid may start while the split kernel before it
         # drains (launch latency hidden); it reads the partials only after griddepcontrol.wait.
         self.use_pdl = use_pdl
         # True: the grouped merge (module comment); False: the one-warp-per-row loops.
-        self.pipelined = pipelined
+        self.grouped = grouped
         # Column chunks per row: one warp each when head_dim is a multiple of COLS_PER_WARP.
         self.chunks = head_dim // COLS_PER_WARP if head_dim % COLS_PER_WARP == 0 else 1
         self.per_lane = head_dim // self.chunks // 32
@@ -134,7 +134,7 @@ class BlasstDecodeCombineSm90:
         warp = tidx // 32
         item_local = warp // W
         item = bidx * self.rows_per_cta + item_local
-        if const_expr(self.pipelined):
+        if const_expr(self.grouped):
             # Items past the end merge a duplicate of the last one, never stored: every warp of
             # the CTA meets the same barriers.
             b, pos, head, chunk = self.item_coords(cutlass.min(item, total - 1), mO)
