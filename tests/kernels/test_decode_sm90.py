@@ -174,12 +174,15 @@ def test_merge_and_pdl_choice():
 
 
 @gpu
-@pytest.mark.parametrize("L,hq,hk,min_splits", [(4096, 32, 8, 2), (16384, 64, 4, 17)],
-                         ids=["G4-one-row-per-warp", "G16-row-batches-several-groups"])
+@pytest.mark.parametrize("L,hq,hk,min_splits", [(4096, 32, 8, 2), (16384, 32, 8, 9),
+                                                 (16384, 64, 4, 17)],
+                         ids=["G4-one-row-per-warp", "G4-two-groups-per-batch",
+                              "G16-row-batches-several-groups"])
 def test_eager_fused_merge_and_captured_combine(L, hq, hk, min_splits, monkeypatch):
     # A small cache: eager API calls merge in the decode launch (one launch), a graph capture of
-    # the same call uses the combine kernel; both give the same bits (one summation order). G=16
-    # merges 4 rows per warp in batches of 4 splits, over several groups of 8 splits.
+    # the same call uses the combine kernel; both give the same bits (one summation order). G=4
+    # at 16 splits: one batch of 16 splits holds two groups of 8; G=16 merges 4 rows per warp in
+    # batches of 4 splits, over several groups.
     import blasst_cute
     from blasst_cute.testing import capture_graph
     from gpu_decode_smoke import make_cache

@@ -363,11 +363,12 @@ def merge_split_rows_pipelined(mOp: cute.Tensor, mLSEp: cute.Tensor, mO: cute.Te
     split's partial of its q-tile from L2. Gives the combine kernel's bits. The O loads of a batch
     of splits (all rows) are issued before any is used and the batch has no branch (a split with
     lse = -inf is weighted 0, not skipped), so a batch costs one memory round trip. Splits per
-    batch: a power of two dividing MERGE_GROUP, up to 64 registers of partials per lane."""
+    batch: a power of two up to 2 * MERGE_GROUP and 64 registers of partials per lane; groups
+    end inside a batch of two groups (a static split index) or at a batch's end."""
     n = len(pos)
     per_lane = mO.shape[3] // 32
     num_splits = mOp.shape[0]
-    batch = _pow2_floor(min(MERGE_GROUP, 64 // (n * per_lane)))
+    batch = _pow2_floor(min(2 * MERGE_GROUP, 64 // (n * per_lane)))
     lse = merged_lse(mLSEp, num_splits, b, pos, head, lane)
 
     totals = [cute.make_rmem_tensor((per_lane,), Float32) for _ in range(n)]
@@ -385,16 +386,25 @@ def merge_split_rows_pipelined(mOp: cute.Tensor, mLSEp: cute.Tensor, mO: cute.Te
                 src = cute.local_tile(mOp[s, b, pos[i], head[i], None], (per_lane,), (lane,))
                 cute.autovec_copy(src, parts[j][i])
                 lsp[j, i] = mLSEp[s, b, head[i], pos[i]]
-        # ... then the weighted sums of this group ...
+        # ... then the weighted sums, each group's sum into the total at the group's end.
         for j in cutlass.range_constexpr(batch):
             for i in cutlass.range_constexpr(n):
                 add_weighted_split(accs[i], parts[j][i], lsp[j, i], lse[i],
                                    s0 + j < num_splits and lsp[j, i] > -Float32.inf, per_lane)
-        # ... and at a group's end, its sum into the total.
-        s_next = s0 + batch
-        if s_next % MERGE_GROUP == 0 or s_next >= num_splits:
-            for i in cutlass.range_constexpr(n):
-                for e in cutlass.range_constexpr(per_lane):
-                    totals[i][e] = totals[i][e] + accs[i][e]
-                accs[i].fill(0.0)
+            if const_expr(batch >= MERGE_GROUP and (j + 1) % MERGE_GROUP == 0):
+                if s0 + j + 1 - MERGE_GROUP < num_splits:  # a group holding a split
+                    _fold_group(totals, accs, per_lane)
+        if const_expr(batch < MERGE_GROUP):
+            s_next = s0 + batch
+            if s_next % MERGE_GROUP == 0 or s_next >= num_splits:
+                _fold_group(totals, accs, per_lane)
     _store_rows(mO, mLSE, totals, lse, b, pos, head, valid, lane, lane, per_lane)
+
+
+@cute.jit
+def _fold_group(totals: list, accs: list, per_lane: cutlass.Constexpr):
+    """totals[i] += accs[i]; accs[i] = 0 (a group's sum into the running total)."""
+    for i in cutlass.range_constexpr(len(totals)):
+        for e in cutlass.range_constexpr(per_lane):
+            totals[i][e] = totals[i][e] + accs[i][e]
+        accs[i].fill(0.0)
