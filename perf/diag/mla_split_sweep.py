@@ -36,7 +36,7 @@ for L in args.lens:
     variants = [(cap, grouped) for cap in args.caps for grouped in (True, False)]
     times = {v: [] for v in variants}
     outs = {}
-    graphs = {}
+    calls = {}  # variant -> (one call per input set, its split count)
     for cap, grouped in variants:
         launch_mla.MAX_SPLITS, launch_mla.GROUPED_MERGE = cap, grouped
         launch_mla._plans.clear()
@@ -44,16 +44,16 @@ for L in args.lens:
                                                   softmax_scale=0.1) for s in sets]
         outs[(cap, grouped)] = fns[0]().float()
         splits = next(iter(launch_mla._plans.values())).splits
-        graphs[(cap, grouped)] = (fns, splits)
+        calls[(cap, grouped)] = (fns, splits)
     for r in range(args.rounds):
         for v in round_order(variants, r):
             launch_mla.MAX_SPLITS, launch_mla.GROUPED_MERGE = v
             launch_mla._plans.clear()
-            times[v].append(time_graph_cycle(graphs[v][0]) * 1e6)
+            times[v].append(time_graph_cycle(calls[v][0]) * 1e6)
     ref = outs[variants[0]]
     for v in variants:
         t = sorted(times[v])[len(times[v]) // 2]
         err = (outs[v] - ref).abs().max().item()
-        print(f"B=1 L={L} H={H} cap={v[0]:>3} splits={graphs[v][1]:>3} "
+        print(f"B=1 L={L} H={H} cap={v[0]:>3} splits={calls[v][1]:>3} "
               f"{'grouped' if v[1] else 'per-chunk'}: {t:7.1f} us  max|diff| vs first {err:.1e}",
               flush=True)
