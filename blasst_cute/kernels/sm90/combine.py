@@ -168,8 +168,8 @@ def add_weighted_split(acc: cute.Tensor, part: cute.Tensor, ls: Float32, lse: Fl
     """acc += exp(ls - lse) * part where use (a split past the end or with ls = -inf: += 0).
     The one expression of the weighted sum, shared by every grouped merge (same bits)."""
     w = cute.math.exp2((ls - lse) * LOG2_E, fastmath=True)
-    w = w if use else Float32(0.0)
     for e in cutlass.range_constexpr(per_lane):
+        # the select, not a zero weight, keeps an unused split's NaN or inf partial out
         term = w * part[e]
         acc[e] = acc[e] + (term if use else Float32(0.0))
 
