@@ -148,13 +148,19 @@ def run_prefill(args):
     for L in args.seqlens:
         B = max(1, args.tokens // L)
         for causal in ([False, True] if args.causal == "both" else [args.causal == "true"]):
+            dv = args.head_dim_v or args.head_dim
             shape = dict(phase="prefill", batch=B, seqlen=L, heads_q=args.heads_q, heads_kv=args.heads_kv,
                          head_dim=args.head_dim, causal=causal)
-            per_set = 2 * B * L * (args.heads_q * 2 + args.heads_kv * 2) * args.head_dim
-            sets = [synthetic_qkv(B, L, L, args.heads_q, args.heads_kv, args.head_dim,
+            if dv != args.head_dim:
+                shape["head_dim_v"] = dv
+            per_set = 2 * B * L * (args.heads_q * (args.head_dim + dv)
+                                   + args.heads_kv * (args.head_dim + dv))
+            sets = [synthetic_qkv(B, L, L, args.heads_q, args.heads_kv, args.head_dim, dv,
                                   dtype=torch.bfloat16, device="cuda", seed=s)
                     for s in range(n_rotations(per_set))]
-            flops = prefill_flops(B, args.heads_q, L, L, args.head_dim, args.head_dim, causal)
+            flops = prefill_flops(B, args.heads_q, L, L, args.head_dim, dv, causal)
+            # the share of the MMA work a skipped tile saves (P·V: dv of d + dv columns)
+            pv_share = dv / (args.head_dim + dv)
             peers = {}
             for name, fn in dense_peers("prefill", args.peers).items():
                 if isinstance(fn, Exception):
@@ -179,12 +185,12 @@ def run_prefill(args):
                                    for s in sets], iters=args.iters)
                     s_ = st.sparsity
                     point.update(ms=ms, sparsity=s_, tflops_dense_equiv=flops / ms / 1e9,
-                                 ideal=1 / (1 - s_ / 2))
+                                 ideal=1 / (1 - s_ * pv_share))
                     if st.pv_sparsity is not None:
                         # the share of P·V MMAs skipped (64-row warpgroups): the s the kernel's
                         # gain 1/(1 - s/2) is bounded by when decisions are finer than the MMA
                         point.update(pv_sparsity=st.pv_sparsity,
-                                     ideal_pv=1 / (1 - st.pv_sparsity / 2))
+                                     ideal_pv=1 / (1 - st.pv_sparsity * pv_share))
                 except Exception as exc:
                     point.update(error=f"{type(exc).__name__}: {exc}")
                     if args.verbose:
@@ -262,6 +268,8 @@ def run_decode(args):
 
 def _shape_str(p):
     s = f"{p['phase']} B={p['batch']} L={p['seqlen']} H={p['heads_q']}/{p['heads_kv']} d={p['head_dim']}"
+    if "head_dim_v" in p:
+        s += f"/{p['head_dim_v']}"
     if p["phase"] == "prefill":
         s += " causal" if p["causal"] else " non-causal"
     return s
@@ -292,6 +300,21 @@ def stamp():
     return info
 
 
+def _pv_share(rows):
+    """The share of a dense tile's MMA work a skip saves: dv / (d + dv) (1/2 when d = dv)."""
+    r = rows[0] if rows else {}
+    d = r.get("head_dim", 1)
+    dv = r.get("head_dim_v", d)
+    return dv / (d + dv)
+
+
+def _ideal_formula(rows):
+    r = rows[0] if rows else {}
+    d = r.get("head_dim", 1)
+    dv = r.get("head_dim_v", d)
+    return "1/(1-s/2)" if dv == d else f"1/(1-s*{dv}/{d + dv})"
+
+
 def markdown(rows, meta):
     peer_names = sorted({n for r in rows for n in r["peers"]})
     lines = [f"# BLASST benchmark — {meta.get('gpu', 'no GPU')} — {meta['date']}", "",
@@ -300,7 +323,7 @@ def markdown(rows, meta):
     lines += [f"Times are medians in ms; in parentheses the dense-equivalent rate ({unit}).", ""]
     with_pv = any("pv_sparsity" in r for r in rows)
     head = ["shape", "factor", "sparsity", "blasst ms"] + [f"{n} ms" for n in peer_names] + \
-        [f"vs {n}" for n in peer_names] + ["ideal 1/(1-s/2)"] + (
+        [f"vs {n}" for n in peer_names] + [f"ideal {_ideal_formula(rows)}"] + (
             ["P·V skipped", "ideal at P·V s"] if with_pv else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -341,7 +364,8 @@ def plot(rows, meta, path):
         return False
     fig, ax = plt.subplots(figsize=(7, 5))
     s = [i / 100 for i in range(0, 100)]
-    ax.plot(s, [1 / (1 - x / 2) for x in s], "k--", label="ideal 1/(1-s/2)")
+    share = _pv_share(rows)
+    ax.plot(s, [1 / (1 - x * share) for x in s], "k--", label=f"ideal {_ideal_formula(rows)}")
     groups = {}
     for r in rows:
         if "ms" not in r:
@@ -391,6 +415,9 @@ def main(argv=None):
         s.add_argument("--heads-q", type=int, default=32)
         s.add_argument("--heads-kv", type=int, default=8)
         s.add_argument("--head-dim", type=int, default=128)
+        if name == "prefill":
+            s.add_argument("--head-dim-v", type=int, default=None,
+                           help="V head dim (default: --head-dim; 128 with --head-dim 192 is MLA prefill)")
         s.add_argument("--factors", type=float, nargs="+", default=[0, 10, 100, 1000, 5000])
         s.add_argument("--iters", type=int, default=20)
         s.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
