@@ -118,6 +118,8 @@ VARIANTS = {
     # ring depths (K, V/P stages); the launcher's: (3, 2) dense, (2, 3) skip (head dim 128)
     "new k2 v3": (dict(num_k_stages=2, num_v_stages=3), None, False),
     "new k3 v2": (dict(num_k_stages=3, num_v_stages=2), None, False),
+    "new tile64": (dict(tile_n=64), None, False),  # 64-key tiles: deeper rings, more splits
+    "new tile128": (dict(tile_n=128), None, False),  # 128-key tiles at every cache length
     "new splits x2": (None, "x2", False),
     "new splits /2": (None, "/2", False),
 }

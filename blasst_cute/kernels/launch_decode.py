@@ -48,6 +48,15 @@ from blasst_cute.kernels.sm90.decode import (
 MIN_TILES_PER_SPLIT = 4
 MAX_SPLITS = 128
 DEFAULT_TILE_N = 128
+# Short caches: where 128-key tiles leave SMs idle (MIN_TILES_PER_SPLIT holds the split count
+# down), 64-key tiles give up to twice the splits, with the same share of each split's keys in
+# its never-skipped first tile. H100, B=1 L=8k 64/4: 16 -> 32 splits, 11 % less kernel time dense
+# and at 0 % skipped (perf/results/decode-h100-small-copy.md). Part of the geometry.
+# BLASST_DECODE_SHORT_TILE_N=0 keeps 128-key tiles everywhere.
+_short_tile_env = os.environ.get("BLASST_DECODE_SHORT_TILE_N", "64")
+if _short_tile_env not in ("0", "64"):
+    raise ValueError(f"BLASST_DECODE_SHORT_TILE_N={_short_tile_env!r}: expected 64 or 0 (off)")
+SHORT_CACHE_TILE_N = int(_short_tile_env)
 
 # Split-KV partials merged inside the decode launch (the last split CTA of each q-tile) instead
 # of by the separate combine kernel. Off by default in device time: the fused merge runs on ONE
@@ -111,13 +120,20 @@ def decode_geometry_sm90(G: int, lq_new: int, page_size: Optional[int], batch: i
     contiguous cache's second dim): splits are chosen without reading cache_seqlens, and each
     sequence's visited tiles are dealt round-robin to num_splits splits (interleave_splits,
     default INTERLEAVE_SPLITS) or cut into num_splits chunks of ceil(n_visit / num_splits).
+    tile_n None: 128-key tiles, or SHORT_CACHE_TILE_N-key tiles where those give more splits.
     """
     if page_size is not None and page_size not in SUPPORTED_PAGE_SIZES:
         raise NotImplementedError(f"blasst sm90 decode: page_size {page_size}")
-    block_n = tile_n or DEFAULT_TILE_N
     m_blocks = -(-(G * lq_new) // TILE_M)
-    n_tiles = -(-max(int(max_seqlen), 0) // block_n)
-    splits = decode_num_splits(batch * hk * m_blocks, n_tiles, num_sms)
+    units = batch * hk * m_blocks
+    keys = max(int(max_seqlen), 0)
+    block_n = tile_n or DEFAULT_TILE_N
+    if tile_n is None and SHORT_CACHE_TILE_N:
+        short = SHORT_CACHE_TILE_N
+        if (decode_num_splits(units, -(-keys // short), num_sms)
+                > decode_num_splits(units, -(-keys // block_n), num_sms)):
+            block_n = short
+    splits = decode_num_splits(units, -(-keys // block_n), num_sms)
     if interleave_splits is None:
         interleave_splits = INTERLEAVE_SPLITS
     return dict(block_m=TILE_M, block_n=block_n, pack_gqa=True, order="forward",
@@ -692,6 +708,13 @@ def supported_configs():
                                  interleave_splits=INTERLEAVE_SPLITS and not direct,
                                  producer_v=PRODUCER_V, pipelined_merge=PIPELINED_MERGE,
                                  use_pdl=USE_PDL))
+    # 64-key tiles (short caches, SHORT_CACHE_TILE_N): one or several copies per tile
+    for page_size in (None, 16, 64, 256):
+        for has_skip in (False, True):
+            cfgs.append(dict(dtype=torch.bfloat16, head_dim=128, page_size=page_size, tile_n=64,
+                             has_skip=has_skip, factor_per_batch=has_skip, has_stats=has_skip,
+                             interleave_splits=INTERLEAVE_SPLITS,
+                             pipelined_merge=PIPELINED_MERGE, use_pdl=USE_PDL))
     return cfgs
 
 

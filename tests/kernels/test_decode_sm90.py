@@ -23,7 +23,8 @@ def _cfg_id(c):
     ps = c["page_size"] if c["page_size"] is not None else "contig"
     skip = "dense" if not c["has_skip"] else ("skip-fpb-stats" if c["has_stats"] else "skip")
     split = "fused" if c.get("fused_merge") else "split"
-    return f"{ps}-{skip}-{'direct' if c['direct_out'] else split}"
+    tile = f"-tile{c['tile_n']}" if c.get("tile_n") else ""
+    return f"{ps}-{skip}-{'direct' if c.get('direct_out') else split}{tile}"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU compile check (GPU runs the gpu tests)")
@@ -98,8 +99,17 @@ def test_geometry_matches_reference_contract():
                                                   interleave_splits=False)["interleave_splits"]
     assert launch_decode.decode_geometry_sm90(4, 1, 64, 64, 8, 32768, 132)["num_splits"] == 1
     assert launch_decode.decode_geometry_sm90(4, 1, 64, 8, 8, 32768, 132)["num_splits"] == 2
-    # few tiles: at least MIN_TILES_PER_SPLIT tiles per split
-    assert launch_decode.decode_geometry_sm90(4, 1, 64, 1, 8, 1024, 132)["num_splits"] == 2
+    # few tiles: at least MIN_TILES_PER_SPLIT tiles per split; where that leaves SMs idle,
+    # 64-key tiles (twice the splits), unless a tile size is asked for
+    geo = launch_decode.decode_geometry_sm90(4, 1, 64, 1, 8, 1024, 132)
+    assert (geo["block_n"], geo["num_splits"]) == (64, 4)
+    geo = launch_decode.decode_geometry_sm90(4, 1, 64, 1, 8, 1024, 132, tile_n=128)
+    assert (geo["block_n"], geo["num_splits"]) == (128, 2)
+    geo = launch_decode.decode_geometry_sm90(16, 1, 64, 1, 4, 8192, 132)
+    assert (geo["block_n"], geo["num_splits"]) == (64, 32)
+    # enough tiles for the SMs: 128-key tiles
+    assert launch_decode.decode_geometry_sm90(4, 1, 64, 1, 8, 8192, 132)["block_n"] == 128
+    assert launch_decode.decode_geometry_sm90(16, 1, 64, 1, 4, 32768, 132)["block_n"] == 128
     # the reference accepts the geometry as is
     q = torch.randn(1, 1, 8, 64)
     k = torch.randn(1, 300, 2, 64)
