@@ -36,6 +36,7 @@ def test_compile_decode_cpu(config):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU compile check")
 @pytest.mark.parametrize("extra", [dict(head_dim=64, page_size=64, has_skip=True),
+                                   dict(head_dim=64, page_size=32, tile_n=64, has_skip=True),
                                    dict(head_dim=128, page_size=128, tile_n=64, has_skip=True),
                                    dict(head_dim=128, page_size=None, has_skip=True,
                                         order="reverse", causal=False),
@@ -48,7 +49,7 @@ def test_compile_decode_cpu(config):
                                         pipelined_merge=False, use_pdl=False),
                                    dict(head_dim=128, page_size=16, has_skip=True,
                                         num_k_stages=2, num_v_stages=3)],
-                         ids=["d64", "tile64", "reverse-noncausal", "combine-kernel",
+                         ids=["d64", "d64-tile64", "tile64", "reverse-noncausal", "combine-kernel",
                               "producer-v-dense", "producer-v-skip-old-merge", "k2-v3"])
 def test_compile_decode_variants_cpu(extra):
     cfg = dict(dtype=torch.bfloat16)
