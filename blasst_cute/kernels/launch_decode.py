@@ -708,11 +708,13 @@ def supported_configs():
                                  interleave_splits=INTERLEAVE_SPLITS and not direct,
                                  producer_v=PRODUCER_V, pipelined_merge=PIPELINED_MERGE,
                                  use_pdl=USE_PDL))
-    # 64-key tiles (short caches, SHORT_CACHE_TILE_N): one or several copies per tile
+    # 64-key tiles (short caches, SHORT_CACHE_TILE_N): one or several copies per tile; short
+    # eager calls also merge in the launch (EAGER_FUSED_MAX_KV_BYTES)
     for page_size in (None, 16, 64, 256):
         for has_skip in (False, True):
             cfgs.append(dict(dtype=torch.bfloat16, head_dim=128, page_size=page_size, tile_n=64,
                              has_skip=has_skip, factor_per_batch=has_skip, has_stats=has_skip,
+                             fused_merge=page_size in (None, 64),
                              interleave_splits=INTERLEAVE_SPLITS,
                              pipelined_merge=PIPELINED_MERGE, use_pdl=USE_PDL))
     return cfgs
