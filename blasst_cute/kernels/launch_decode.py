@@ -50,8 +50,10 @@ MAX_SPLITS = 128
 DEFAULT_TILE_N = 128
 # Short caches: where 128-key tiles leave SMs idle (MIN_TILES_PER_SPLIT holds the split count
 # down), 64-key tiles give up to twice the splits, with the same share of each split's keys in
-# its never-skipped first tile. H100, B=1 L=8k 64/4: 16 -> 32 splits, 11 % less kernel time dense
-# and at 0 % skipped (perf/results/decode-h100-small-copy.md). Part of the geometry.
+# its never-skipped first tile. Taken when they give >= 1.5x the splits: a 64-key tile costs more
+# per key (H100, B=1 L=32k 64/4, same 33 splits: 0.94-0.96x), a split count doubled wins (H100,
+# B <= 2, L 2k-8k: 1.09-1.46x less kernel time, perf/results/decode-h100-small-copy.md). Part of
+# the geometry.
 # BLASST_DECODE_SHORT_TILE_N=0 keeps 128-key tiles everywhere.
 _short_tile_env = os.environ.get("BLASST_DECODE_SHORT_TILE_N", "64")
 if _short_tile_env not in ("0", "64"):
@@ -120,7 +122,8 @@ def decode_geometry_sm90(G: int, lq_new: int, page_size: Optional[int], batch: i
     contiguous cache's second dim): splits are chosen without reading cache_seqlens, and each
     sequence's visited tiles are dealt round-robin to num_splits splits (interleave_splits,
     default INTERLEAVE_SPLITS) or cut into num_splits chunks of ceil(n_visit / num_splits).
-    tile_n None: 128-key tiles, or SHORT_CACHE_TILE_N-key tiles where those give more splits.
+    tile_n None: 128-key tiles, or SHORT_CACHE_TILE_N-key tiles where those give >= 1.5x the
+    splits.
     """
     if page_size is not None and page_size not in SUPPORTED_PAGE_SIZES:
         raise NotImplementedError(f"blasst sm90 decode: page_size {page_size}")
@@ -130,8 +133,8 @@ def decode_geometry_sm90(G: int, lq_new: int, page_size: Optional[int], batch: i
     block_n = tile_n or DEFAULT_TILE_N
     if tile_n is None and SHORT_CACHE_TILE_N:
         short = SHORT_CACHE_TILE_N
-        if (decode_num_splits(units, -(-keys // short), num_sms)
-                > decode_num_splits(units, -(-keys // block_n), num_sms)):
+        if (2 * decode_num_splits(units, -(-keys // short), num_sms)
+                >= 3 * decode_num_splits(units, -(-keys // block_n), num_sms)):
             block_n = short
     splits = decode_num_splits(units, -(-keys // block_n), num_sms)
     if interleave_splits is None:

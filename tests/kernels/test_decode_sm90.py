@@ -108,8 +108,9 @@ def test_geometry_matches_reference_contract():
     assert (geo["block_n"], geo["num_splits"]) == (128, 2)
     geo = launch_decode.decode_geometry_sm90(16, 1, 64, 1, 4, 8192, 132)
     assert (geo["block_n"], geo["num_splits"]) == (64, 32)
-    # enough tiles for the SMs: 128-key tiles
+    # enough tiles for the SMs, or only a few more splits with 64 keys: 128-key tiles
     assert launch_decode.decode_geometry_sm90(4, 1, 64, 1, 8, 8192, 132)["block_n"] == 128
+    assert launch_decode.decode_geometry_sm90(16, 1, 64, 1, 4, 16384, 132)["block_n"] == 128
     assert launch_decode.decode_geometry_sm90(16, 1, 64, 1, 4, 32768, 132)["block_n"] == 128
     # the reference accepts the geometry as is
     q = torch.randn(1, 1, 8, 64)
