@@ -43,3 +43,18 @@ def test_report_files(tmp_path):
         assert (tmp_path / "t.png").stat().st_size > 1000
     else:
         pytest.skip("matplotlib not installed: no plot")
+
+
+def test_report_with_head_dim_v(tmp_path):
+    # MLA prefill (q/k 192, v 128): the shape names both dims and the ideal counts P·V's share
+    bench = load_bench()
+    peers = {"fa4": {"ms": 2.0, "tflops": 500.0}}
+    rows = [dict(phase="prefill", batch=4, seqlen=8192, heads_q=32, heads_kv=32, head_dim=192,
+                 head_dim_v=128, causal=True, factor=f, peers=peers, ms=ms, sparsity=s,
+                 tflops_dense_equiv=1000 / ms, ideal=1 / (1 - s * 128 / 320))
+            for f, ms, s in ((0, 2.2, 0.0), (1000, 1.6, 0.8))]
+    bench.write_results(rows, {"date": "2026-12-06T00:00:00+00:00", "gpu": "test"},
+                        str(tmp_path), "m", with_plot=False)
+    md = (tmp_path / "m.md").read_text()
+    assert "d=192/128 causal" in md and "| ideal 1/(1-s*128/320) |" in md
+    assert "| 1.47x |" in md  # 1 / (1 - 0.8 * 0.4)
