@@ -66,6 +66,15 @@ def round_order(items, round_idx: int) -> list:
     return items if round_idx % 2 == 0 else items[::-1]
 
 
+def tee_log(path: str):
+    """A ``log(msg="")`` for benchmark scripts: prints each line and appends it to ``path``."""
+    def log(msg: str = "") -> None:
+        print(msg, flush=True)
+        with open(path, "a") as fh:
+            fh.write(msg + "\n")
+    return log
+
+
 def time_per_call(fn, iters: int = 20, warmup: int = 3) -> float:
     """Seconds per call of ``fn`` run back to back on the current stream (CUDA events), after
     ``warmup`` untimed calls and a device sync."""

@@ -22,16 +22,11 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "kernels"))
 
 import gpu_mla_decode_smoke as smoke  # noqa: E402
 from blasst_cute.kernels import launch_mla  # noqa: E402
-from blasst_cute.testing import capture_graph, time_per_call  # noqa: E402
+from blasst_cute.testing import capture_graph, tee_log, time_per_call  # noqa: E402
 
 D, DV = 576, 512
 OUT = os.environ.get("OUT", ".")
-
-
-def log(msg=""):
-    print(msg, flush=True)
-    with open(os.path.join(OUT, "mla-cluster-ab.log"), "a") as fh:
-        fh.write(msg + "\n")
+log = tee_log(os.path.join(OUT, "mla-cluster-ab.log"))
 
 
 def checks():

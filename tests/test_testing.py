@@ -38,3 +38,14 @@ def test_round_order_alternates_and_balances_positions():
     # over an even number of rounds every variant's mean place in the round is the same
     mean_place = {n: sum(r.index(n) for r in rounds) / len(rounds) for n in names}
     assert len(set(mean_place.values())) == 1
+
+
+def test_tee_log_prints_and_appends(tmp_path, capsys):
+    from blasst_cute.testing import tee_log
+    path = tmp_path / "x.log"
+    log = tee_log(str(path))
+    log("a")
+    log()
+    log("b")
+    assert path.read_text() == "a\n\nb\n"
+    assert capsys.readouterr().out == "a\n\nb\n"

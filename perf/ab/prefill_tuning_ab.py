@@ -28,17 +28,12 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from blasst_cute.kernels import launch  # noqa: E402
-from blasst_cute.testing import round_order  # noqa: E402
+from blasst_cute.testing import round_order, tee_log  # noqa: E402
 from blasst_cute.workloads import synthetic_qkv  # noqa: E402
 from prefill_ab import time_ms  # noqa: E402
 
 OUT = os.environ.get("OUT", ".")
-
-
-def log(msg=""):
-    print(msg, flush=True)
-    with open(os.path.join(OUT, "prefill-tuning-ab.log"), "a") as fh:
-        fh.write(msg + "\n")
+log = tee_log(os.path.join(OUT, "prefill-tuning-ab.log"))
 
 
 def parse_value(text):
