@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # MLA decode: the producer's L2 prefetch distance (launch_mla.L2_PREFETCH) A/B, dense and ~70 %
-# skipped, and (H100) the skip loop under ncu with warp stall reasons. From the repo root:
+# skipped, then the B=64 L=4k launch under ncu (dense and ~42 % skipped). From the repo root:
 #   bash perf/diag/mla_prefetch_gpu.sh      (logs to $OUT or .)
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
