@@ -77,12 +77,6 @@ USE_PDL = os.environ.get("BLASST_MLA_PDL", "1") != "0"
 # The combine's grouped merge (combine.py: a row's split groups spread over up to 8 warps, one
 # memory round trip); BLASST_MLA_GROUPED_MERGE=0: the earlier one-warp-per-chunk loops.
 GROUPED_MERGE = os.environ.get("BLASST_MLA_GROUPED_MERGE", "1") != "0"
-# L2 prefetch distance of the producer in key tiles (mla_decode.py; 0 = off).
-# BLASST_MLA_L2_PREFETCH=N overrides it.
-_l2_prefetch_env = os.environ.get("BLASST_MLA_L2_PREFETCH", "0")
-if not _l2_prefetch_env.isdigit():
-    raise ValueError(f"BLASST_MLA_L2_PREFETCH={_l2_prefetch_env!r}: expected a tile count >= 0")
-L2_PREFETCH = int(_l2_prefetch_env)
 
 
 def mla_num_splits(work_units: int, n_tiles: int, num_sms: int) -> int:
@@ -147,7 +141,6 @@ def _config_key(config: dict) -> tuple:
               "use_pdl"):
         c[k] = bool(c.get(k, False))
     c["cluster_m"] = int(c.get("cluster_m", 1))
-    c["l2_prefetch"] = int(c.get("l2_prefetch", 0))
     return tuple(sorted(c.items(), key=lambda kv: kv[0]))
 
 
@@ -157,8 +150,7 @@ def _make_kernel(key: tuple) -> BlasstMlaDecodeSm90:
         TORCH_TO_CUTLASS[c["dtype"]], page_size=c["page_size"], causal=c["causal"],
         has_skip=c["has_skip"], factor_per_batch=c["factor_per_batch"],
         has_stats=c["has_stats"], direct_out=c["direct_out"], cluster_m=c["cluster_m"],
-        interleave_splits=c["interleave_splits"], use_pdl=c["use_pdl"],
-        l2_prefetch=c["l2_prefetch"])
+        interleave_splits=c["interleave_splits"], use_pdl=c["use_pdl"])
 
 
 def _compile_args(c: dict, stream):
@@ -181,8 +173,9 @@ def compile_mla_decode_sm90(config: dict, options: Optional[str] = None):
     """Compile one MLA decode configuration (no GPU needed; CUTE_DSL_ARCH=sm_90a on a CPU host).
 
     config keys: dtype, page_size (None = contiguous cache), and optionally causal, has_skip,
-    factor_per_batch, has_stats, direct_out, cluster_m (1 or 2), interleave_splits, use_pdl,
-    l2_prefetch (tiles ahead, 0 = off). Returns the compiled ``launch_ptrs``.
+    factor_per_batch, has_stats, direct_out, cluster_m (1 or 2), interleave_splits, use_pdl. Returns
+    the compiled
+    ``launch_ptrs``.
     """
     key = _config_key(config)
     args = _compile_args(dict(key), cuda_stream(0))
@@ -227,8 +220,7 @@ _plans_lock = threading.Lock()
 def _get_plan(q, kv_cache, block_table, causal, has_skip, fpb, has_stats, num_splits) -> _Plan:
     key = (q.shape, q.dtype, q.get_device(), kv_cache.shape, kv_cache.stride(),
            None if block_table is None else (block_table.shape, block_table.stride(0)),
-           causal, has_skip, fpb, has_stats, num_splits, CLUSTER_MODE, INTERLEAVE_SPLITS, USE_PDL,
-           L2_PREFETCH)
+           causal, has_skip, fpb, has_stats, num_splits, CLUSTER_MODE, INTERLEAVE_SPLITS, USE_PDL)
     plan = _plans.get(key)
     if plan is not None:
         return plan
@@ -248,7 +240,7 @@ def _get_plan(q, kv_cache, block_table, causal, has_skip, fpb, has_stats, num_sp
                                               tiles_per_split),
                       # one split: both tile orders coincide (one compiled kernel)
                       interleave_splits=geo["interleave_splits"] and not p.direct,
-                      use_pdl=USE_PDL, l2_prefetch=L2_PREFETCH)
+                      use_pdl=USE_PDL)
         ck = _config_key(config)
         p.fn = _compiled(ck, lambda: _make_kernel(ck).launch_ptrs,
                          _compile_args(dict(ck), cuda_stream(0)))

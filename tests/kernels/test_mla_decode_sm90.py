@@ -46,12 +46,9 @@ def test_compile_mla_decode_cpu(config):
                                    dict(page_size=32, has_skip=True, has_stats=True),
                                    dict(page_size=256, has_skip=True, direct_out=True),
                                    dict(page_size=None, has_skip=True, causal=False),
-                                   dict(page_size=16, direct_out=True),
-                                   dict(page_size=64, has_skip=True, cluster_m=2, l2_prefetch=2),
-                                   dict(page_size=None, direct_out=True, l2_prefetch=3)],
+                                   dict(page_size=16, direct_out=True)],
                          ids=["fp16-p128", "p32-stats", "p256-direct", "contig-noncausal",
-                              "p16-dense-direct", "p64-cluster-l2prefetch",
-                              "contig-l2prefetch"])
+                              "p16-dense-direct"])
 def test_compile_mla_decode_variants_cpu(extra):
     cfg = dict(dtype=torch.bfloat16)
     cfg.update(extra)
@@ -99,8 +96,6 @@ def test_unsupported_configs_raise():
         launch_mla.compile_mla_decode_sm90(dict(dtype=torch.float32, page_size=64))
     with pytest.raises(NotImplementedError, match="page_size 48"):
         launch_mla.mla_decode_geometry_sm90(128, 1, 48, 1, 4096)
-    with pytest.raises(ValueError, match="l2_prefetch"):
-        launch_mla.compile_mla_decode_sm90(dict(page_size=64, l2_prefetch=-1))
 
 
 def test_geometry_contract():
@@ -209,18 +204,6 @@ def test_cluster_variant(page_size, lq, H, factor, monkeypatch):
     monkeypatch.setattr(launch_mla, "CLUSTER_MODE", "always")
     ok, msg = check_case(2, lq, H, [6000, 2500], page_size, factor=factor,
                          use_synth=factor is not None)
-    assert ok, msg
-
-
-@gpu
-@pytest.mark.parametrize("cluster", ["always", "never"])
-def test_l2_prefetch_variant(cluster, monkeypatch):
-    # the producer's L2 prefetch (launch_mla.L2_PREFETCH) only moves reads: the reference's
-    # decisions and outputs still hold
-    from gpu_mla_decode_smoke import check_case
-    monkeypatch.setattr(launch_mla, "CLUSTER_MODE", cluster)
-    monkeypatch.setattr(launch_mla, "L2_PREFETCH", 2)
-    ok, msg = check_case(2, 1, 128, [6000, 2500], 64, factor=300.0, use_synth=True)
     assert ok, msg
 
 

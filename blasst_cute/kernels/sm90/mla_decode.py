@@ -35,10 +35,10 @@
 # Tried and dropped: 32-key tiles in four 36 KiB stages (the N-split QK^T becomes m64n16 per
 # warpgroup and smem-bound: 0.64-0.73x dense; perf/results/mla-decode-h100-tile32.md). Also
 # (H200, same runs): issuing QK^T of tile i+1 before waiting for PV of tile i
-# (slower: the stage release then waits behind the next tile's load). The producer's L2 prefetch
-# of the tile 1-8 ahead (l2_prefetch, launch_mla.L2_PREFETCH, off): H100 (eighteenth session,
-# perf/results/mla-decode-sparse-model.md) 0.67-1.01x at 53-60 % skipped, 0.80-1.01x dense; not
-# yet run on an H200, where the skip path streams below the DRAM roof. And (H100, fifteenth
+# (slower: the stage release then waits behind the next tile's load), and an L2 prefetch of the
+# next tile by the producer (no gain, slower at B >= 64 with 32k keys); tried again 1-8 tiles
+# ahead (eighteenth and nineteenth sessions, perf/results/mla-decode-sparse-model.md): 0.67-1.01x
+# on an H100, 0.95-1.02x on an H200, same bits, removed. And (H100, fifteenth
 # session, perf/results/mla-decode-h100-qk-tries.md): QK^T split over the depth (each warpgroup
 # an m64n64 partial over 288 columns, halves swapped through the stage's dead rope block: a third
 # less smem operand traffic, but 2-8% slower dense, even sparse); and each K stage landing in 3 or
@@ -139,7 +139,6 @@ class BlasstMlaDecodeSm90:
         cluster_m: int = 1,
         interleave_splits: bool = False,
         use_pdl: bool = False,
-        l2_prefetch: int = 0,
     ):
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
             raise NotImplementedError(f"blasst sm90 MLA decode: dtype {dtype} (bf16/fp16 only)")
@@ -152,8 +151,6 @@ class BlasstMlaDecodeSm90:
             raise NotImplementedError("blasst sm90 MLA decode: a factor tensor needs the skip variant")
         if cluster_m not in (1, 2):
             raise NotImplementedError(f"blasst sm90 MLA decode: cluster_m {cluster_m} (1 or 2)")
-        if not (isinstance(l2_prefetch, int) and l2_prefetch >= 0):
-            raise ValueError(f"blasst sm90 MLA decode: l2_prefetch {l2_prefetch!r} (tiles ahead, >= 0)")
         self.dtype = dtype
         # Split s visits tiles s, s + S, ... (kv_tiles.split_tiles_interleaved) instead of the s-th
         # contiguous chunk: every split samples the whole sequence, so its running max finds the
@@ -177,11 +174,6 @@ class BlasstMlaDecodeSm90:
         # the kernel before them in the stream drains; every global access waits for it
         # (griddepcontrol.wait), and the kernel after (the combine) may launch once all CTAs run.
         self.use_pdl = use_pdl
-        # L2 prefetch: when the producer issues the load of local tile i, it also asks for tile
-        # i + l2_prefetch to be brought into L2 (TMA prefetch, this CTA's row slice). Every K
-        # byte is read anyway (MLA skips no bytes), so this only moves reads earlier: with two
-        # 72 KiB stages the skip path waits on load latency (one stage frees per short QK^T).
-        self.l2_prefetch = l2_prefetch
         self.rows_per_tma = self.rows_per_copy // cluster_m
         self.num_stages = NUM_STAGES
         self.num_consumer_threads = 256
@@ -487,14 +479,6 @@ class BlasstMlaDecodeSm90:
             if n_local > 0:
                 slot, _ = self.copy_coords(tile_first, lane % cpt, seqlen_k)
                 page_next = mBlockTable[batch_idx, slot]
-        # L2 prefetch of local tile i + PF, issued with the load of tile i; its page ids (lane c:
-        # copy c) are read one iteration ahead, like page_next.
-        PF = self.l2_prefetch
-        page_pf = Int32(0)
-        if const_expr(PF > 0 and self.paged):
-            if PF < n_local:
-                slot, _ = self.copy_coords(tile_first + PF * tile_step, lane % cpt, seqlen_k)
-                page_pf = mBlockTable[batch_idx, slot]
         for i in cutlass.range(n_local, unroll=1):
             tile = tile_first + i * tile_step
             stage = i % NS
@@ -522,20 +506,6 @@ class BlasstMlaDecodeSm90:
                             cute.copy(tma_atom_K, tKgK[None, ncl * rb + r, 0, pg],
                                       tKsK[ncl * c + r][None, stage],
                                       tma_bar_ptr=mbar_full + stage, mcast_mask=mcast_mask)
-            if const_expr(PF > 0):
-                if i + PF < n_local:
-                    tile_pf = tile + PF * tile_step
-                    for c in cutlass.range_constexpr(cpt):
-                        _, rb = self.copy_coords(tile_pf, c, seqlen_k)
-                        pg = batch_idx
-                        if const_expr(self.paged):
-                            pg = cute.arch.shuffle_sync(page_pf, c)
-                        # this CTA's row slice of copy c (its peer prefetches the other)
-                        cute.prefetch(tma_atom_K, tKgK[None, ncl * rb + cta_rank, 0, pg])
-                    if const_expr(self.paged):
-                        if i + PF + 1 < n_local:
-                            slot, _ = self.copy_coords(tile_pf + tile_step, lane % cpt, seqlen_k)
-                            page_pf = mBlockTable[batch_idx, slot]
 
     # ------------------------------------------------------------------ consumer warpgroups
     @cute.jit
