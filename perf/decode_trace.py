@@ -37,13 +37,15 @@ CALLS = 16
 SHAPES = [(1, 8192, 32, 8), (1, 8192, 64, 4), (1, 32768, 32, 8), (1, 32768, 64, 4)]
 
 
-def compile_traced(variant: dict):
-    k = BlasstDecodeSm90(cutlass.BFloat16, 128, page_size=64, has_skip=variant["skip"],
-                         fused_merge=True, interleave_splits=True,
+def compile_traced(variant: dict, tile_n: int):
+    """The traced kernel with the launcher's key tile size for the shape (its default rings)."""
+    k = BlasstDecodeSm90(cutlass.BFloat16, 128, page_size=64, tile_n=tile_n,
+                         has_skip=variant["skip"], fused_merge=True, interleave_splits=True,
                          producer_v=variant["producer_v"],
                          pipelined_merge=variant.get("pipelined_merge", False), trace=True)
     c = dict(launch_decode._config_key(dict(dtype=torch.bfloat16, head_dim=128, page_size=64,
-                                            has_skip=variant["skip"], fused_merge=True)))
+                                            tile_n=tile_n, has_skip=variant["skip"],
+                                            fused_merge=True)))
     args = launch_decode._decode_compile_args(c, cuda_stream(0))
     return cute.compile(k.launch_ptrs, *args, fake_ptr(cutlass.Int64, 8))
 
@@ -58,7 +60,8 @@ def run_shape(B, L, hq, hk, variants, log):
     n_ctas = m_blocks * S * hk * B
     bf = TORCH_TO_CUTLASS[torch.bfloat16]
     for name, var in variants:
-        fn = compile_traced(var)
+        fn = compile_traced(var, geo["block_n"])
+        name = f"{name} (tile {geo['block_n']})"
         trace = torch.zeros(CALLS, n_ctas, TRACE_SLOTS, dtype=torch.int64, device="cuda")
         bufs = []
         for s in sets:
