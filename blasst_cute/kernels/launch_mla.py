@@ -173,9 +173,8 @@ def compile_mla_decode_sm90(config: dict, options: Optional[str] = None):
     """Compile one MLA decode configuration (no GPU needed; CUTE_DSL_ARCH=sm_90a on a CPU host).
 
     config keys: dtype, page_size (None = contiguous cache), and optionally causal, has_skip,
-    factor_per_batch, has_stats, direct_out, cluster_m (1 or 2), interleave_splits, use_pdl. Returns
-    the compiled
-    ``launch_ptrs``.
+    factor_per_batch, has_stats, direct_out, cluster_m (1 or 2), interleave_splits, use_pdl.
+    Returns the compiled ``launch_ptrs``.
     """
     key = _config_key(config)
     args = _compile_args(dict(key), cuda_stream(0))
