@@ -37,8 +37,9 @@ CALLS = 16
 SHAPES = [(1, 8192, 32, 8), (1, 8192, 64, 4), (1, 32768, 32, 8), (1, 32768, 64, 4)]
 
 
-def compile_traced(variant: dict, tile_n: int):
-    """The traced kernel with the launcher's key tile size for the shape (its default rings)."""
+def compile_traced(variant: dict, tile_n: int = 128):
+    """The traced kernel for key tiles of tile_n keys (run_shape passes the launcher's tile size
+    for the shape); the rings are the kernel's defaults for that tile size."""
     k = BlasstDecodeSm90(cutlass.BFloat16, 128, page_size=64, tile_n=tile_n,
                          has_skip=variant["skip"], fused_merge=True, interleave_splits=True,
                          producer_v=variant["producer_v"],

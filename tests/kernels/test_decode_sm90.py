@@ -83,12 +83,14 @@ def test_compile_combine_grouped_pdl_cpu():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU compile check")
-def test_compile_decode_trace_cpu():
-    # perf/decode_trace.py's diagnostic build (per-CTA phase timestamps)
+@pytest.mark.parametrize("tile_n", [128, 64])
+def test_compile_decode_trace_cpu(tile_n):
+    # perf/decode_trace.py's diagnostic build (per-CTA phase timestamps), at both key tile sizes
+    # the launcher plans
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "perf"))
     import decode_trace
-    assert decode_trace.compile_traced(dict(skip=True, producer_v=True,
-                                            pipelined_merge=True)) is not None
+    assert decode_trace.compile_traced(dict(skip=True, producer_v=True, pipelined_merge=True),
+                                       tile_n) is not None
 
 
 def test_geometry_matches_reference_contract():
