@@ -35,8 +35,9 @@
 # ~20 more instructions per kept tile, and the keep block waits for the warp vote over both of a
 # thread's rows, while the dense build starts row 0's exp2s during row 1's max reduction.
 # ptxas puts the keep block's wait for the previous PV first, where the dense build has ~17 exp2s
-# ahead of it; builds that moved it below 8-64 exp2s were 0.5-10 % slower (ncu cycles,
-# prefill-h100-skip-cost-ncu.md section 7).
+# ahead of it, and wraps the softmax in a reconvergence region (BSSY) the dense loop lacks;
+# builds that moved the wait below 8-64 exp2s, or ahead of the branch (no region, but P zeroed
+# on both paths), were 0.5-10 % slower (ncu cycles, prefill-h100-skip-cost-ncu.md section 7).
 # In long skipped runs each warpgroup's time per tile is a serial chain (its QK, the row max, the
 # vote, the skip path, the waits before its next QK) that the other warpgroup's QK only partly
 # covers (ncu: the tensor pipe ~74 % busy at 85 % skipped against 85 % dense); defer_v_release
