@@ -118,6 +118,10 @@ VARIANTS = {
     # ring depths (K, V/P stages); the launcher's: (3, 2) dense, (2, 3) skip (head dim 128)
     "new k2 v3": (dict(num_k_stages=2, num_v_stages=3), None, False),
     "new k3 v2": (dict(num_k_stages=3, num_v_stages=2), None, False),
+    # 64-key tiles (the short-cache default) with a V/P ring that holds a 4-tile split's V loads
+    # (these depths fit 64-key tiles only: use them on shapes the launcher gives 64-key tiles)
+    "new k4 v5": (dict(num_k_stages=4, num_v_stages=5), None, False),
+    "new k6 v4": (dict(num_k_stages=6, num_v_stages=4), None, False),
     "new tile64": (dict(tile_n=64), None, False),  # 64-key tiles: deeper rings, more splits
     "new tile128": (dict(tile_n=128), None, False),  # 128-key tiles at every cache length
     "new splits x2": (None, "x2", False),
