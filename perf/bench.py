@@ -300,18 +300,21 @@ def stamp():
     return info
 
 
-def _pv_share(rows):
-    """The share of a dense tile's MMA work a skip saves: dv / (d + dv) (1/2 when d = dv)."""
+def _head_dims(rows):
+    """(q/k head dim, v head dim) of a report's rows."""
     r = rows[0] if rows else {}
     d = r.get("head_dim", 1)
-    dv = r.get("head_dim_v", d)
+    return d, r.get("head_dim_v", d)
+
+
+def _pv_share(rows):
+    """The share of a dense tile's MMA work a skip saves: dv / (d + dv) (1/2 when d = dv)."""
+    d, dv = _head_dims(rows)
     return dv / (d + dv)
 
 
 def _ideal_formula(rows):
-    r = rows[0] if rows else {}
-    d = r.get("head_dim", 1)
-    dv = r.get("head_dim_v", d)
+    d, dv = _head_dims(rows)
     return "1/(1-s/2)" if dv == d else f"1/(1-s*{dv}/{d + dv})"
 
 
