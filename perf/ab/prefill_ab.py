@@ -4,9 +4,10 @@
         [--variants dense skip0 sparse ...] [--baseline FILE] [--lambdas 0.3 0.95]
 
 Variants per shape (--head-dim, default 128; Hq/Hk 32/8, B*L = 32k; names in PRESETS, or
-"fa4" for FlashAttention-4 dense): the dense build, the skip build at a factor that enables
-skipping but never skips (1e-30, "skip0") or at --sparse-factor ("sparse"; with --lambdas, one
-sparse column per lambda = factor / L: "sparse@0.3", ...), knob variants (pv_skip off, LPT
+"fa4" / "fa4_nopack" for FlashAttention-4 dense with / without its GQA packing): the dense
+build, the skip build at a factor that enables skipping but never skips (1e-30, "skip0") or at
+--sparse-factor ("sparse"; with --lambdas, one sparse column per lambda = factor / L:
+"sparse@0.3", ...), knob variants (pv_skip off, LPT
 section sizes, 2-CTA K/V multicast clusters of q-tile pairs "*_c2" (non-causal only) or of q-head
 pairs "*_h2", 3 stages "*_s3", every V loaded "*_allv", 128-row tiles "*_m128", ...), and
 "base_*" variants built from another version of prefill.py given as --baseline, e.g.
@@ -42,6 +43,8 @@ from blasst_cute.testing import round_order  # noqa: E402
 from blasst_cute.workloads import synthetic_qkv  # noqa: E402
 
 _compiled = {}
+# FlashAttention-4 dense variants: name -> its pack_gqa argument (None: FA4's default)
+FA4_VARIANTS = {"fa4": None, "fa4_nopack": False}
 ZERO = 1e-30  # a factor that enables the skip path but never skips
 
 # name: (module "new"/"base", has_skip, factor (number or "sparse"), kernel knobs)
@@ -201,12 +204,14 @@ def make_runner(name, module, causal, has_skip, factor, **kw):
     return run
 
 
-def fa4_runner(causal):
-    """FlashAttention-4 (flash_attn.cute, the GPU host's .gpu/part2) on the same buffers."""
+def fa4_runner(causal, pack_gqa=None):
+    """FlashAttention-4 (flash_attn.cute, the GPU host's .gpu/part2) on the same buffers.
+    pack_gqa None: FA4's default (on SM90 it packs the q-heads of a kv head into the tile rows
+    whenever Hq > Hk)."""
     from flash_attn.cute import flash_attn_func
 
     def run(q, k, v, out, lse):
-        flash_attn_func(q, k, v, causal=causal)
+        flash_attn_func(q, k, v, causal=causal, pack_gqa=pack_gqa)
     return run
 
 
@@ -262,7 +267,8 @@ def main():
     p.add_argument("--baseline", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                       "prefill_baseline.py"))
     p.add_argument("--variants", nargs="+", default=["dense", "skip0", "sparse"],
-                   help="names in PRESETS, or fa4 (FlashAttention-4 dense, needs flash_attn.cute)")
+                   help="names in PRESETS, or fa4 / fa4_nopack (FlashAttention-4 dense with its "
+                        "default GQA packing / without; needs flash_attn.cute)")
     a = p.parse_args()
     if "dense" not in a.variants:
         p.error("--variants must include dense (the reference of every ratio)")
@@ -282,8 +288,8 @@ def main():
             ss64 = {tag: b[1] for tag, b in both.items()}
             variants = {}
             for name in a.variants:
-                if name == "fa4":  # the dense peer, timed in the same rounds
-                    variants[name] = fa4_runner(causal)
+                if name in FA4_VARIANTS:  # the dense peer, timed in the same rounds
+                    variants[name] = fa4_runner(causal, FA4_VARIANTS[name])
                     continue
                 mod, has_skip, factor, kw = PRESETS[name]
                 if kw.get("causal_only") and not causal:
