@@ -44,6 +44,7 @@ from blasst_cute.testing import (  # noqa: E402
     time_graph_cycle,
     time_per_call,
 )
+import decode_matrix  # noqa: E402
 from decode_matrix import dense_sets, n_rotations, synthetic_set  # noqa: E402
 
 SHAPES = [  # (B, L, Hq, Hk)
@@ -115,6 +116,8 @@ VARIANTS = {
     "new": (None, None, False),  # the launcher's defaults
     "new ws": (None, None, True),
     "new pv": (dict(producer_v=True), None, False),
+    "new nopdl": (dict(use_pdl=False), None, False),  # no programmatic dependent launch
+    "new nouv": (dict(uniform_vote=False), None, False),  # keep decision not marked uniform
     # ring depths (K, V/P stages); the launcher's: (3, 2) dense, (2, 3) skip (head dim 128)
     "new k2 v3": (dict(num_k_stages=2, num_v_stages=3), None, False),
     "new k3 v2": (dict(num_k_stages=3, num_v_stages=2), None, False),
@@ -150,7 +153,8 @@ def ab_main(args, log):
     names = args.variants.split(",") if args.variants else list(VARIANTS)
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else AB_SHAPES
     log(f"Interleaved A/B, {args.rounds} rounds, kernel us = median of the rounds' graph replays "
-        f"({CALLS_PER_GRAPH} calls per graph, input sets cycled past the L2)")
+        f"({CALLS_PER_GRAPH} calls per graph, input sets cycled past the L2), page size "
+        f"{decode_matrix.PAGE}")
     log("")
     builds = [("dense", None), ("skip0", 1e-6)]
     builds += [(f"skip f={f:g}", f) for f in args.factors]
@@ -259,7 +263,10 @@ def main():
     ap.add_argument("--shapes", nargs="*", default=None)
     ap.add_argument("--factors", type=float, nargs="*", default=[],
                     help="--ab: also time skip builds at these factors, on synthetic inputs")
+    ap.add_argument("--page-size", type=int, default=decode_matrix.PAGE,
+                    help="page size of the paged caches (default %(default)s)")
     args = ap.parse_args()
+    decode_matrix.PAGE = args.page_size  # read by dense_sets / synthetic_set
     dev = torch.cuda.get_device_name()
     lines = [f"# decode small shapes — {dev} — {time.strftime('%Y-%m-%dT%H:%M:%S')}", ""]
 

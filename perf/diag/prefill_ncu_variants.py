@@ -15,12 +15,17 @@ duration, SM cycles, instructions per consumer warp per key tile, tensor-pipe us
 """
 
 import argparse
-import csv
-import json
 import math
 import os
-import subprocess
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ncu_variants_common import (  # noqa: E402
+    parse_variant_specs,
+    profile_self,
+    read_metrics,
+    variant_lines,
+)
 
 # duration (ns), SM cycles, instructions, tensor-pipe use
 METRICS = (
@@ -49,10 +54,7 @@ def parse_args(argv=None):
                    help="only print the table from OUTDIR's saved CSV and log")
     p.add_argument("--target", action="store_true", help=argparse.SUPPRESS)  # the profiled child
     a = p.parse_args(argv)
-    a.variants = []
-    for spec in a.variant:
-        name, factor, tuning = spec.split(":", 2)
-        a.variants.append((name, float(factor), json.loads(tuning)))
+    a.variants = parse_variant_specs(a.variant)
     return a
 
 
@@ -112,14 +114,7 @@ def main():
     raw = os.path.join(a.outdir, "ncu-variants.csv")
     logf = os.path.join(a.outdir, "ncu-variants.log")
     if not a.report:
-        cmd = ["ncu", "--profile-from-start", "off", "--clock-control", "base", "--csv",
-               "--print-units", "base", "--metrics", ",".join(metric_names(a)), "--log-file", raw,
-               sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--target"]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        open(logf, "w").write(res.stdout + res.stderr)
-        if res.returncode != 0:
-            print((res.stdout + res.stderr)[-4000:])
-            sys.exit(f"ncu run failed (rc {res.returncode}); see {a.outdir}")
+        profile_self(__file__, metric_names(a), raw, logf)
     report(a, raw, open(logf).read())
 
 
@@ -134,15 +129,8 @@ def report(a, raw: str, log: str):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
     from blasst_cute.dispatch import prefill_geometry
 
-    info = [dict(kv.split("=") for kv in line.split()[2:])
-            for line in log.splitlines() if line.startswith("VARIANT ")]
-    rows = [r for r in csv.reader(open(raw)) if len(r) > 5]
-    col = {h: i for i, h in enumerate(rows[0])}
-    values = {}  # launch id -> metric -> value
-    for r in rows[1:]:
-        if r[col["Metric Name"]] in metric_names(a):
-            values.setdefault(int(r[col["ID"]]), {})[r[col["Metric Name"]]] = float(
-                r[col["Metric Value"]].replace(",", ""))
+    info = variant_lines(log)
+    values, _ = read_metrics(raw, metric_names(a))  # launch id -> metric -> value
     ids = sorted(values)
     if len(ids) != len(a.variants) or len(info) != len(a.variants):
         sys.exit(f"expected {len(a.variants)} variants, found {len(ids)} launches and "

@@ -255,12 +255,21 @@ def _bar_red_and(pred: Int32, barrier_id: Int32, num_threads: int, *, loc=None, 
 
 
 @cute.jit
-def group_all(pred: Boolean, barrier_id: Int32, num_threads: cutlass.Constexpr[int] = 128) -> Boolean:
+def group_all(pred: Boolean, barrier_id: Int32, num_threads: cutlass.Constexpr[int] = 128,
+              warp_uniform: cutlass.Constexpr[bool] = False) -> Boolean:
     """AND of a predicate over the ``num_threads`` threads (whole warps) meeting at a named barrier.
 
     One ``bar.red.and.pred``: the barrier and the reduction in a single instruction.
+    warp_uniform: pass the result through ``make_warp_uniform`` (a lane-0 shuffle: every thread
+    holds the same value anyway), so that ptxas knows a branch on it is uniform. Without it, code
+    under such a branch, and every loop-carried value it updates, lives on the vector datapath:
+    TMA coordinates and wgmma descriptors then go through R2UR moves (SASS: the decode loop had
+    ~100 more instructions than the dense build's, with 46 R2UR).
     """
-    return _bar_red_and(Int32(1) if pred else Int32(0), barrier_id, num_threads) != 0
+    res = _bar_red_and(Int32(1) if pred else Int32(0), barrier_id, num_threads)
+    if const_expr(warp_uniform):
+        res = cute.arch.make_warp_uniform(res)
+    return res != 0
 
 
 @cute.jit
