@@ -158,7 +158,6 @@ def _config_key(config: dict) -> tuple:
     for k in ("has_skip", "factor_per_batch", "has_stats", "direct_out", "fused_merge",
               "interleave_splits", "producer_v", "pipelined_merge", "use_pdl"):
         c[k] = bool(c.get(k, False))
-    c["uniform_vote"] = bool(c.get("uniform_vote", True))
     c.setdefault("num_k_stages", None)
     c.setdefault("num_v_stages", None)
     return tuple(sorted(c.items(), key=lambda kv: kv[0]))
@@ -174,7 +173,6 @@ def _make_kernel(key: tuple) -> BlasstDecodeSm90:
         num_k_stages=c["num_k_stages"], num_v_stages=c["num_v_stages"],
         interleave_splits=c["interleave_splits"], producer_v=c["producer_v"],
         pipelined_merge=c["pipelined_merge"], use_pdl=c["use_pdl"],
-        uniform_vote=c["uniform_vote"],
     )
 
 

@@ -172,7 +172,6 @@ class BlasstDecodeSm90:
         pipelined_merge: bool = False,
         use_pdl: bool = False,
         trace: bool = False,
-        uniform_vote: bool = True,
     ):
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
             raise NotImplementedError(f"blasst sm90 decode: dtype {dtype} (bf16/fp16 only)")
@@ -219,9 +218,6 @@ class BlasstDecodeSm90:
         self.use_pdl = use_pdl
         # Diagnostics: per-CTA timestamps of the kernel's phases (TRACE_SLOTS, trace_ptr).
         self.trace = trace
-        # uniform_vote: the keep decision is marked warp-uniform (softmax_skip.group_all).
-        # False: the older code, for comparisons.
-        self.uniform_vote = uniform_vote
         # Rows per TMA copy: a whole page, or a slice of one when pages are larger than a tile.
         self.rows_per_copy = min(page_size, tile_n) if self.paged else tile_n
         self.copies_per_tile = tile_n // self.rows_per_copy
@@ -774,7 +770,11 @@ class BlasstDecodeSm90:
                 # stay on the uniform datapath, as in the dense build (without it the 64-key
                 # tile build at 0 % skipped was 0.94x dense at B=1 L=8k 64/4, H100;
                 # perf/results/decode-h100-uniform-vote.md)
-                keep = not group_all(vote, int(DecodeBarrier.Vote), 128, self.uniform_vote)
+                # marked warp-uniform: the keep block and the ring counters it advances then
+                # stay on the uniform datapath, as in the dense build (unmarked, the 64-key tile
+                # build at 0 % skipped ran 0.94x dense at B=1 L=8k 64/4 on an H100:
+                # perf/results/decode-h100-uniform-vote.md)
+                keep = not group_all(vote, int(DecodeBarrier.Vote), 128, warp_uniform=True)
             else:
                 cute.arch.barrier(barrier_id=int(DecodeBarrier.Consumer), number_of_threads=128)
             if keep:
