@@ -139,6 +139,7 @@ class BlasstMlaDecodeSm90:
         cluster_m: int = 1,
         interleave_splits: bool = False,
         use_pdl: bool = False,
+        uniform_fragments: bool = True,
     ):
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
             raise NotImplementedError(f"blasst sm90 MLA decode: dtype {dtype} (bf16/fp16 only)")
@@ -174,6 +175,7 @@ class BlasstMlaDecodeSm90:
         # the kernel before them in the stream drains; every global access waits for it
         # (griddepcontrol.wait), and the kernel after (the combine) may launch once all CTAs run.
         self.use_pdl = use_pdl
+        self.uniform_fragments = uniform_fragments  # (A/B switch; see mma)
         self.rows_per_tma = self.rows_per_copy // cluster_m
         self.num_stages = NUM_STAGES
         self.num_consumer_threads = 256
@@ -532,14 +534,19 @@ class BlasstMlaDecodeSm90:
 
         # ---- MMA fragments. V^T = the first 512 columns of the K stage, viewed (d, key, stage):
         # element (j, n, s) of the view is element (n, j, s) of sK (index n + 64 j + 64*576 s).
+        # The smem operand fragments (wgmma descriptors) come from the warpgroup's slice, a
+        # warp-uniform index, so that ptxas builds the descriptors in uniform registers; the
+        # thread's own slice only partitions the accumulators.
         thr_mma_qk = tiled_mma_qk.get_slice(tidx)
         thr_mma_pv = tiled_mma_pv.get_slice(tidx)
+        wg_mma_qk = tiled_mma_qk.get_slice(wg * 128 if self.uniform_fragments else tidx)
+        wg_mma_pv = tiled_mma_pv.get_slice(wg * 128 if self.uniform_fragments else tidx)
         sVt = cute.composition(
             sK, cute.make_layout((HEAD_DIM_V, TILE_N, NS), stride=(TILE_N, 1, TILE_N * HEAD_DIM)))
-        tSrQ = thr_mma_qk.make_fragment_A(thr_mma_qk.partition_A(sQ))
-        tSrK = thr_mma_qk.make_fragment_B(thr_mma_qk.partition_B(sK))
-        tOrP = thr_mma_pv.make_fragment_A(thr_mma_pv.partition_A(sP))
-        tOrVt = thr_mma_pv.make_fragment_B(thr_mma_pv.partition_B(sVt))
+        tSrQ = wg_mma_qk.make_fragment_A(wg_mma_qk.partition_A(sQ))
+        tSrK = wg_mma_qk.make_fragment_B(wg_mma_qk.partition_B(sK))
+        tOrP = wg_mma_pv.make_fragment_A(wg_mma_pv.partition_A(sP))
+        tOrVt = wg_mma_pv.make_fragment_B(wg_mma_pv.partition_B(sVt))
         acc_S_shape = thr_mma_qk.partition_shape_C((TILE_M, TILE_N))
         acc_O = cute.make_rmem_tensor(thr_mma_pv.partition_shape_C((TILE_M, HEAD_DIM_V)), Float32)
         acc_O.fill(0.0)
