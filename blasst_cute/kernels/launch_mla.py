@@ -77,9 +77,6 @@ USE_PDL = os.environ.get("BLASST_MLA_PDL", "1") != "0"
 # The combine's grouped merge (combine.py: a row's split groups spread over up to 8 warps, one
 # memory round trip); BLASST_MLA_GROUPED_MERGE=0: the earlier one-warp-per-chunk loops.
 GROUPED_MERGE = os.environ.get("BLASST_MLA_GROUPED_MERGE", "1") != "0"
-# A/B only: the wgmma operand fragments from the warpgroup's (uniform) slice (True) or from each
-# thread's slice (False, the older code).
-UNIFORM_FRAGMENTS = True
 
 
 def mla_num_splits(work_units: int, n_tiles: int, num_sms: int) -> int:
@@ -143,7 +140,6 @@ def _config_key(config: dict) -> tuple:
     for k in ("has_skip", "factor_per_batch", "has_stats", "direct_out", "interleave_splits",
               "use_pdl"):
         c[k] = bool(c.get(k, False))
-    c["uniform_fragments"] = bool(c.get("uniform_fragments", True))
     c["cluster_m"] = int(c.get("cluster_m", 1))
     return tuple(sorted(c.items(), key=lambda kv: kv[0]))
 
@@ -154,8 +150,7 @@ def _make_kernel(key: tuple) -> BlasstMlaDecodeSm90:
         TORCH_TO_CUTLASS[c["dtype"]], page_size=c["page_size"], causal=c["causal"],
         has_skip=c["has_skip"], factor_per_batch=c["factor_per_batch"],
         has_stats=c["has_stats"], direct_out=c["direct_out"], cluster_m=c["cluster_m"],
-        interleave_splits=c["interleave_splits"], use_pdl=c["use_pdl"],
-        uniform_fragments=c["uniform_fragments"])
+        interleave_splits=c["interleave_splits"], use_pdl=c["use_pdl"])
 
 
 def _compile_args(c: dict, stream):
@@ -224,8 +219,7 @@ _plans_lock = threading.Lock()
 def _get_plan(q, kv_cache, block_table, causal, has_skip, fpb, has_stats, num_splits) -> _Plan:
     key = (q.shape, q.dtype, q.get_device(), kv_cache.shape, kv_cache.stride(),
            None if block_table is None else (block_table.shape, block_table.stride(0)),
-           causal, has_skip, fpb, has_stats, num_splits, CLUSTER_MODE, INTERLEAVE_SPLITS, USE_PDL,
-           UNIFORM_FRAGMENTS)
+           causal, has_skip, fpb, has_stats, num_splits, CLUSTER_MODE, INTERLEAVE_SPLITS, USE_PDL)
     plan = _plans.get(key)
     if plan is not None:
         return plan
@@ -245,7 +239,7 @@ def _get_plan(q, kv_cache, block_table, causal, has_skip, fpb, has_stats, num_sp
                                               tiles_per_split),
                       # one split: both tile orders coincide (one compiled kernel)
                       interleave_splits=geo["interleave_splits"] and not p.direct,
-                      use_pdl=USE_PDL, uniform_fragments=UNIFORM_FRAGMENTS)
+                      use_pdl=USE_PDL)
         ck = _config_key(config)
         p.fn = _compiled(ck, lambda: _make_kernel(ck).launch_ptrs,
                          _compile_args(dict(ck), cuda_stream(0)))

@@ -139,7 +139,6 @@ class BlasstMlaDecodeSm90:
         cluster_m: int = 1,
         interleave_splits: bool = False,
         use_pdl: bool = False,
-        uniform_fragments: bool = True,
     ):
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
             raise NotImplementedError(f"blasst sm90 MLA decode: dtype {dtype} (bf16/fp16 only)")
@@ -175,7 +174,6 @@ class BlasstMlaDecodeSm90:
         # the kernel before them in the stream drains; every global access waits for it
         # (griddepcontrol.wait), and the kernel after (the combine) may launch once all CTAs run.
         self.use_pdl = use_pdl
-        self.uniform_fragments = uniform_fragments  # (A/B switch; see mma)
         self.rows_per_tma = self.rows_per_copy // cluster_m
         self.num_stages = NUM_STAGES
         self.num_consumer_threads = 256
@@ -536,11 +534,13 @@ class BlasstMlaDecodeSm90:
         # element (j, n, s) of the view is element (n, j, s) of sK (index n + 64 j + 64*576 s).
         # The smem operand fragments (wgmma descriptors) come from the warpgroup's slice, a
         # warp-uniform index, so that ptxas builds the descriptors in uniform registers; the
-        # thread's own slice only partitions the accumulators.
+        # thread's own slice only partitions the accumulators. (From the thread's slice the
+        # main loop had ~200 more instructions, ~80 of them R2UR moves, and ran 2-5 % slower
+        # dense on an H100: perf/results/mla-decode-h100-uniform-fragments.md.)
         thr_mma_qk = tiled_mma_qk.get_slice(tidx)
         thr_mma_pv = tiled_mma_pv.get_slice(tidx)
-        wg_mma_qk = tiled_mma_qk.get_slice(wg * 128 if self.uniform_fragments else tidx)
-        wg_mma_pv = tiled_mma_pv.get_slice(wg * 128 if self.uniform_fragments else tidx)
+        wg_mma_qk = tiled_mma_qk.get_slice(wg * 128)
+        wg_mma_pv = tiled_mma_pv.get_slice(wg * 128)
         sVt = cute.composition(
             sK, cute.make_layout((HEAD_DIM_V, TILE_N, NS), stride=(TILE_N, 1, TILE_N * HEAD_DIM)))
         tSrQ = wg_mma_qk.make_fragment_A(wg_mma_qk.partition_A(sQ))
