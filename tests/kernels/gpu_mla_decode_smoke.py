@@ -287,39 +287,45 @@ def sdpa_expanded(q, kv, scale):
 
 
 def bench(cfgs, page_size=64, out_dir="."):
-    """cfgs: (B, L, H) triples. Dense + skip at ~70%/~90% block sparsity per kernel variant."""
+    """cfgs: (B, L, H) or (B, L, H, Lq_new) tuples (Lq_new 1 by default). Dense + skip at
+    ~70%/~90% block sparsity per kernel variant."""
     card = torch.cuda.get_device_name()
     log(f"card: {card}")
-    hdr = "| B | L | H | kernel | variant | sparsity | time us | TFLOP/s | GB/s | vs SDPA | vs own dense |"
-    rows = [hdr, "|---|---|---|---|---|---|---|---|---|---|---|"]  # noqa: E501
+    hdr = ("| B | L | H | Lq_new | kernel | variant | sparsity | time us | TFLOP/s | GB/s | vs SDPA "
+           "| vs own dense |")
+    rows = [hdr, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     log(hdr)
     scale = D ** -0.5
-    for B, L, H in cfgs:
-        q1, kv1 = synth(1, 1, L, H, 7)
+    for cfg in cfgs:
+        B, L, H = cfg[:3]
+        lq = cfg[3] if len(cfg) > 3 else 1
+        q1, kv1 = synth(1, lq, L, H, 7)
         q = q1.expand(B, -1, -1, -1).contiguous()
         kv = kv1.expand(B, -1, -1).contiguous()
         del q1, kv1
         _, kvc, bt = make_mla_cache(B, L, page_size, seed=1, kv=kv)
         lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
-        flops = 2.0 * B * H * L * (D + DV)
+        # (new token t sees L - lq + 1 + t keys: the count below takes L for each)
+        flops = 2.0 * B * lq * H * L * (D + DV)
         nbytes = B * L * D * 2
         t_sdpa = None
         try:
-            sd = sdpa_expanded(q, kv, scale)
+            sd = sdpa_expanded(q, kv, scale) if lq == 1 else None  # (no causal mask there)
             if sd is not None:
                 t_sdpa = time_per_call(sd[1])
-                line = (f"| {B} | {L} | {H} | sdpa-{sd[0]} | dense | | {t_sdpa * 1e6:.1f} | "
-                        f"{flops / t_sdpa / 1e12:.0f} | {nbytes / t_sdpa / 1e9:.0f} | | |")
+                line = (f"| {B} | {L} | {H} | {lq} | sdpa-{sd[0]} | dense | | "
+                        f"{t_sdpa * 1e6:.1f} | {flops / t_sdpa / 1e12:.0f} | "
+                        f"{nbytes / t_sdpa / 1e9:.0f} | | |")
                 log(line)
                 rows.append(line)
         except Exception as e:  # noqa: BLE001
             log(f"  sdpa failed: {str(e)[:100]}")
         del kv
-        out = torch.empty(B, 1, H, DV, dtype=q.dtype, device="cuda")
-        lse = torch.empty(B, H, 1, device="cuda")
+        out = torch.empty(B, lq, H, DV, dtype=q.dtype, device="cuda")
+        lse = torch.empty(B, H, lq, device="cuda")
         geo = launch_mla.plan_mla_decode_sm90(q, kvc, bt)
         S = geo["num_splits"]
-        ws = (torch.empty(S, B, 1, H, DV, device="cuda"), torch.empty(S, B, H, 1, device="cuda"))
+        ws = (torch.empty(S, B, lq, H, DV, device="cuda"), torch.empty(S, B, H, lq, device="cuda"))
 
         def mk(factor):
             return lambda: launch_mla.run_mla_decode_sm90(
@@ -359,7 +365,7 @@ def bench(cfgs, page_size=64, out_dir="."):
                 t_dense = t
             ideal = 1.0 / (1.0 - s_ * DV / (D + DV))
             vs_sdpa = f"{t_sdpa / t:.2f}x" if t_sdpa else "-"
-            line = (f"| {B} | {L} | {H} | blasst | {name} | {s_ * 100:.1f}% | "
+            line = (f"| {B} | {L} | {H} | {lq} | blasst | {name} | {s_ * 100:.1f}% | "
                     f"{t * 1e6:.1f} | {flops / t / 1e12:.0f} | {nbytes / t / 1e9:.0f} | "
                     f"{vs_sdpa} | {t_dense / t:.2f}x (ideal {ideal:.2f}x) |")
             log(line)
@@ -369,10 +375,10 @@ def bench(cfgs, page_size=64, out_dir="."):
     tag = "h200" if "H200" in card else ("h100" if "H100" in card else "gpu")
     path = os.path.join(out_dir, f"mla-decode-{tag}.md")
     with open(path, "w") as fh:
-        fh.write(f"# MLA decode (sm90), {card}, page {page_size}, bf16, Lq_new=1\n\n")
-        fh.write("Dense TFLOP/s count 2*B*H*L*(576+512); GB/s count the latent cache once "
+        fh.write(f"# MLA decode (sm90), {card}, page {page_size}, bf16\n\n")
+        fh.write("Dense TFLOP/s count 2*B*Lq_new*H*L*(576+512); GB/s count the latent cache once "
                  "(B*L*576*2 bytes). Times: CUDA-graph replays (kernel + combine); SDPA: "
-                 "heads folded into the query length (same computation), eager. "
+                 "heads folded into the query length (same computation; Lq_new = 1 only), eager. "
                  "Skip rows: the factor of "
                  "the grid closest to 70% / 90% tile sparsity (measured by the kernel's "
                  "counters); ideal = 1 / (1 - s * 512 / 1088).\n\n")
@@ -411,7 +417,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep-splits", action="store_true")
     ap.add_argument("--shapes", default=None,
-                    help="benchmark only these BxLxH shapes, comma-separated (e.g. 1x32768x128)")
+                    help="benchmark only these BxLxH[xLq_new] shapes, comma-separated (e.g. "
+                         "1x32768x128 or 64x32768x128x2)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     log(f"torch {torch.__version__}, device {torch.cuda.get_device_name()}")
