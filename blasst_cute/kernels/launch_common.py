@@ -1,6 +1,6 @@
 """Host-side launch helpers shared by the sm90 decode and MLA decode glue (launch_decode.py,
 launch_mla.py): raw pointers, streams, the SM count, the threshold-factor argument, memory-only
-compilation and the combine kernel's compile-time arguments."""
+compilation and the combine kernel (its compile-time arguments and compiled form)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import torch
 from cutlass import Float32, Int32
 
 from blasst_cute.kernels import compile_cache
+from blasst_cute.kernels.dtypes import TORCH_TO_CUTLASS
+from blasst_cute.kernels.sm90.combine import BlasstDecodeCombineSm90, combine_warps_per_row
 
 GMEM = cute.AddressSpace.gmem
 _num_sms: dict = {}
@@ -76,3 +78,17 @@ def compiled(namespace: str, key: tuple, maker, compile_args):
     which a kernel loaded from the disk cache has not been checked to carry."""
     return compile_cache.get_or_compile((namespace,) + tuple(key),
                                         lambda: cute.compile(maker(), *compile_args), disk=False)
+
+
+def compiled_combine(dtype: torch.dtype, head_dim: int, num_splits: int, use_pdl: bool,
+                     grouped: bool):
+    """The split-KV combine kernel's compiled ``launch_ptrs`` for these outputs (dtype, head
+    dim) and launch mode; grouped: the grouped merge, its warps per row set by the split count.
+    Compiled once per process, shared by the decode and MLA decode launchers."""
+    dt = TORCH_TO_CUTLASS[dtype]
+    use_pdl, grouped = bool(use_pdl), bool(grouped)
+    warps = combine_warps_per_row(num_splits) if grouped else 1
+    return compiled("sm90-combine", (dtype, head_dim, use_pdl, grouped, warps),
+                    lambda: BlasstDecodeCombineSm90(dt, head_dim, use_pdl=use_pdl, grouped=grouped,
+                                                    warps_per_row=warps).launch_ptrs,
+                    combine_compile_args(dt))

@@ -30,6 +30,7 @@ from blasst_cute.kernels.dtypes import TORCH_TO_CUTLASS, kernel_dtype
 from blasst_cute.kernels.launch_common import (
     combine_compile_args,
     compiled,
+    compiled_combine,
     cuda_stream,
     factor_kind,
     factor_tensor,
@@ -37,7 +38,7 @@ from blasst_cute.kernels.launch_common import (
     make_ptr,
     sm_count,
 )
-from blasst_cute.kernels.sm90.combine import BlasstDecodeCombineSm90, combine_warps_per_row
+from blasst_cute.kernels.sm90.combine import BlasstDecodeCombineSm90
 from blasst_cute.kernels.sm90.decode import (
     SUPPORTED_PAGE_SIZES,
     TILE_M,
@@ -477,13 +478,8 @@ def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, n
     p.cfn = p.cfast = None
     if not direct and not fused:
         # pipelined_merge: the grouped merge in the combine too (same bits as the fused merge)
-        c_pdl, c_grouped = bool(config["use_pdl"]), bool(config["pipelined_merge"])
-        c_warps = combine_warps_per_row(splits) if c_grouped else 1
-        ckey = ("combine", q.dtype, d, c_pdl, c_grouped, c_warps)
-        p.cfn = _compiled(ckey, combine_compile_args(TORCH_TO_CUTLASS[q.dtype]),
-                          lambda: BlasstDecodeCombineSm90(TORCH_TO_CUTLASS[q.dtype], d,
-                                                          use_pdl=c_pdl, grouped=c_grouped,
-                                                          warps_per_row=c_warps).launch_ptrs)
+        p.cfn = compiled_combine(q.dtype, d, splits, config["use_pdl"],
+                                 config["pipelined_merge"])
         p.cstatics = [splits, B, lq, hq]
         if USE_FAST_CALL:
             fc = _FastCall(p.cfn, combine_compile_args(TORCH_TO_CUTLASS[q.dtype]), _CPOS)

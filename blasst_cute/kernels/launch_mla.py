@@ -27,8 +27,8 @@ from cutlass import Float32, Int32
 from blasst_cute.kernels import compile_cache
 from blasst_cute.kernels.dtypes import TORCH_TO_CUTLASS, kernel_dtype
 from blasst_cute.kernels.launch_common import (
-    combine_compile_args,
     compiled,
+    compiled_combine,
     cuda_stream,
     factor_kind,
     fake_ptr,
@@ -36,7 +36,6 @@ from blasst_cute.kernels.launch_common import (
     make_ptr,
     sm_count,
 )
-from blasst_cute.kernels.sm90.combine import BlasstDecodeCombineSm90, combine_warps_per_row
 from blasst_cute.kernels.sm90.mla_decode import (
     HEAD_DIM,
     HEAD_DIM_V,
@@ -251,14 +250,7 @@ def _get_plan(q, kv_cache, block_table, causal, has_skip, fpb, has_stats, num_sp
         p.ws_numel = p.ws_o + splits * B * H * lq
         p.cfn = None
         if not p.direct:
-            dt = TORCH_TO_CUTLASS[q.dtype]
-            grouped = GROUPED_MERGE
-            c_warps = combine_warps_per_row(splits) if grouped else 1
-            p.cfn = _compiled(("combine", q.dtype, HEAD_DIM_V, USE_PDL, grouped, c_warps),
-                              lambda: BlasstDecodeCombineSm90(dt, HEAD_DIM_V, use_pdl=USE_PDL,
-                                                              grouped=grouped,
-                                                              warps_per_row=c_warps).launch_ptrs,
-                              combine_compile_args(dt))
+            p.cfn = compiled_combine(q.dtype, HEAD_DIM_V, splits, USE_PDL, GROUPED_MERGE)
         _plans[key] = p
         return p
 

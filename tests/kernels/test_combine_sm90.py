@@ -42,6 +42,16 @@ def test_compile_grouped_cpu(head_dim, warps):
                                               grouped=True, warps_per_row=warps) is not None
 
 
+@cpu_only
+def test_compiled_combine_is_shared():
+    """The launchers' combine (launch_common.compiled_combine): one compiled kernel per dtype,
+    head dim, launch mode and warps per row, whichever launcher or split count asks for it."""
+    from blasst_cute.kernels import launch_common
+    fn = launch_common.compiled_combine(torch.bfloat16, 512, 9, True, True)
+    assert fn is launch_common.compiled_combine(torch.bfloat16, 512, 16, True, True)  # 2 warps
+    assert combine.combine_warps_per_row(9) == combine.combine_warps_per_row(16) == 2
+
+
 _compiled = {}
 
 
