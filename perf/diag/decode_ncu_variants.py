@@ -22,9 +22,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ncu_variants_common import (  # noqa: E402
+    add_common_args,
     parse_variant_specs,
-    profile_self,
     read_metrics,
+    run,
     variant_lines,
 )
 
@@ -38,16 +39,12 @@ METRICS = (
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("outdir")
+    add_common_args(p)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seqlen", type=int, default=8192)
     p.add_argument("--heads-q", type=int, default=64)
     p.add_argument("--heads-kv", type=int, default=4)
     p.add_argument("--page-size", type=int, default=64)
-    p.add_argument("--variant", action="append", required=True, metavar="NAME:FACTOR:TUNING")
-    p.add_argument("--report", action="store_true",
-                   help="only print the table from OUTDIR's saved CSV and log")
-    p.add_argument("--target", action="store_true", help=argparse.SUPPRESS)  # the profiled child
     a = p.parse_args(argv)
     a.variants = parse_variant_specs(a.variant)
     return a
@@ -89,15 +86,7 @@ def run_target(a):
 
 def main():
     a = parse_args()
-    if a.target:
-        run_target(a)
-        return
-    os.makedirs(a.outdir, exist_ok=True)
-    raw = os.path.join(a.outdir, "ncu-decode-variants.csv")
-    logf = os.path.join(a.outdir, "ncu-decode-variants.log")
-    if not a.report:
-        profile_self(__file__, METRICS, raw, logf)
-    report(a, raw, open(logf).read())
+    run(a, __file__, "ncu-decode-variants", METRICS, run_target, report)
 
 
 def report(a, raw: str, log: str):

@@ -1,11 +1,36 @@
 """Shared pieces of the `*_ncu_variants.py` scripts: NAME:FACTOR:TUNING variant specs, re-running
 the calling script under Nsight Compute with clocks locked to base, and reading its CSV back."""
 
+import argparse
 import csv
 import json
 import os
 import subprocess
 import sys
+
+
+def add_common_args(p: argparse.ArgumentParser):
+    """OUTDIR, --variant, --report and the hidden --target (the profiled child) of every
+    ``*_ncu_variants.py`` script."""
+    p.add_argument("outdir")
+    p.add_argument("--variant", action="append", required=True, metavar="NAME:FACTOR:TUNING")
+    p.add_argument("--report", action="store_true",
+                   help="only print the table from OUTDIR's saved CSV and log")
+    p.add_argument("--target", action="store_true", help=argparse.SUPPRESS)
+
+
+def run(a, script: str, stem: str, metrics, run_target, report):
+    """As the profiled child (--target): ``run_target(a)``. Otherwise re-run ``script`` under ncu
+    (unless --report) into OUTDIR/STEM.csv and .log, then ``report(a, csv path, log text)``."""
+    if a.target:
+        run_target(a)
+        return
+    os.makedirs(a.outdir, exist_ok=True)
+    raw = os.path.join(a.outdir, stem + ".csv")
+    logf = os.path.join(a.outdir, stem + ".log")
+    if not a.report:
+        profile_self(script, metrics, raw, logf)
+    report(a, raw, open(logf).read())
 
 
 def parse_variant_specs(specs) -> list:

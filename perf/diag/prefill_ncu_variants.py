@@ -21,9 +21,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ncu_variants_common import (  # noqa: E402
+    add_common_args,
     parse_variant_specs,
-    profile_self,
     read_metrics,
+    run,
     variant_lines,
 )
 
@@ -38,21 +39,17 @@ METRICS = (
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("outdir")
+    add_common_args(p)
     p.add_argument("--seqlen", type=int, default=16384)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--heads-q", type=int, default=32)
     p.add_argument("--heads-kv", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--causal", action="store_true")
-    p.add_argument("--variant", action="append", required=True, metavar="NAME:FACTOR:TUNING")
     p.add_argument("--stats", action="store_true",
                    help="also count skipped tiles (one more compile per skip variant)")
     p.add_argument("--extra-metrics", default="",
                    help="more ncu metrics (comma-separated), printed as extra columns")
-    p.add_argument("--report", action="store_true",
-                   help="only print the table from OUTDIR's saved CSV and log")
-    p.add_argument("--target", action="store_true", help=argparse.SUPPRESS)  # the profiled child
     a = p.parse_args(argv)
     a.variants = parse_variant_specs(a.variant)
     return a
@@ -107,15 +104,7 @@ def tiles_per_consumer_warp(a, tile_m: int, tile_n: int, warps: int) -> float:
 
 def main():
     a = parse_args()
-    if a.target:
-        run_target(a)
-        return
-    os.makedirs(a.outdir, exist_ok=True)
-    raw = os.path.join(a.outdir, "ncu-variants.csv")
-    logf = os.path.join(a.outdir, "ncu-variants.log")
-    if not a.report:
-        profile_self(__file__, metric_names(a), raw, logf)
-    report(a, raw, open(logf).read())
+    run(a, __file__, "ncu-variants", metric_names(a), run_target, report)
 
 
 def metric_names(a) -> list:
