@@ -767,10 +767,6 @@ class BlasstDecodeSm90:
                 vote = softmax.rows_vote_skip(m_tile, row_valid, log2_lambda)
                 vote = vote and skip_enabled and i > 0
                 # marked warp-uniform: the keep block and the ring counters it advances then
-                # stay on the uniform datapath, as in the dense build (without it the 64-key
-                # tile build at 0 % skipped was 0.94x dense at B=1 L=8k 64/4, H100;
-                # perf/results/decode-h100-uniform-vote.md)
-                # marked warp-uniform: the keep block and the ring counters it advances then
                 # stay on the uniform datapath, as in the dense build (unmarked, the 64-key tile
                 # build at 0 % skipped ran 0.94x dense at B=1 L=8k 64/4 on an H100:
                 # perf/results/decode-h100-uniform-vote.md)
