@@ -7,10 +7,10 @@ Variants per shape (--head-dim, default 128; Hq/Hk 32/8, B*L = 32k; names in PRE
 "fa4" / "fa4_nopack" for FlashAttention-4 dense with / without its GQA packing): the dense
 build, the skip build at a factor that enables skipping but never skips (1e-30, "skip0") or at
 --sparse-factor ("sparse"; with --lambdas, one sparse column per lambda = factor / L:
-"sparse@0.3", ...), knob variants (pv_skip off, LPT
-section sizes, 2-CTA K/V multicast clusters of q-tile pairs "*_c2" (non-causal only) or of q-head
-pairs "*_h2", 3 stages "*_s3", every V loaded "*_allv", 128-row tiles "*_m128", ...), and
-"base_*" variants built from another version of prefill.py given as --baseline, e.g.
+"sparse@0.3", ...), knob variants (pv_skip off, LPT section sizes, 2-CTA K/V multicast
+clusters of q-tile pairs "*_c2" (non-causal only) or of q-head pairs "*_h2", 3 stages "*_s3",
+every V loaded "*_allv", 128-row tiles "*_m128", ...), and "base_*" variants built from another
+version of prefill.py given as --baseline, e.g.
 ``git show 0b9c92e:blasst_cute/kernels/sm90/prefill.py > perf/ab/prefill_baseline.py``.
 Rounds interleave the variants so that clock/power drift (H100 at its 700 W cap) hits all of
 them alike, in forward order on even rounds and reverse order on odd ones (a fixed order favoured
