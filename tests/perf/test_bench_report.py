@@ -2,29 +2,19 @@
 
 import importlib.util
 import json
-import os
 
 import pytest
 
-ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "perf", "bench.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_prefill_flops_counts_bottom_right_causal_pairs():
-    bench = load_bench()
+def test_prefill_flops_counts_bottom_right_causal_pairs(perf_script):
+    bench = perf_script("bench.py")
     assert bench.prefill_flops(1, 1, 4, 4, 8, 8, False) == 2 * 16 * 16
     assert bench.prefill_flops(1, 1, 4, 4, 8, 8, True) == 2 * 10 * 16
     assert bench.prefill_flops(1, 1, 2, 4, 8, 8, True) == 2 * (3 + 4) * 16
 
 
-def test_report_files(tmp_path):
-    bench = load_bench()
+def test_report_files(tmp_path, perf_script):
+    bench = perf_script("bench.py")
     peers = {"sdpa-flash": {"ms": 2.0, "tflops": 300.0}, "fa4": {"error": "ImportError: no flash_attn"}}
     rows = [dict(phase="prefill", batch=1, seqlen=4096, heads_q=32, heads_kv=8, head_dim=128, causal=True,
                  factor=f, peers=peers, ms=ms, sparsity=s, tflops_dense_equiv=600 / ms, ideal=1 / (1 - s / 2))
@@ -45,9 +35,9 @@ def test_report_files(tmp_path):
         pytest.skip("matplotlib not installed: no plot")
 
 
-def test_report_with_head_dim_v(tmp_path):
+def test_report_with_head_dim_v(tmp_path, perf_script):
     # MLA prefill (q/k 192, v 128): the shape names both dims and the ideal counts P·V's share
-    bench = load_bench()
+    bench = perf_script("bench.py")
     peers = {"fa4": {"ms": 2.0, "tflops": 500.0}}
     rows = [dict(phase="prefill", batch=4, seqlen=8192, heads_q=32, heads_kv=32, head_dim=192,
                  head_dim_v=128, causal=True, factor=f, peers=peers, ms=ms, sparsity=s,

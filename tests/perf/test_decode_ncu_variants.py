@@ -1,31 +1,18 @@
 """perf/diag/decode_ncu_variants.py: argument parsing and the report from a saved ncu CSV, run
 without a GPU (profiling itself needs one)."""
 
-import importlib.util
-import os
 
-ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
-
-
-def load_tool():
-    path = os.path.join(ROOT, "perf", "diag", "decode_ncu_variants.py")
-    spec = importlib.util.spec_from_file_location("decode_ncu_variants", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_variants():
-    tool = load_tool()
+def test_variants(perf_script):
+    tool = perf_script("diag/decode_ncu_variants.py")
     a = tool.parse_args(["out", "--variant", 'dense:0:{"fused_merge": false}',
                          "--variant", "skip0:1e-6:{}"])
     assert a.variants == [("dense", 0.0, {"fused_merge": False}), ("skip0", 1e-6, {})]
     assert (a.batch, a.seqlen, a.heads_q, a.heads_kv, a.page_size) == (1, 8192, 64, 4, 64)
 
 
-def test_report_groups_launches_by_call(tmp_path, capsys):
+def test_report_groups_launches_by_call(tmp_path, capsys, perf_script):
     """A call is its decode launch plus, unless the merge is fused, its combine launch."""
-    tool = load_tool()
+    tool = perf_script("diag/decode_ncu_variants.py")
     out = tmp_path / "run"
     out.mkdir()
     launches = [  # (kernel name, duration ns, cycles, instructions, DRAM bytes)

@@ -1,31 +1,13 @@
 """perf/diag/mla_sparse_model.py reads the reference's decisions per CTA: they must add up to the
 reference's own skip counts for the MLA kernel's geometry."""
 
-import importlib.util
-import os
-import sys
 
-ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
-
-
-def load_model():
-    path = os.path.join(ROOT, "perf", "diag", "mla_sparse_model.py")
-    spec = importlib.util.spec_from_file_location("mla_sparse_model", path)
-    mod = importlib.util.module_from_spec(spec)
-    argv, sys.argv = sys.argv, [path]
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.argv = argv
-    return mod
-
-
-def test_kept_per_cta_matches_reference_counts():
+def test_kept_per_cta_matches_reference_counts(perf_script):
     from blasst_cute.kernels.launch_mla import mla_decode_geometry_sm90
     from blasst_cute.reference import skip_counts
     from blasst_cute.workloads import synthetic_qkv
 
-    model = load_model()
+    model = perf_script("diag/mla_sparse_model.py")
     H, L, D = 128, 2048, 576
     q, k, _ = synthetic_qkv(1, 1, L, H, 1, D, device="cpu", seed=3)
     geo = mla_decode_geometry_sm90(H, 1, 64, 1, L, 132)
@@ -41,7 +23,7 @@ def test_kept_per_cta_matches_reference_counts():
     assert 0.0 < sp < 1.0
 
 
-def test_makespan_is_a_list_schedule():
-    model = load_model()
+def test_makespan_is_a_list_schedule(perf_script):
+    model = perf_script("diag/mla_sparse_model.py")
     assert model.makespan([3.0, 1.0, 1.0, 1.0], 2) == 3.0
     assert model.makespan([1.0] * 5, 2) == 3.0

@@ -1,22 +1,9 @@
 """perf/diag/prefill_ncu_variants.py: argument parsing, the tile count and the report from a saved
 ncu CSV run without a GPU (profiling itself needs one)."""
 
-import importlib.util
-import os
 
-ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
-
-
-def load_tool():
-    path = os.path.join(ROOT, "perf", "diag", "prefill_ncu_variants.py")
-    spec = importlib.util.spec_from_file_location("prefill_ncu_variants", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_variants_and_tile_count():
-    tool = load_tool()
+def test_variants_and_tile_count(perf_script):
+    tool = perf_script("diag/prefill_ncu_variants.py")
     a = tool.parse_args(["out", "--seqlen", "512", "--batch", "2", "--variant", "dense:0:{}",
                          "--variant", 'nopv:1e-30:{"pv_skip": false, "v_load_skip": false}'])
     assert a.variants == [("dense", 0.0, {}), ("nopv", 1e-30, {"pv_skip": False, "v_load_skip": False})]
@@ -26,8 +13,8 @@ def test_variants_and_tile_count():
     assert tool.tiles_per_consumer_warp(a, 128, 128, 8) == 10 * 2 * 32 * 8
 
 
-def test_report_from_saved_csv(tmp_path, capsys):
-    tool = load_tool()
+def test_report_from_saved_csv(tmp_path, capsys, perf_script):
+    tool = perf_script("diag/prefill_ncu_variants.py")
     out = tmp_path / "run"
     out.mkdir()
     values = {0: (1000.0, 2000.0, 4096.0 * 8, 80.0, 1.5), 1: (1100.0, 2200.0, 4096.0 * 9, 75.0, 2.0)}
