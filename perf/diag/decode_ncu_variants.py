@@ -23,7 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ncu_variants_common import (  # noqa: E402
     add_common_args,
-    parse_variant_specs,
+    parse,
     read_metrics,
     run,
     variant_lines,
@@ -45,9 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--heads-q", type=int, default=64)
     p.add_argument("--heads-kv", type=int, default=4)
     p.add_argument("--page-size", type=int, default=64)
-    a = p.parse_args(argv)
-    a.variants = parse_variant_specs(a.variant)
-    return a
+    return parse(p, argv)
 
 
 def run_target(a):

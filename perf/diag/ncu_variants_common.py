@@ -19,6 +19,13 @@ def add_common_args(p: argparse.ArgumentParser):
     p.add_argument("--target", action="store_true", help=argparse.SUPPRESS)
 
 
+def parse(p: argparse.ArgumentParser, argv=None):
+    """Parsed arguments, with ``variants`` = the --variant specs as (name, factor, tuning)."""
+    a = p.parse_args(argv)
+    a.variants = parse_variant_specs(a.variant)
+    return a
+
+
 def run(a, script: str, stem: str, metrics, run_target, report):
     """As the profiled child (--target): ``run_target(a)``. Otherwise re-run ``script`` under ncu
     (unless --report) into OUTDIR/STEM.csv and .log, then ``report(a, csv path, log text)``."""

@@ -22,7 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ncu_variants_common import (  # noqa: E402
     add_common_args,
-    parse_variant_specs,
+    parse,
     read_metrics,
     run,
     variant_lines,
@@ -50,9 +50,7 @@ def parse_args(argv=None):
                    help="also count skipped tiles (one more compile per skip variant)")
     p.add_argument("--extra-metrics", default="",
                    help="more ncu metrics (comma-separated), printed as extra columns")
-    a = p.parse_args(argv)
-    a.variants = parse_variant_specs(a.variant)
-    return a
+    return parse(p, argv)
 
 
 def run_target(a):
