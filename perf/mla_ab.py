@@ -1,12 +1,14 @@
 """Interleaved A/B of MLA decode launcher switches (module attributes of
-blasst_cute.kernels.launch_mla), H=128, page 64, bf16, Lq_new=1, synthetic sequences.
+blasst_cute.kernels.launch_mla), H=128, page 64, bf16, synthetic sequences; shapes BxL or
+BxLxLq (Lq_new new tokens, default 1).
 
     python perf/mla_ab.py --variants "pdl:USE_PDL=1" "no-pdl:USE_PDL=0" --shapes 1x4096 1x32768
 
 Per shape and variant: dense and the grid factor nearest --target sparsity (by the kernel's own
 counters), each timed as (a) a CUDA graph holding one call (kernel + combine), replayed, and
 (b) a graph holding --chain back-to-back calls (per call), medians over --rounds interleaved rounds.
-Outputs, lse and counters of every variant are compared with the first variant's (bitwise).
+Counters of every variant must equal the first variant's; outputs and lse bitwise, or (a
+variant that sums in another order) within bf16 level: each difference is logged.
 Writes $OUT/mla-ab.log.
 """
 
@@ -62,17 +64,17 @@ def main():
     grid = [30, 100, 300, 1000, 3000, 1e4, 3e4, 1e5]
     all_same = True
     for shape in args.shapes:
-        B, L = (int(x) for x in shape.split("x"))
-        q1, kv1 = smoke.synth(1, 1, L, H, 7)
+        B, L, lq = ([int(x) for x in shape.split("x")] + [1])[:3]
+        q1, kv1 = smoke.synth(1, lq, L, H, 7)
         q = q1.expand(B, -1, -1, -1).contiguous()
         kv = kv1.expand(B, -1, -1).contiguous()
         _, kvc, bt = smoke.make_mla_cache(B, L, 64, seed=1, kv=kv)
         del q1, kv1, kv
         lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
-        o = torch.empty(B, 1, H, DV, dtype=q.dtype, device="cuda")
-        lse = torch.empty(B, H, 1, device="cuda")
+        o = torch.empty(B, lq, H, DV, dtype=q.dtype, device="cuda")
+        lse = torch.empty(B, H, lq, device="cuda")
         S = launch_mla.plan_mla_decode_sm90(q, kvc, bt)["num_splits"]
-        ws = (torch.empty(S, B, 1, H, DV, device="cuda"), torch.empty(S, B, H, 1, device="cuda"))
+        ws = (torch.empty(S, B, lq, H, DV, device="cuda"), torch.empty(S, B, H, lq, device="cuda"))
 
         def launch(attrs, factor, cnt=None):
             use(attrs)
@@ -99,11 +101,17 @@ def main():
             ref = counted(base, f)
             for vname, attrs in variants[1:]:
                 got = counted(attrs, f)
-                same = all(torch.equal(a, b) for a, b in zip(ref[0], got[0])) and \
-                    torch.equal(ref[1], got[1]) and torch.equal(ref[2], got[2])
-                all_same &= same and bool(torch.isfinite(got[1]).all())
-                if not same:
-                    log(f"  MISMATCH {shape} {pname} {vname} vs {variants[0][0]}")
+                cnt_same = all(torch.equal(a, b) for a, b in zip(ref[0], got[0]))
+                bits = torch.equal(ref[1], got[1]) and torch.equal(ref[2], got[2])
+                d_o = (ref[1].float() - got[1].float()).abs().max().item()
+                d_lse = (ref[2] - got[2]).abs().max().item()
+                # another schedule may sum in another order: same decisions, outputs at bf16 level
+                close = d_o < 2e-2 and d_lse < 1e-3
+                all_same &= cnt_same and close and bool(torch.isfinite(got[1]).all())
+                if not (cnt_same and bits):
+                    log(f"  {shape} {pname} {vname} vs {variants[0][0]}: counters "
+                        f"{'equal' if cnt_same else 'DIFFER'}, bits differ, max |dO| {d_o:.2e}, "
+                        f"max |dlse| {d_lse:.2e}{'' if close else ' MISMATCH'}")
         one = {(v, p): capture_graph(lambda a=a, f=f: launch(a, f))
                for v, a in variants for p, f, _ in points}
         chained = {(v, p): capture_graph(lambda a=a, f=f: [launch(a, f) for _ in range(args.chain)])
@@ -119,11 +127,11 @@ def main():
             for p, _, s_ in points:
                 a, c = med(t1[(v, p)]), med(tc[(v, p)])
                 a0, c0 = med(t1[(variants[0][0], p)]), med(tc[(variants[0][0], p)])
-                log(f"| {B} | {L} | {v} | {p} | {s_ * 100:.1f}% | {a * 1e6:.1f} | {c * 1e6:.1f} | "
+                log(f"| {B} | {L}{'' if lq == 1 else f' (Lq {lq})'} | {v} | {p} | {s_ * 100:.1f}% | {a * 1e6:.1f} | {c * 1e6:.1f} | "
                     f"{a0 / a:.2f}x / {c0 / c:.2f}x |")
         one = chained = None
         torch.cuda.empty_cache()
-    log(f"variants bitwise equal (outputs, lse, counters): {all_same}")
+    log(f"variants agree (counters equal, outputs within bf16 level): {all_same}")
     return all_same
 
 

@@ -76,6 +76,11 @@ USE_PDL = os.environ.get("BLASST_MLA_PDL", "1") != "0"
 # The combine's grouped merge (combine.py: a row's split groups spread over up to 8 warps, one
 # memory round trip); BLASST_MLA_GROUPED_MERGE=0: the earlier one-warp-per-chunk loops.
 GROUPED_MERGE = os.environ.get("BLASST_MLA_GROUPED_MERGE", "1") != "0"
+# How the two consumer warpgroups share the key tiles (see mla_decode.py): "alternate" (each
+# computes S and the softmax of every other tile; H100 1.00-1.10x faster dense, 1.02-1.16x
+# sparse, perf/results/mla-decode-h100-alternate.md) or "split_keys" (both on every tile, half
+# the keys each). BLASST_MLA_SCHEDULE=split_keys restores the earlier one (comparisons).
+SCHEDULE = os.environ.get("BLASST_MLA_SCHEDULE", "alternate")
 
 
 def mla_num_splits(work_units: int, n_tiles: int, num_sms: int) -> int:
@@ -140,6 +145,7 @@ def _config_key(config: dict) -> tuple:
               "use_pdl"):
         c[k] = bool(c.get(k, False))
     c["cluster_m"] = int(c.get("cluster_m", 1))
+    c.setdefault("schedule", SCHEDULE)
     return tuple(sorted(c.items(), key=lambda kv: kv[0]))
 
 
@@ -149,7 +155,8 @@ def _make_kernel(key: tuple) -> BlasstMlaDecodeSm90:
         TORCH_TO_CUTLASS[c["dtype"]], page_size=c["page_size"], causal=c["causal"],
         has_skip=c["has_skip"], factor_per_batch=c["factor_per_batch"],
         has_stats=c["has_stats"], direct_out=c["direct_out"], cluster_m=c["cluster_m"],
-        interleave_splits=c["interleave_splits"], use_pdl=c["use_pdl"])
+        interleave_splits=c["interleave_splits"], use_pdl=c["use_pdl"],
+        schedule=c["schedule"])
 
 
 def _compile_args(c: dict, stream):
@@ -218,7 +225,8 @@ _plans_lock = threading.Lock()
 def _get_plan(q, kv_cache, block_table, causal, has_skip, fpb, has_stats, num_splits) -> _Plan:
     key = (q.shape, q.dtype, q.get_device(), kv_cache.shape, kv_cache.stride(),
            None if block_table is None else (block_table.shape, block_table.stride(0)),
-           causal, has_skip, fpb, has_stats, num_splits, CLUSTER_MODE, INTERLEAVE_SPLITS, USE_PDL)
+           causal, has_skip, fpb, has_stats, num_splits, CLUSTER_MODE, INTERLEAVE_SPLITS, USE_PDL,
+           SCHEDULE)
     plan = _plans.get(key)
     if plan is not None:
         return plan
@@ -238,7 +246,7 @@ def _get_plan(q, kv_cache, block_table, causal, has_skip, fpb, has_stats, num_sp
                                               tiles_per_split),
                       # one split: both tile orders coincide (one compiled kernel)
                       interleave_splits=geo["interleave_splits"] and not p.direct,
-                      use_pdl=USE_PDL)
+                      use_pdl=USE_PDL, schedule=SCHEDULE)
         ck = _config_key(config)
         p.fn = _compiled(ck, lambda: _make_kernel(ck).launch_ptrs,
                          _compile_args(dict(ck), cuda_stream(0)))

@@ -56,6 +56,18 @@ def test_compile_mla_decode_variants_cpu(extra):
 
 
 @cpu_only
+@pytest.mark.parametrize("schedule", ["alternate", "split_keys"])
+@pytest.mark.parametrize("extra", [dict(page_size=64, has_skip=True, has_stats=True, cluster_m=2,
+                                        interleave_splits=True),
+                                   dict(page_size=None, direct_out=True)],
+                         ids=["p64-skip-stats-cluster", "contig-dense-direct"])
+def test_compile_mla_decode_schedules_cpu(schedule, extra):
+    cfg = dict(dtype=torch.bfloat16, schedule=schedule)
+    cfg.update(extra)
+    assert launch_mla.compile_mla_decode_sm90(cfg) is not None
+
+
+@cpu_only
 @pytest.mark.parametrize("config", launch_mla.supported_cluster_configs(),
                          ids=lambda c: "cluster-" + _cfg_id(
                              dict(dict(has_skip=False, has_stats=False, direct_out=False), **c)))
@@ -87,6 +99,8 @@ def test_cluster_choice():
     assert launch_mla.mla_cluster_m(128, 1, tiles_per_split=512) == 2
     with pytest.raises(NotImplementedError, match="cluster_m 4"):
         launch_mla.compile_mla_decode_sm90(dict(page_size=64, cluster_m=4))
+    with pytest.raises(NotImplementedError, match="schedule 'fast'"):
+        launch_mla.compile_mla_decode_sm90(dict(page_size=64, schedule="fast"))
 
 
 def test_unsupported_configs_raise():
@@ -203,6 +217,17 @@ def test_cluster_variant(page_size, lq, H, factor, monkeypatch):
     from gpu_mla_decode_smoke import check_case
     monkeypatch.setattr(launch_mla, "CLUSTER_MODE", "always")
     ok, msg = check_case(2, lq, H, [6000, 2500], page_size, factor=factor,
+                         use_synth=factor is not None)
+    assert ok, msg
+
+
+@gpu
+@pytest.mark.parametrize("page_size,lq,H,factor", [(64, 2, 128, 100.0), (None, 1, 16, None)])
+def test_split_keys_schedule(page_size, lq, H, factor, monkeypatch):
+    # the earlier schedule stays selectable (BLASST_MLA_SCHEDULE=split_keys): same contract
+    from gpu_mla_decode_smoke import check_case
+    monkeypatch.setattr(launch_mla, "SCHEDULE", "split_keys")
+    ok, msg = check_case(2, lq, H, [4096, 2500], page_size, factor=factor,
                          use_synth=factor is not None)
     assert ok, msg
 

@@ -189,6 +189,21 @@ class OnlineSoftmax:
         return row_scale
 
     @cute.jit
+    def absorb_max(self, m_new: cute.Tensor):
+        """Move to a running max that a kept tile of another thread group produced (its P is
+        summed by that group): rescale the row sums, adopt m_new. Returns the O factor per row,
+        the same value ``update`` returned to the tile's owner."""
+        row_scale = cute.make_rmem_tensor(self.num_rows, Float32)
+        for r in cutlass.range_constexpr(self.num_rows):
+            m_safe = Float32(0.0) if m_new[r] == -Float32.inf else m_new[r]
+            sc = cute.math.exp2(
+                self.row_max[r] * self.scale_log2 - m_safe * self.scale_log2, fastmath=True)
+            row_scale[r] = sc
+            self.row_sum[r] = self.row_sum[r] * sc
+            self.row_max[r] = m_new[r]
+        return row_scale
+
+    @cute.jit
     def finalize(self):
         """Returns (1/l per row, lse per row in natural log). Empty rows: scale 1, lse -inf."""
         inv = cute.make_rmem_tensor(self.num_rows, Float32)

@@ -5,18 +5,31 @@
 # K = the whole 576-dim row, V = its first 512 dims. One CTA per (q-tile of 64 packed rows, split,
 # batch); rows r = pos * H + h (the H heads x Lq_new new tokens all share the one latent head, so
 # a tile's rows are contiguous rows of q). Key tiles of 64 tokens. 384 threads:
-#   warps 0-7 (two consumer warpgroups, one 256-thread tiled MMA split along N):
-#       S = Q K^T: warpgroup w computes the 64 x 32 scores of keys [32w, 32w + 32) (K-depth 576);
-#       O += P V: warpgroup w owns O[:, 256w : 256w + 256] (128 fp32 accumulators per thread),
-#       both read the whole 64 x 64 P tile from smem.
+#   warps 0-7, two consumer warpgroups; warpgroup w owns O[:, 256w : 256w + 256] (128 fp32
+#   accumulators per thread). Two schedules (``schedule``):
+#     "alternate" (default): warpgroup w computes S = Q K^T (64 x 64, K-depth 576), the mask,
+#       the row maxima, the BLASST vote (over its 128 threads) and the softmax of the local key
+#       tiles i with i % 2 == w, which always sit in K stage w. It publishes the keep flag and
+#       the new running max (smem) and P (the stage's rope block, columns 512-575, which no one
+#       reads once S is computed) and arrives at a named barrier; its own O += P V takes P from
+#       registers. The other warpgroup syncs there, adopts the new max (rescaling its O half
+#       and row sums), and adds P V with P from smem. The vote of tile i uses the running max
+#       after tile i - 1, which the other warpgroup decided, so the decisions and the visit
+#       order are those of a sequential pass. The two warpgroups' QK^T chains run on different
+#       tiles, one tile's softmax overlaps the other warpgroup's MMAs, and Q is read from smem
+#       once per tile, by m64n64 wgmmas (H100: 1.00-1.10x faster dense than "split_keys",
+#       1.02-1.16x sparse; perf/results/mla-decode-h100-alternate.md).
+#     "split_keys": both warpgroups work on every tile, each on 32 of its 64 keys (m64n32 S,
+#       both read all of Q); see "Row maxima and the BLASST vote" below; P goes through an
+#       8 KiB buffer that both read.
 #   warpgroup 2 (producer; only its first warp works, the group exists for setmaxnreg 240/24):
 #       TMA of the 64 x 576 Q tile (own barrier; a loop of 16-byte loads by the consumers cost
 #       3-6 us per launch, H100), then of the 64 x 576 K tiles, page by page through the block
 #       table, into a 2-stage ring (full/empty mbarriers). V needs no load: it is the first 512 columns of the K stage,
 #       viewed transposed (MN-major) as the B operand of the PV wgmma. A K stage is released
-#       after the PV product of its tile (or right after QK^T when the tile is skipped).
-# Smem: Q 72 KiB + 2 x K 72 KiB + P 8 KiB = 224 KiB, plus ~1.6 KiB of barriers and exchange slots,
-# so one CTA per SM.
+#       after the PV products of its tile (or right after the decision when the tile is skipped).
+# Smem: Q 72 KiB + 2 x K 72 KiB (+ P 8 KiB for split_keys) = 216 (224) KiB, plus ~2.6 KiB of
+# barriers and exchange slots, so one CTA per SM.
 # Cluster variant (cluster_m=2; launch_mla picks it, see CLUSTER_MODE there): the two q-tiles of a
 # (split, batch) run as one 2-CTA cluster (q-tile the fastest grid index). Each CTA's producer
 # loads half the rows of every K copy and multicasts it, so each K tile leaves DRAM/L2 once; each
@@ -45,8 +58,9 @@
 # 9 column chunks with a full barrier each, QK^T starting on the first (9: 3-5% slower dense,
 # 1-4% sparse; 3: within +-2%): neither smem operand bandwidth nor the tile's load latency bounds
 # the loop, whose QK^T, vote, softmax and PV phases run one after another in both warpgroups.
+# (These tries were of the split_keys schedule, before "alternate" existed.)
 #
-# Row maxima and the BLASST vote across the two warpgroups: a row skips a tile iff
+# Row maxima and the BLASST vote across the two warpgroups (split_keys): a row skips a tile iff
 # (max(m_0, m_1) - m_run) * s < log2(lambda), which is the AND of the same test on each half's
 # partial max m_w. So each warpgroup votes on its own half, and one bar.red.and over the 256
 # consumer threads gives the tile decision; the same barrier orders the partial maxima each
@@ -86,6 +100,7 @@ from blasst_cute.kernels.common.kv_tiles import (
     split_tiles_interleaved,
 )
 from blasst_cute.kernels.common.layout import (
+    acc_as_operand_a,
     acc_rows_cols,
     assume_rows_aligned,
     select_modes,
@@ -114,11 +129,21 @@ SMEM_LIMIT = 227 * 1024  # opt-in dynamic smem per block on sm_90
 
 
 class MlaBarrier(enum.IntEnum):
-    """Named-barrier ids (0 is __syncthreads); all over the 256 consumer threads."""
+    """Named-barrier ids (0 is __syncthreads)."""
 
-    Consumers = 1  # plain sync (Q loaded, row-max exchange in the dense variant, row sums)
-    Vote = 2  # bar.red.and of the BLASST vote (also orders the row-max exchange)
-    PReady = 3  # the P tile is complete in smem
+    Consumers = 1  # plain sync of the 256 consumer threads (row-max exchange, row sums)
+    Vote = 2  # split_keys: bar.red.and of the BLASST vote over 256 threads
+    PReady = 3  # split_keys: the P tile is complete in smem
+    # alternate: warpgroup w's vote over its own 128 threads (VoteWG0 + w)
+    VoteWG0 = 4
+    VoteWG1 = 5
+    # alternate: the tile of warpgroup w is decided (flag, running max and P published);
+    # w arrives, the other warpgroup syncs (256 threads; TileReadyWG0 + w)
+    TileReadyWG0 = 6
+    TileReadyWG1 = 7
+
+
+SCHEDULES = ("alternate", "split_keys")
 
 
 class BlasstMlaDecodeSm90:
@@ -139,7 +164,10 @@ class BlasstMlaDecodeSm90:
         cluster_m: int = 1,
         interleave_splits: bool = False,
         use_pdl: bool = False,
+        schedule: str = "alternate",
     ):
+        if schedule not in SCHEDULES:
+            raise NotImplementedError(f"blasst sm90 MLA decode: schedule {schedule!r} ({SCHEDULES})")
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
             raise NotImplementedError(f"blasst sm90 MLA decode: dtype {dtype} (bf16/fp16 only)")
         if page_size is not None and page_size not in SUPPORTED_PAGE_SIZES:
@@ -174,6 +202,11 @@ class BlasstMlaDecodeSm90:
         # the kernel before them in the stream drains; every global access waits for it
         # (griddepcontrol.wait), and the kernel after (the combine) may launch once all CTAs run.
         self.use_pdl = use_pdl
+        # How the two consumer warpgroups share the key tiles (see the module comment):
+        # "alternate": warpgroup w computes S and the softmax of the tiles i with i % 2 == w
+        # alone, and both add every kept tile's P V to their half of O;
+        # "split_keys": both work on every tile, each on 32 of its 64 keys.
+        self.schedule = schedule
         self.rows_per_tma = self.rows_per_copy // cluster_m
         self.num_stages = NUM_STAGES
         self.num_consumer_threads = 256
@@ -190,9 +223,23 @@ class BlasstMlaDecodeSm90:
         return smem_layout(self.dtype, rows, cols, stages)
 
     def _tiled_mmas(self):
-        # Two warpgroups side by side along N: QK^T atoms of 64 x 32, PV atoms of 64 x 256.
-        return qk_pv_tiled_mmas(self.dtype, (1, 2, 1), (TILE_M, TILE_N // 2),
-                                (TILE_M, HEAD_DIM_V // 2))
+        """(QK^T, PV with P from smem, PV with P from registers).
+
+        PV: two warpgroups side by side along N (64 x 256 atoms, one half of O each).
+        QK^T: split_keys, the same arrangement with 64 x 32 atoms (half the keys each);
+        alternate, one warpgroup's 64 x 64 tile (each warpgroup computes whole tiles)."""
+        if const_expr(self.schedule != "split_keys"):
+            mma_qk, _ = qk_pv_tiled_mmas(self.dtype, (1, 1, 1), (TILE_M, TILE_N),
+                                         (TILE_M, HEAD_DIM_V // 2))
+        else:
+            mma_qk, _ = qk_pv_tiled_mmas(self.dtype, (1, 2, 1), (TILE_M, TILE_N // 2),
+                                         (TILE_M, HEAD_DIM_V // 2))
+        _, mma_pv = qk_pv_tiled_mmas(self.dtype, (1, 2, 1), (TILE_M, TILE_N // 2),
+                                     (TILE_M, HEAD_DIM_V // 2))
+        _, mma_pv_rs = qk_pv_tiled_mmas(self.dtype, (1, 2, 1), (TILE_M, TILE_N // 2),
+                                        (TILE_M, HEAD_DIM_V // 2),
+                                        pv_a_source=warpgroup.OperandSource.RMEM)
+        return mma_qk, mma_pv, mma_pv_rs
 
     # ------------------------------------------------------------------ host launch
     @cute.jit
@@ -258,7 +305,7 @@ class BlasstMlaDecodeSm90:
         # Latent cache in CuTe order (rows, d, page-or-batch); d contiguous.
         mKc = select_modes(assume_rows_aligned(mKV), [1, 2, 0])
 
-        tiled_mma_qk, tiled_mma_pv = self._tiled_mmas()
+        tiled_mma_qk, tiled_mma_pv, tiled_mma_pv_rs = self._tiled_mmas()
         NS = self.num_stages
         sQ_layout = self._smem_layout(TILE_M, HEAD_DIM)
         sK_layout = self._smem_layout(TILE_N, HEAD_DIM, NS)
@@ -282,17 +329,24 @@ class BlasstMlaDecodeSm90:
             cpasync.CopyBulkTensorTileG2SOp(), mQr, sQ_layout, (TILE_M, HEAD_DIM))
         self.tx_bytes_Q = cute.size_in_bytes(self.dtype, sQ_layout)
 
+        # alternate: P lives in the rope block of its K stage (no buffer of its own)
+        p_elems = cute.cosize(sP_layout) if self.schedule == "split_keys" else 8
+
         # Big buffers first (1024-aligned for the 128B swizzle), the small ones after them.
         @cute.struct
         class SharedStorage:
             sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sQ_layout)], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
-            sP: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sP_layout)], 1024]
+            sP: cute.struct.Align[cute.struct.MemRange[self.dtype, p_elems], 1024]
             mbar_full: cute.struct.MemRange[cutlass.Int64, NS]
             mbar_empty: cute.struct.MemRange[cutlass.Int64, NS]
             mbar_q: cute.struct.MemRange[cutlass.Int64, 1]
             row_max: cute.struct.MemRange[Float32, 2 * 2 * TILE_M]  # (parity, warpgroup, row)
             row_sum: cute.struct.MemRange[Float32, 2 * TILE_M]  # (warpgroup, row)
+            # alternate: the running max after the last decided tile, per (row slot, thread of
+            # a warpgroup), and each tile's keep flag by tile parity
+            run_max: cute.struct.MemRange[Float32, 2 * 128]
+            keep_flag: cute.struct.MemRange[Int32, 2]
 
         self.shared_storage = SharedStorage
         if const_expr(SharedStorage.size_in_bytes() > SMEM_LIMIT):
@@ -306,7 +360,7 @@ class BlasstMlaDecodeSm90:
         self.kernel(
             mQ, tma_Q, tma_K, mO, mLSE, mSeqlens, mBlockTable, tma_atom_Q, tma_atom_K,
             scale_log2, threshold_scale_factor, mFactor, mVisited, mSkipped, num_splits,
-            sQ_layout, sK_layout, sP_layout, tiled_mma_qk, tiled_mma_pv,
+            sQ_layout, sK_layout, sP_layout, tiled_mma_qk, tiled_mma_pv, tiled_mma_pv_rs,
         ).launch(
             grid=[num_m_blocks * num_splits, 1, num_batch],
             block=[self.num_threads, 1, 1],
@@ -340,6 +394,7 @@ class BlasstMlaDecodeSm90:
         sP_layout: cute.ComposedLayout,
         tiled_mma_qk: cute.TiledMma,
         tiled_mma_pv: cute.TiledMma,
+        tiled_mma_pv_rs: cute.TiledMma,
     ):
         NS = self.num_stages
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
@@ -381,6 +436,8 @@ class BlasstMlaDecodeSm90:
         sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
         sRowMax = storage.row_max.get_tensor(cute.make_layout((2, 2, TILE_M), stride=(2 * TILE_M, TILE_M, 1)))
         sRowSum = storage.row_sum.get_tensor(cute.make_layout((2, TILE_M), stride=(TILE_M, 1)))
+        sRunMax = storage.run_max.get_tensor(cute.make_layout((2, 128), stride=(128, 1)))
+        sKeepFlag = storage.keep_flag.get_tensor(cute.make_layout(2))
 
         if const_expr(self.use_pdl):
             cute.arch.griddepcontrol_wait()
@@ -417,12 +474,21 @@ class BlasstMlaDecodeSm90:
                           tile_step, n_local, cta_rank)
         else:
             cute.arch.setmaxregister_increase(self.num_mma_regs)
-            self.mma(
-                mO, mLSE, sQ, sK, sP, sRowMax, sRowSum, mbar_q, mbar_full, mbar_empty,
-                tiled_mma_qk, tiled_mma_pv, tidx, m_block, split_idx, batch_idx, num_heads,
-                num_rows, seqlen_q, seqlen_k, tile_first, tile_step, n_local,
-                scale_log2, threshold_scale_factor, mFactor, mVisited, mSkipped, cta_rank,
-            )
+            if const_expr(self.schedule != "split_keys"):
+                self.mma_alternate(
+                    mO, mLSE, sQ, sK, sRunMax, sKeepFlag, sRowSum, mbar_q, mbar_full,
+                    mbar_empty, tiled_mma_qk, tiled_mma_pv, tiled_mma_pv_rs, tidx, m_block,
+                    split_idx, batch_idx, num_heads, num_rows, seqlen_q, seqlen_k, tile_first,
+                    tile_step, n_local, scale_log2, threshold_scale_factor, mFactor, mVisited,
+                    mSkipped, cta_rank,
+                )
+            else:
+                self.mma(
+                    mO, mLSE, sQ, sK, sP, sRowMax, sRowSum, mbar_q, mbar_full, mbar_empty,
+                    tiled_mma_qk, tiled_mma_pv, tidx, m_block, split_idx, batch_idx, num_heads,
+                    num_rows, seqlen_q, seqlen_k, tile_first, tile_step, n_local,
+                    scale_log2, threshold_scale_factor, mFactor, mVisited, mSkipped, cta_rank,
+                )
         if const_expr(self.cluster_m > 1):
             # No CTA exits while its peer may still arrive on its empty barriers.
             cute.arch.cluster_arrive()
@@ -507,6 +573,50 @@ class BlasstMlaDecodeSm90:
                                       tKsK[ncl * c + r][None, stage],
                                       tma_bar_ptr=mbar_full + stage, mcast_mask=mcast_mask)
 
+    # ------------------------------------------------------------------ consumer pieces
+    @staticmethod
+    def vt_view(sK: cute.Tensor) -> cute.Tensor:
+        """V^T = the first 512 columns of the K stages, viewed (d, key, stage): element (j, n, s)
+        of the view is element (n, j, s) of sK (index n + 64 j + 64*576 s)."""
+        return cute.composition(sK, cute.make_layout(
+            (HEAD_DIM_V, TILE_N, NUM_STAGES), stride=(TILE_N, 1, TILE_N * HEAD_DIM)))
+
+    @cute.jit
+    def row_state(
+        self, thr_mma_qk, m_block: Int32, num_rows: Int32, num_heads: Int32, seqlen_q: Int32,
+        seqlen_k: Int32, scale_log2: Float32, threshold_scale_factor: Float32,
+        mFactor: Optional[cute.Tensor], batch_idx: Int32,
+    ):
+        """Per-thread row bookkeeping of a consumer: (identity partition of S in (row, col)
+        view, rows per thread, row valid, per-row key limit, first masked key, the online
+        softmax, log2(lambda), skip enabled)."""
+        tScS = thr_mma_qk.partition_C(cute.make_identity_tensor((TILE_M, TILE_N)))
+        tScS_mn = acc_rows_cols(tScS)
+        n_rows_thr = cute.size(tScS_mn, mode=[0])
+        row_valid, row_limit, mask_from = packed_row_limits(
+            tScS_mn, n_rows_thr, m_block, TILE_M, num_rows, num_heads, seqlen_q, seqlen_k,
+            self.causal)
+        softmax = OnlineSoftmax(scale_log2, n_rows_thr)
+        softmax.reset()
+        log2_lambda, skip_enabled = sequence_threshold_log2(
+            self.has_skip, self.factor_per_batch, threshold_scale_factor, mFactor, batch_idx,
+            seqlen_k)
+        return (tScS_mn, n_rows_thr, row_valid, row_limit, mask_from, softmax, log2_lambda,
+                skip_enabled)
+
+    @cute.jit
+    def mask_tile(self, acc_S: cute.Tensor, tScS_mn: cute.Tensor, row_limit: cute.Tensor,
+                  tile: Int32, mask_from: Int32):
+        """-inf for the keys a row does not see (key length, causality among the new tokens);
+        only tiles reaching past ``mask_from`` have any."""
+        if tile * TILE_N + TILE_N > mask_from:
+            s_mn = acc_rows_cols(acc_S)
+            for r in cutlass.range_constexpr(cute.size(s_mn, mode=[0])):
+                lim = row_limit[r] - tile * TILE_N
+                for c in cutlass.range_constexpr(cute.size(s_mn, mode=[1])):
+                    if tScS_mn[r, c][1] >= lim:
+                        s_mn[r, c] = -Float32.inf
+
     # ------------------------------------------------------------------ consumer warpgroups
     @cute.jit
     def mma(
@@ -530,9 +640,7 @@ class BlasstMlaDecodeSm90:
         # ---- Q (64 packed rows, TMA by the producer; rows past H * Lq_new are zero)
         cute.arch.mbarrier_wait(mbar_q, 0)
 
-        # ---- MMA fragments. V^T = the first 512 columns of the K stage, viewed (d, key, stage):
-        # element (j, n, s) of the view is element (n, j, s) of sK (index n + 64 j + 64*576 s).
-        # The smem operand fragments (wgmma descriptors) come from the warpgroup's slice, a
+        # ---- MMA fragments. The smem operand fragments (wgmma descriptors) come from the warpgroup's slice, a
         # warp-uniform index, so that ptxas builds the descriptors in uniform registers; the
         # thread's own slice only partitions the accumulators. (From the thread's slice the
         # main loop had ~200 more instructions, ~80 of them R2UR moves, and ran 2-5 % slower
@@ -541,8 +649,7 @@ class BlasstMlaDecodeSm90:
         thr_mma_pv = tiled_mma_pv.get_slice(tidx)
         wg_mma_qk = tiled_mma_qk.get_slice(wg * 128)
         wg_mma_pv = tiled_mma_pv.get_slice(wg * 128)
-        sVt = cute.composition(
-            sK, cute.make_layout((HEAD_DIM_V, TILE_N, NS), stride=(TILE_N, 1, TILE_N * HEAD_DIM)))
+        sVt = self.vt_view(sK)
         tSrQ = wg_mma_qk.make_fragment_A(wg_mma_qk.partition_A(sQ))
         tSrK = wg_mma_qk.make_fragment_B(wg_mma_qk.partition_B(sK))
         tOrP = wg_mma_pv.make_fragment_A(wg_mma_pv.partition_A(sP))
@@ -550,26 +657,15 @@ class BlasstMlaDecodeSm90:
         acc_S_shape = thr_mma_qk.partition_shape_C((TILE_M, TILE_N))
         acc_O = cute.make_rmem_tensor(thr_mma_pv.partition_shape_C((TILE_M, HEAD_DIM_V)), Float32)
         acc_O.fill(0.0)
-        cS = cute.make_identity_tensor((TILE_M, TILE_N))
-        tScS = thr_mma_qk.partition_C(cS)
-        tScS_mn = acc_rows_cols(tScS)
-        n_rows_thr = cute.size(tScS_mn, mode=[0])
         st_atom = cute.make_copy_atom(
             cute.nvgpu.warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4), self.dtype
         )
         thr_st = cute.make_tiled_copy_C(st_atom, tiled_mma_qk).get_slice(tidx)
         tPsP = thr_st.partition_D(sP)
-
-        # Per-row key limits (exclusive) and validity.
-        row_valid, row_limit, mask_from = packed_row_limits(
-            tScS_mn, n_rows_thr, m_block, TILE_M, num_rows, H, seqlen_q, seqlen_k, self.causal)
+        (tScS_mn, n_rows_thr, row_valid, row_limit, mask_from, softmax, log2_lambda,
+         skip_enabled) = self.row_state(thr_mma_qk, m_block, num_rows, H, seqlen_q, seqlen_k,
+                                        scale_log2, threshold_scale_factor, mFactor, batch_idx)
         quad_leader = tidx % 4 == 0
-
-        softmax = OnlineSoftmax(scale_log2, n_rows_thr)
-        softmax.reset()
-        log2_lambda, skip_enabled = sequence_threshold_log2(
-            self.has_skip, self.factor_per_batch, threshold_scale_factor, mFactor, batch_idx,
-            seqlen_k)
 
         num_kept = Int32(0)
         for i in cutlass.range(n_local, unroll=1):
@@ -581,15 +677,7 @@ class BlasstMlaDecodeSm90:
             cute.arch.mbarrier_wait(mbar_full + stage, (i // NS) % 2)
             wgmma(tiled_mma_qk, acc_S, tSrQ, tSrK[None, None, None, stage], True)
             warpgroup.wait_group(0)
-            # ---- mask (key length, causality among the new tokens)
-            if tile * TILE_N + TILE_N > mask_from:
-                s_mn = acc_rows_cols(acc_S)
-                c_mn = acc_rows_cols(tScS)
-                for r in cutlass.range_constexpr(n_rows_thr):
-                    lim = row_limit[r] - tile * TILE_N
-                    for c in cutlass.range_constexpr(cute.size(s_mn, mode=[1])):
-                        if c_mn[r, c][1] >= lim:
-                            s_mn[r, c] = -Float32.inf
+            self.mask_tile(acc_S, tScS_mn, row_limit, tile, mask_from)
             # ---- partial row max over this warpgroup's keys, parked for the other warpgroup
             m_tile = softmax.tile_row_max(acc_S)
             if quad_leader:
@@ -635,7 +723,19 @@ class BlasstMlaDecodeSm90:
                 cute.arch.atomic_add(elem_ptr(mVisited, (batch_idx,)), n_local)
                 cute.arch.atomic_add(elem_ptr(mSkipped, (batch_idx,)), n_local - num_kept)
 
-        # ---- row sums: per-warpgroup partials (same running max) added through smem
+        self.finish(acc_O, softmax, sRowSum, thr_mma_pv, tScS_mn, n_rows_thr, wg, quad_leader,
+                    scale_log2, mO, mLSE, m_block, num_rows, H, batch_idx, split_idx)
+
+    @cute.jit
+    def finish(
+        self, acc_O: cute.Tensor, softmax: OnlineSoftmax, sRowSum: cute.Tensor, thr_mma_pv,
+        tScS_mn: cute.Tensor, n_rows_thr: cutlass.Constexpr[int], wg: Int32, quad_leader: Boolean,
+        scale_log2: Float32, mO: cute.Tensor, mLSE: cute.Tensor, m_block: Int32,
+        num_rows: Int32, H: Int32, batch_idx: Int32, split_idx: Int32,
+    ):
+        """Normalize and store this warpgroup's half of O (and lse from warpgroup 0). Row sums
+        are per-warpgroup partials at the same running max, added through smem."""
+        nthr = self.num_consumer_threads
         l_own = cute.make_rmem_tensor(n_rows_thr, Float32)
         for r in cutlass.range_constexpr(n_rows_thr):
             l_own[r] = quad_allreduce_sum(softmax.row_sum[r])
@@ -654,7 +754,180 @@ class BlasstMlaDecodeSm90:
                 else (softmax.row_max[r] * scale_log2 + cute.math.log2(l, fastmath=True)) * LN_2
             )
         rescale_rows(acc_O, inv_l)
-
-        # ---- epilogue: this warpgroup's 256 columns of O, lse from warpgroup 0
         store_out_lse(acc_O, lse, thr_mma_pv, mO, mLSE, m_block, num_rows, H, None, batch_idx,
                       split_idx, n_rows_thr, TILE_M, HEAD_DIM_V, self.direct_out, self.dtype)
+
+    # ------------------------------------------------------------------ alternate schedule
+    @cute.jit
+    def release_stage(self, mbar_empty, stage: Int32, cta_rank: Int32):
+        """This warp no longer reads K stage ``stage``: one arrival on its empty barrier in every
+        CTA of the cluster (each refills its share of the next tile)."""
+        with cute.arch.elect_one():
+            cute.arch.mbarrier_arrive(mbar_empty + stage)
+            for r in cutlass.range_constexpr(1, self.cluster_m):
+                cute.arch.mbarrier_arrive(mbar_empty + stage, (cta_rank + r) % self.cluster_m)
+
+    @cute.jit
+    def mma_alternate(
+        self,
+        mO: cute.Tensor, mLSE: cute.Tensor,
+        sQ: cute.Tensor, sK: cute.Tensor, sRunMax: cute.Tensor, sKeepFlag: cute.Tensor,
+        sRowSum: cute.Tensor,
+        mbar_q, mbar_full, mbar_empty,
+        tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma, tiled_mma_pv_rs: cute.TiledMma,
+        tidx: Int32, m_block: Int32, split_idx: Int32, batch_idx: Int32, num_heads: Int32,
+        num_rows: Int32, seqlen_q: Int32, seqlen_k: Int32, tile_first: Int32, tile_step: Int32,
+        n_local: Int32,
+        scale_log2: Float32, threshold_scale_factor: Float32, mFactor: Optional[cute.Tensor],
+        mVisited: Optional[cute.Tensor], mSkipped: Optional[cute.Tensor], cta_rank: Int32,
+    ):
+        """Consumer warpgroups, alternate schedule: warpgroup w owns the local tiles i with
+        i % 2 == w (always K stage w). For its own tile it computes S = Q K^T (64 x 64), the
+        mask, the row maxima and the vote (its 128 threads; m_run is the running max after tile
+        i - 1, which the other warpgroup decided), then the softmax; it publishes the keep flag,
+        the new running max and P (into the stage's rope block, dead once S is computed) and
+        arrives at TileReady; its own P V reads P from registers. For the other warpgroup's
+        tile it syncs at TileReady, adopts the new max and adds P V from smem. So the two
+        warpgroups' QK^T run on different tiles at once, and one tile's softmax overlaps the
+        other warpgroup's MMAs. The decisions (and the visit order) are those of the
+        split_keys schedule; only the fp32 summation order of the row sums differs."""
+        nthr = self.num_consumer_threads
+        wg = cute.arch.make_warp_uniform(tidx // 128)
+        tid_wg = tidx % 128
+        H = num_heads
+
+        cute.arch.mbarrier_wait(mbar_q, 0)
+
+        # ---- MMA fragments (smem operands from the warpgroup's slice: uniform descriptors)
+        thr_mma_qk = tiled_mma_qk.get_slice(tid_wg)
+        wg_mma_qk = tiled_mma_qk.get_slice(0)
+        thr_mma_pv = tiled_mma_pv.get_slice(tidx)
+        wg_mma_pv = tiled_mma_pv.get_slice(wg * 128)
+        thr_mma_pv_rs = tiled_mma_pv_rs.get_slice(tidx)
+        wg_mma_pv_rs = tiled_mma_pv_rs.get_slice(wg * 128)
+        NS = self.num_stages
+        sVt = self.vt_view(sK)
+        # P of a tile: the 64 x 64 rope block (columns 512-575) of its K stage, (64, 64, stage)
+        sPk = cute.flat_divide(sK, (TILE_M, HEAD_DIM - HEAD_DIM_V))[
+            None, None, 0, HEAD_DIM_V // (HEAD_DIM - HEAD_DIM_V), None]
+        tSrQ = wg_mma_qk.make_fragment_A(wg_mma_qk.partition_A(sQ))
+        tSrK = wg_mma_qk.make_fragment_B(wg_mma_qk.partition_B(sK))
+        tOrPs = wg_mma_pv.make_fragment_A(wg_mma_pv.partition_A(sPk))
+        tOrVt = wg_mma_pv.make_fragment_B(wg_mma_pv.partition_B(sVt))
+        tOrVt_rs = wg_mma_pv_rs.make_fragment_B(wg_mma_pv_rs.partition_B(sVt))
+        tOrPr = thr_mma_pv_rs.make_fragment_A(thr_mma_pv_rs.partition_shape_A((TILE_M, TILE_N)))
+        acc_S_shape = thr_mma_qk.partition_shape_C((TILE_M, TILE_N))
+        acc_O = cute.make_rmem_tensor(thr_mma_pv.partition_shape_C((TILE_M, HEAD_DIM_V)), Float32)
+        acc_O.fill(0.0)
+        st_atom = cute.make_copy_atom(
+            cute.nvgpu.warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4), self.dtype
+        )
+        thr_st = cute.make_tiled_copy_C(st_atom, tiled_mma_qk).get_slice(tid_wg)
+        tPsP = thr_st.partition_D(sPk)
+        (tScS_mn, n_rows_thr, row_valid, row_limit, mask_from, softmax, log2_lambda,
+         skip_enabled) = self.row_state(thr_mma_qk, m_block, num_rows, H, seqlen_q, seqlen_k,
+                                        scale_log2, threshold_scale_factor, mFactor, batch_idx)
+        quad_leader = tidx % 4 == 0
+
+        num_kept = Int32(0)  # over all tiles of the CTA (both warpgroups see every flag)
+        n_own = (n_local - wg + 1) // 2
+        for k in cutlass.range(n_own, unroll=1):
+            i = 2 * k + wg
+            # ---- the other warpgroup's tile i - 1 (its P V on this warpgroup's half of O),
+            # then S = Q K^T of tile i (K stage wg, whole 64 keys). The stage of tile i - 1 is
+            # released as soon as that P V is done: the next load into it is on the critical
+            # path (two stages, one per warpgroup). Issuing S before waiting for tile i - 1's
+            # decision was 5-40 % slower on an H100 (a late K tile then also holds back that
+            # P V; perf/results/mla-decode-h100-alternate.md).
+            kept_prev = Int32(0)
+            if i > 0:
+                kept_prev = self.other_tile_decision(i - 1, sKeepFlag)
+                num_kept += kept_prev
+                self.other_tile_pv(i - 1, kept_prev, acc_O, softmax, sRunMax, tOrPs, tOrVt,
+                                   tiled_mma_pv, mbar_empty, tid_wg, n_rows_thr, cta_rank)
+            acc_S = cute.make_rmem_tensor(acc_S_shape, Float32)
+            cute.arch.mbarrier_wait(mbar_full + wg, (i // NS) % 2)
+            wgmma(tiled_mma_qk, acc_S, tSrQ, tSrK[None, None, None, wg], True)
+            if kept_prev != 0:
+                warpgroup.wait_group(1)  # the P V of tile i - 1 (S may still run)
+                self.release_stage(mbar_empty, 1 - wg, cta_rank)
+            warpgroup.wait_group(0)
+            self.mask_tile(acc_S, tScS_mn, row_limit, tile_first + i * tile_step, mask_from)
+            m_tile = softmax.tile_row_max(acc_S)
+            keep = Boolean(True)
+            if const_expr(self.has_skip):
+                vote = softmax.rows_vote_skip(m_tile, row_valid, log2_lambda)
+                vote = vote and skip_enabled and i > 0
+                keep = not group_all(vote, int(MlaBarrier.VoteWG0) + wg, 128, warp_uniform=True)
+            if keep:
+                if i == 0:
+                    softmax.update(acc_S, m_tile, True)
+                else:
+                    rescale_rows(acc_O, softmax.update(acc_S, m_tile, False))
+                # P for the other warpgroup (smem, the stage's rope block) and for this one
+                # (registers, the A operand of its P V)
+                rP = cute.make_rmem_tensor(acc_S.layout, self.dtype)
+                convert_f32_to_16bit(acc_S, rP)
+                cute.copy(st_atom, thr_st.retile(rP), tPsP[None, None, None, wg])
+                convert_f32_to_16bit(acc_as_operand_a(acc_S), tOrPr)
+                for r in cutlass.range_constexpr(n_rows_thr):
+                    sRunMax[r, tid_wg] = softmax.row_max[r]
+                cute.arch.fence_proxy("async.shared", space="cta")
+                num_kept += 1
+            if tid_wg == 0:
+                sKeepFlag[i % 2] = Int32(1) if keep else Int32(0)
+            cute.arch.barrier_arrive(barrier_id=int(MlaBarrier.TileReadyWG0) + wg,
+                                     number_of_threads=nthr)
+            if keep:
+                wgmma(tiled_mma_pv_rs, acc_O, tOrPr, tOrVt_rs[None, None, None, wg], False)
+                warpgroup.wait_group(0)
+            self.release_stage(mbar_empty, wg, cta_rank)
+        # ---- the other warpgroup's last tile
+        if n_local > 0:
+            if (n_local - 1) % 2 != wg:
+                kept_last = self.other_tile_decision(n_local - 1, sKeepFlag)
+                num_kept += kept_last
+                self.other_tile_pv(n_local - 1, kept_last, acc_O, softmax, sRunMax, tOrPs, tOrVt,
+                                   tiled_mma_pv, mbar_empty, tid_wg, n_rows_thr, cta_rank)
+                # (unconditional: ptxas must see the wait on every path before O is read)
+                warpgroup.wait_group(0)
+                if kept_last != 0:
+                    self.release_stage(mbar_empty, 1 - wg, cta_rank)
+
+        # ---- counters: one thread per CTA
+        if const_expr(self.has_stats):
+            if tidx == 0 and n_local > 0:
+                cute.arch.atomic_add(elem_ptr(mVisited, (batch_idx,)), n_local)
+                cute.arch.atomic_add(elem_ptr(mSkipped, (batch_idx,)), n_local - num_kept)
+
+        self.finish(acc_O, softmax, sRowSum, thr_mma_pv, tScS_mn, n_rows_thr, wg, quad_leader,
+                    scale_log2, mO, mLSE, m_block, num_rows, H, batch_idx, split_idx)
+
+    @cute.jit
+    def other_tile_decision(self, j: Int32, sKeepFlag: cute.Tensor) -> Int32:
+        """Wait until the other warpgroup decided its tile j (alternate schedule); 1 if kept."""
+        cute.arch.barrier(barrier_id=int(MlaBarrier.TileReadyWG0) + j % 2,
+                          number_of_threads=self.num_consumer_threads)
+        # one word for the whole CTA; as a warp-uniform value the branch on it stays uniform
+        return cute.arch.make_warp_uniform(sKeepFlag[j % 2])
+
+    @cute.jit
+    def other_tile_pv(
+        self, j: Int32, kept: Int32, acc_O: cute.Tensor, softmax: OnlineSoftmax,
+        sRunMax: cute.Tensor, tOrPs: cute.Tensor, tOrVt: cute.Tensor,
+        tiled_mma_pv: cute.TiledMma, mbar_empty, tid_wg: Int32, n_rows_thr: cutlass.Constexpr[int],
+        cta_rank: Int32,
+    ):
+        """The other warpgroup's tile j, decided: if kept, adopt its running max (rescaling
+        this half of O and the row sums) and issue O += P V with P from the stage's rope block
+        (the caller waits for it and releases the stage); if skipped, release the stage now."""
+        stage = j % 2
+        if kept != 0:
+            m_new = cute.make_rmem_tensor(n_rows_thr, Float32)
+            for r in cutlass.range_constexpr(n_rows_thr):
+                m_new[r] = sRunMax[r, tid_wg]
+            rescale_rows(acc_O, softmax.absorb_max(m_new))
+            wgmma(tiled_mma_pv, acc_O, tOrPs[None, None, None, stage],
+                  tOrVt[None, None, None, stage], False)
+        else:
+            self.release_stage(mbar_empty, stage, cta_rank)
