@@ -433,7 +433,9 @@ class BlasstMlaDecodeSm90:
 
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
-        sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
+        sP = None  # alternate: P lives in the K stages
+        if const_expr(self.schedule == "split_keys"):
+            sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
         sRowMax = storage.row_max.get_tensor(cute.make_layout((2, 2, TILE_M), stride=(2 * TILE_M, TILE_M, 1)))
         sRowSum = storage.row_sum.get_tensor(cute.make_layout((2, TILE_M), stride=(TILE_M, 1)))
         sRunMax = storage.run_max.get_tensor(cute.make_layout((2, 128), stride=(128, 1)))
