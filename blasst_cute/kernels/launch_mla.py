@@ -77,7 +77,7 @@ USE_PDL = os.environ.get("BLASST_MLA_PDL", "1") != "0"
 # memory round trip); BLASST_MLA_GROUPED_MERGE=0: the earlier one-warp-per-chunk loops.
 GROUPED_MERGE = os.environ.get("BLASST_MLA_GROUPED_MERGE", "1") != "0"
 # How the two consumer warpgroups share the key tiles (see mla_decode.py): "alternate" (each
-# computes S and the softmax of every other tile; H100 1.00-1.10x faster dense, 1.02-1.16x
+# computes S and the softmax of every other tile; H100 1.00-1.10x faster dense, 1.01-1.16x
 # sparse, perf/results/mla-decode-h100-alternate.md) or "split_keys" (both on every tile, half
 # the keys each). BLASST_MLA_SCHEDULE=split_keys restores the earlier one (comparisons).
 SCHEDULE = os.environ.get("BLASST_MLA_SCHEDULE", "alternate")
