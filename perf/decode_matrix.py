@@ -188,12 +188,14 @@ def dense_sets(B, L, hq, hk, seed=0):
     return sets, kv_bytes
 
 
-def synthetic_set(B, L, hq, hk, spec=WorkloadSpec(), seed=7):
-    """One LLM-like sequence (synthetic_qkv) repeated over the batch, paged with a shuffled table."""
-    q1, k1, v1 = synthetic_qkv(1, 1, L, hq, hk, D, device="cuda", seed=seed, spec=spec)
-    q = q1.expand(B, -1, -1, -1).contiguous()
-    k = k1.expand(B, -1, -1, -1).contiguous()
-    v = v1.expand(B, -1, -1, -1).contiguous()
+def synthetic_set(B, L, hq, hk, spec=WorkloadSpec(), seed=7, mixed=1):
+    """LLM-like sequences (synthetic_qkv), paged with a shuffled table: one sequence repeated over
+    the batch (every sequence then skips the same tiles), or with mixed=N, N different ones dealt
+    over it (sequence b is number b % N)."""
+    n = max(1, min(mixed, B))
+    q1, k1, v1 = synthetic_qkv(n, 1, L, hq, hk, D, device="cuda", seed=seed, spec=spec)
+    pick = torch.arange(B, device=q1.device) % n
+    q, k, v = q1[pick].contiguous(), k1[pick].contiguous(), v1[pick].contiguous()
     del q1, k1, v1
     kc, vc, bt = to_paged(k, v, PAGE, seed=seed)
     return dict(q=q, k=k, v=v, kc=kc, vc=vc, bt=bt,

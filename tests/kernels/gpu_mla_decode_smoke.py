@@ -286,11 +286,67 @@ def sdpa_expanded(q, kv, scale):
     return best
 
 
-def bench(cfgs, page_size=64, out_dir="."):
+def bench_splits(q, kvc, bt, lens, out, lse, ws, num_splits, scale, t_dense, t_sdpa, flops,
+                 nbytes, rows, prefix):
+    """Dense and skip at ~70% / ~90% block sparsity with one split count; t_dense: the dense
+    time the ratios are against (None: this one's). Returns that dense time."""
+    B = q.shape[0]
+
+    def mk(factor):
+        return lambda: launch_mla.run_mla_decode_sm90(
+            q, kvc, out, lse, cache_seqlens=lens, block_table=bt, softmax_scale=scale,
+            threshold_scale_factor=factor, workspace=ws, num_splits=num_splits)
+
+    def sparsity(factor):
+        cnt = [torch.zeros(B, dtype=torch.int32, device="cuda") for _ in range(2)]
+        launch_mla.run_mla_decode_sm90(q, kvc, out, lse, cache_seqlens=lens, block_table=bt,
+                                       softmax_scale=scale, threshold_scale_factor=factor,
+                                       visited=cnt[0], skipped=cnt[1], workspace=ws,
+                                       num_splits=num_splits)
+        return float(cnt[1].sum()) / max(1, float(cnt[0].sum()))
+
+    grid = [10, 30, 100, 300, 1000, 3000, 1e4, 3e4, 1e5, 3e5, 1e6]
+    sp = {f: sparsity(f) for f in grid}
+    points = [("dense", None, 0.0)]
+    for target in (0.7, 0.9):
+        f = min(grid, key=lambda x: abs(sp[x] - target))
+        # Sparsity grows with the factor until λ = f / L reaches 1 (then skipping is off):
+        # bisect (geometrically) between the grid points that bracket the target below
+        # that, so the row lands near ~70% / ~90%.
+        hi = min([x for x in grid if sp[x] >= target], default=None)
+        lo = None if hi is None else max([x for x in grid if x < hi and sp[x] <= target],
+                                         default=None)
+        for _ in range(4 if lo is not None and hi is not None else 0):
+            if abs(sp[f] - target) < 0.02:
+                break
+            mid = (lo * hi) ** 0.5
+            sp[mid] = sparsity(mid)
+            lo, hi = (mid, hi) if sp[mid] <= target else (lo, mid)
+            f = min(sp, key=lambda x: abs(sp[x] - target))
+        points.append((f"skip f={f:.4g}", f, sp[f]))
+    for name, f, s_ in points:
+        t = time_graph(mk(f))
+        if f is None and t_dense is None:
+            t_dense = t
+        ideal = 1.0 / (1.0 - s_ * DV / (D + DV))
+        vs_sdpa = f"{t_sdpa / t:.2f}x" if t_sdpa else "-"
+        line = (f"{prefix} {name} | {s_ * 100:.1f}% | "
+                f"{t * 1e6:.1f} | {flops / t / 1e12:.0f} | {nbytes / t / 1e9:.0f} | "
+                f"{vs_sdpa} | {t_dense / t:.2f}x (ideal {ideal:.2f}x) |")
+        log(line)
+        rows.append(line)
+    return t_dense
+
+
+def bench(cfgs, page_size=64, out_dir=".", mixed=0, split_counts=(None,), sdpa=True):
     """cfgs: (B, L, H) or (B, L, H, Lq_new) tuples (Lq_new 1 by default). Dense + skip at
-    ~70%/~90% block sparsity per kernel variant."""
+    ~70%/~90% block sparsity per kernel variant. mixed=N: N different sequences dealt over the
+    batch (sequence b is number b % N) instead of one sequence repeated; split_counts: split
+    counts to time (None = the launcher's; ratios are against the first one's dense time)."""
     card = torch.cuda.get_device_name()
-    log(f"card: {card}")
+    log(f"card: {card}; sequences: "
+        f"{f'{mixed} different' if mixed else 'one, repeated over the batch'}; "
+        f"splits: {', '.join(str(x or 'launcher default') for x in split_counts)}")
     hdr = ("| B | L | H | Lq_new | kernel | variant | sparsity | time us | TFLOP/s | GB/s | vs SDPA "
            "| vs own dense |")
     rows = [hdr, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -299,9 +355,11 @@ def bench(cfgs, page_size=64, out_dir="."):
     for cfg in cfgs:
         B, L, H = cfg[:3]
         lq = cfg[3] if len(cfg) > 3 else 1
-        q1, kv1 = synth(1, lq, L, H, 7)
-        q = q1.expand(B, -1, -1, -1).contiguous()
-        kv = kv1.expand(B, -1, -1).contiguous()
+        n_seq = min(mixed, B) if mixed else 1
+        q1, kv1 = synth(n_seq, lq, L, H, 7)
+        pick = torch.arange(B, device=q1.device) % n_seq
+        q = q1[pick].contiguous()
+        kv = kv1[pick].contiguous()
         del q1, kv1
         _, kvc, bt = make_mla_cache(B, L, page_size, seed=1, kv=kv)
         lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
@@ -310,7 +368,7 @@ def bench(cfgs, page_size=64, out_dir="."):
         nbytes = B * L * D * 2
         t_sdpa = None
         try:
-            sd = sdpa_expanded(q, kv, scale) if lq == 1 else None  # (no causal mask there)
+            sd = sdpa_expanded(q, kv, scale) if lq == 1 and sdpa else None  # (no causal mask there)
             if sd is not None:
                 t_sdpa = time_per_call(sd[1])
                 line = (f"| {B} | {L} | {H} | {lq} | sdpa-{sd[0]} | dense | | "
@@ -323,59 +381,30 @@ def bench(cfgs, page_size=64, out_dir="."):
         del kv
         out = torch.empty(B, lq, H, DV, dtype=q.dtype, device="cuda")
         lse = torch.empty(B, H, lq, device="cuda")
-        geo = launch_mla.plan_mla_decode_sm90(q, kvc, bt)
-        S = geo["num_splits"]
-        ws = (torch.empty(S, B, lq, H, DV, device="cuda"), torch.empty(S, B, H, lq, device="cuda"))
+        t_dense = None  # the first split count's dense time (the launcher's, by default)
+        for num_splits in split_counts:
+            geo = launch_mla.plan_mla_decode_sm90(q, kvc, bt, num_splits)
+            S = geo["num_splits"]
+            log(f"  B={B} L={L} H={H} Lq_new={lq}: {S} split(s), {n_seq} different sequence(s)")
+            ws = (torch.empty(S, B, lq, H, DV, device="cuda"),
+                  torch.empty(S, B, H, lq, device="cuda"))
+            t_dense = bench_splits(q, kvc, bt, lens, out, lse, ws, num_splits, scale, t_dense,
+                                   t_sdpa, flops, nbytes, rows,
+                                   (f"| {B} | {L} | {H} | {lq} | blasst |"
+                                    + ("" if len(split_counts) == 1 else f" S={S}")))
 
-        def mk(factor):
-            return lambda: launch_mla.run_mla_decode_sm90(
-                q, kvc, out, lse, cache_seqlens=lens, block_table=bt, softmax_scale=scale,
-                threshold_scale_factor=factor, workspace=ws)
-
-        def sparsity(factor):
-            cnt = [torch.zeros(B, dtype=torch.int32, device="cuda") for _ in range(2)]
-            launch_mla.run_mla_decode_sm90(q, kvc, out, lse, cache_seqlens=lens, block_table=bt,
-                                           softmax_scale=scale, threshold_scale_factor=factor,
-                                           visited=cnt[0], skipped=cnt[1], workspace=ws)
-            return float(cnt[1].sum()) / max(1, float(cnt[0].sum()))
-
-        grid = [10, 30, 100, 300, 1000, 3000, 1e4, 3e4, 1e5, 3e5, 1e6]
-        sp = {f: sparsity(f) for f in grid}
-        points = [("dense", None, 0.0)]
-        for target in (0.7, 0.9):
-            f = min(grid, key=lambda x: abs(sp[x] - target))
-            # Sparsity grows with the factor until λ = f / L reaches 1 (then skipping is off):
-            # bisect (geometrically) between the grid points that bracket the target below
-            # that, so the row lands near ~70% / ~90%.
-            hi = min([x for x in grid if sp[x] >= target], default=None)
-            lo = None if hi is None else max([x for x in grid if x < hi and sp[x] <= target],
-                                             default=None)
-            for _ in range(4 if lo is not None and hi is not None else 0):
-                if abs(sp[f] - target) < 0.02:
-                    break
-                mid = (lo * hi) ** 0.5
-                sp[mid] = sparsity(mid)
-                lo, hi = (mid, hi) if sp[mid] <= target else (lo, mid)
-                f = min(sp, key=lambda x: abs(sp[x] - target))
-            points.append((f"skip f={f:.4g}", f, sp[f]))
-        t_dense = None
-        for name, f, s_ in points:
-            t = time_graph(mk(f))
-            if f is None:
-                t_dense = t
-            ideal = 1.0 / (1.0 - s_ * DV / (D + DV))
-            vs_sdpa = f"{t_sdpa / t:.2f}x" if t_sdpa else "-"
-            line = (f"| {B} | {L} | {H} | {lq} | blasst | {name} | {s_ * 100:.1f}% | "
-                    f"{t * 1e6:.1f} | {flops / t / 1e12:.0f} | {nbytes / t / 1e9:.0f} | "
-                    f"{vs_sdpa} | {t_dense / t:.2f}x (ideal {ideal:.2f}x) |")
-            log(line)
-            rows.append(line)
         kvc = q = out = ws = None  # free before the next shape
         torch.cuda.empty_cache()
     tag = "h200" if "H200" in card else ("h100" if "H100" in card else "gpu")
+    if mixed:
+        tag += f"-mixed{mixed}"
     path = os.path.join(out_dir, f"mla-decode-{tag}.md")
     with open(path, "w") as fh:
         fh.write(f"# MLA decode (sm90), {card}, page {page_size}, bf16\n\n")
+        seqs = f"{mixed} different ones dealt over the batch" if mixed else "one, repeated"
+        fh.write(f"Sequences: {seqs}; "
+                 f"splits: {', '.join(str(x or 'the launcher default') for x in split_counts)}"
+                 " (vs own dense: against the first one's dense time).\n\n")
         fh.write("Dense TFLOP/s count 2*B*Lq_new*H*L*(576+512); GB/s count the latent cache once "
                  "(B*L*576*2 bytes). Times: CUDA-graph replays (kernel + combine); SDPA: "
                  "heads folded into the query length (same computation; Lq_new = 1 only), eager. "
@@ -419,6 +448,13 @@ def main():
     ap.add_argument("--shapes", default=None,
                     help="benchmark only these BxLxH[xLq_new] shapes, comma-separated (e.g. "
                          "1x32768x128 or 64x32768x128x2)")
+    ap.add_argument("--mixed", type=int, default=0, metavar="N",
+                    help="bench: N different sequences dealt over the batch (default: one "
+                         "sequence repeated, so every CTA has the same skip pattern)")
+    ap.add_argument("--splits", default=None,
+                    help="bench: split counts to time, comma-separated ('0' = the launcher's); "
+                         "ratios are against the first one's dense time")
+    ap.add_argument("--no-sdpa", action="store_true", help="bench: skip the SDPA peer")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     log(f"torch {torch.__version__}, device {torch.cuda.get_device_name()}")
@@ -441,7 +477,9 @@ def main():
         if args.shapes:
             cfgs = [tuple(int(x) for x in sh.split("x")) for sh in args.shapes.split(",")]
         try:
-            bench(cfgs, out_dir=args.out)
+            splits = [int(x) or None for x in args.splits.split(",")] if args.splits else [None]
+            bench(cfgs, out_dir=args.out, mixed=args.mixed, split_counts=splits,
+                  sdpa=not args.no_sdpa)
         except Exception:  # noqa: BLE001
             log(traceback.format_exc())
     with open(os.path.join(args.out, "gpu_mla_decode_smoke.log"), "a") as f:
