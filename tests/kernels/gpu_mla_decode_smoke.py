@@ -1,6 +1,7 @@
 """One-call GPU check + benchmark of the sm90 absorbed-MLA decode kernel (run on an H100/H200).
 
     python tests/kernels/gpu_mla_decode_smoke.py [--no-check] [--no-bench] [--quick] [--out DIR]
+        [--shapes BxLxH[xLq],...] [--mixed N] [--splits S,...] [--no-sdpa]
 
 Checks (one line each): dense vs float64 attention on the expanded form (K = the 576-dim latent
 row, V = its first 512 dims), skipping vs the reference with the kernel's geometry (outputs and
@@ -10,6 +11,9 @@ new factor tensor, the 2-CTA cluster variant forced on (launch_mla.CLUSTER_MODE)
 Then a timing table (CUDA-graph replays): dense TFLOP/s and GB/s at B in {1,16,64,128} x
 L in {4k,32k}, H=128, page 64, against torch SDPA on the expanded form (heads folded into the
 query length: the same computation), and sparse decode at ~70% / ~90% block sparsity vs dense.
+The bench repeats one synthetic sequence over the batch (every CTA then skips the same tiles);
+--mixed N deals N different ones over it, where the least sparse sequences set the time
+(perf/results/mla-decode-h100-mixed.md). --splits 0,4 times several split counts.
 """
 
 from __future__ import annotations
