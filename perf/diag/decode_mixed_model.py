@@ -27,7 +27,7 @@ sys.path.insert(0, HERE)
 from blasst_cute import reference  # noqa: E402
 from blasst_cute.kernels.launch_decode import decode_geometry_sm90  # noqa: E402
 from blasst_cute.workloads import synthetic_qkv  # noqa: E402
-from mla_sparse_model import makespan  # noqa: E402
+from mla_sparse_model import makespan, per_split  # noqa: E402
 
 D = 128
 
@@ -51,12 +51,8 @@ def kept_per_cta(maxima, L, factor, geo):
     kept, vis, skp, _ = reference._decide(
         m_tile, n_visit, row_valid, grp_valid, reference.log_threshold(factor, torch.tensor([L])),
         geo["order"], S, geo["split_tiles"], geo["interleave_splits"])
-    kept = kept[0, :, 0, 0].to(torch.int64)  # [kv heads, key tiles] (one q-tile, one group)
-    n_kt = kept.shape[1]
-    split_of = (torch.arange(n_kt) % S if geo["interleave_splits"]
-                else torch.arange(n_kt) // -(-n_kt // S))
-    per = torch.zeros(kept.shape[0], S, dtype=torch.int64).index_add_(1, split_of, kept)
-    return per, torch.bincount(split_of, minlength=S), (float(skp.sum()), float(vis.sum()))
+    per, tiles = per_split(kept[0, :, 0, 0], geo)  # [kv heads, key tiles] (one q-tile, group)
+    return per, tiles, (float(skp.sum()), float(vis.sum()))
 
 
 def main():

@@ -53,13 +53,19 @@ def kept_per_cta(maxima, factor, geo):
     kept, vis, skp, _ = reference._decide(
         m_tile, n_visit, row_valid, grp_valid, ln_lam, geo["order"], S, geo["split_tiles"],
         geo["interleave_splits"])
-    kept = kept[0, 0, :, 0].to(torch.int64)  # [q-tiles, key tiles] (one decision group)
-    n_kt = kept.shape[1]
+    per, tiles = per_split(kept[0, 0, :, 0], geo)  # [q-tiles, key tiles] (one decision group)
+    return per, tiles, (float(skp.sum()), float(vis.sum()))
+
+
+def per_split(kept, geo):
+    """Kept tiles per (row of kept, split) and key tiles per split, for kept [rows, key tiles]
+    and the geometry's split layout (round-robin or contiguous chunks)."""
+    S, n_kt = geo["num_splits"], kept.shape[1]
     split_of = (torch.arange(n_kt) % S if geo["interleave_splits"]
                 else torch.arange(n_kt) // -(-n_kt // S))
-    per = torch.zeros(kept.shape[0], S, dtype=torch.int64).index_add_(1, split_of, kept)
-    tiles = torch.bincount(split_of, minlength=S)
-    return per, tiles, (float(skp.sum()), float(vis.sum()))
+    per = torch.zeros(kept.shape[0], S, dtype=torch.int64).index_add_(1, split_of,
+                                                                      kept.to(torch.int64))
+    return per, torch.bincount(split_of, minlength=S)
 
 
 def makespan(times, slots):
