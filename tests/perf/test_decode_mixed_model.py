@@ -36,3 +36,19 @@ def test_rows_reach_the_target(perf_script, monkeypatch, capsys):
     assert [r[1].strip() for r in rows] == ["one, repeated", "2 different"]
     for r in rows:
         assert abs(float(r[3].strip().rstrip("%")) - 70.0) < 5.0
+
+
+def test_forced_splits(perf_script, monkeypatch, capsys):
+    """--splits 2 where the launcher picks 1: the geometry line says 2, the rows still reach the
+    target, and against the launcher's (cheaper) dense time the speedup is not larger."""
+    model = perf_script("diag/decode_mixed_model.py")
+    monkeypatch.setattr("sys.argv", ["decode_mixed_model.py", "--batch", "40", "--seqlen", "4096",
+                                     "--heads-q", "8", "--heads-kv", "2", "--sequences", "2",
+                                     "--splits", "2"])
+    model.main()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "2 split(s)" in lines[0]
+    for r in (x.split("|") for x in lines[-2:]):
+        assert abs(float(r[3].strip().rstrip("%")) - 70.0) < 5.0
+        model_speedup, vs_launcher = (float(r[i].strip().rstrip("x")) for i in (5, 7))
+        assert 0.5 < vs_launcher <= model_speedup + 0.005
