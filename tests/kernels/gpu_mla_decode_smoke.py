@@ -10,9 +10,10 @@ cache_seqlens, Lq_new 1 and > 1, one split and many, poisoned outputs, the publi
 new factor tensor, the 2-CTA cluster variant forced on (launch_mla.CLUSTER_MODE).
 Then a timing table (CUDA-graph replays): dense TFLOP/s and GB/s at B in {1,16,64,128} x
 L in {4k,32k}, H=128, page 64, against torch SDPA on the expanded form (heads folded into the
-query length: the same computation), and sparse decode at ~70% / ~90% block sparsity vs dense.
-The bench repeats one synthetic sequence over the batch (every CTA then skips the same tiles);
---mixed N deals N different ones over it, where the least sparse sequences set the time
+query length: the same computation), and sparse decode at ~70% / ~90% block sparsity vs dense
+(dense and sparse of one split count timed in alternation, 3 rounds, median). The bench
+repeats one synthetic sequence over the batch (every CTA then skips the same tiles); --mixed N
+deals N different ones over it, where the least sparse sequences set the time
 (perf/results/mla-decode-h100-mixed.md). --splits 0,4 times several split counts.
 """
 
@@ -34,9 +35,10 @@ from blasst_cute import reference  # noqa: E402
 from blasst_cute.kernels import launch_mla  # noqa: E402
 from blasst_cute.testing import CheckRecorder, dense_attention, lse_err, rel_err  # noqa: E402
 from blasst_cute.testing import replay_matches_eager  # noqa: E402
-from blasst_cute.testing import time_graph, time_per_call  # noqa: E402
+from blasst_cute.testing import capture_graph, round_order, time_graph, time_per_call  # noqa: E402
 
 D, DV = 576, 512
+BENCH_ROUNDS = 3  # bench: rounds of alternated timing per split count
 LOG = []
 GEO_KEYS = ("block_m", "block_n", "pack_gqa", "order", "num_splits", "rows_per_decision",
             "split_tiles", "interleave_splits")
@@ -292,8 +294,10 @@ def sdpa_expanded(q, kv, scale):
 
 def bench_splits(q, kvc, bt, lens, out, lse, ws, num_splits, scale, t_dense, t_sdpa, flops,
                  nbytes, rows, prefix):
-    """Dense and skip at ~70% / ~90% block sparsity with one split count; t_dense: the dense
-    time the ratios are against (None: this one's). Returns that dense time."""
+    """Dense and skip at ~70% / ~90% block sparsity with one split count, timed in alternation
+    (CUDA graphs, BENCH_ROUNDS rounds, median); t_dense: the dense time the ratios are against
+    (None: this one's; another split count's dense was timed in its own rounds). Returns that
+    dense time."""
     B = q.shape[0]
 
     def mk(factor):
@@ -328,8 +332,17 @@ def bench_splits(q, kvc, bt, lens, out, lse, ws, num_splits, scale, t_dense, t_s
             lo, hi = (mid, hi) if sp[mid] <= target else (lo, mid)
             f = min(sp, key=lambda x: abs(sp[x] - target))
         points.append((f"skip f={f:.4g}", f, sp[f]))
-    for name, f, s_ in points:
-        t = time_graph(mk(f))
+    # Time the points in alternation (rounds reversed on odd ones; median): timed one after the
+    # other, the first time after building the inputs can read slow (11-18 % for the GQA decode
+    # kernel's dense on an H100, perf/results/decode-h100-mixed.md).
+    graphs = [capture_graph(mk(f)) for _, f, _ in points]
+    times = [[] for _ in points]
+    for r in range(BENCH_ROUNDS):
+        for i in round_order(range(len(points)), r):
+            times[i].append(time_per_call(graphs[i].replay, 20, warmup=1))
+    graphs = None
+    for (name, f, s_), ts in zip(points, times):
+        t = sorted(ts)[len(ts) // 2]
         if f is None and t_dense is None:
             t_dense = t
         ideal = 1.0 / (1.0 - s_ * DV / (D + DV))
