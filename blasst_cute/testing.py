@@ -90,6 +90,17 @@ def time_per_call(fn, iters: int = 20, warmup: int = 3) -> float:
     return e0.elapsed_time(e1) / iters * 1e-3
 
 
+def alternated_medians(fns, rounds: int = 3, iters: int = 10, warmup: int = 1) -> list:
+    """Median seconds per call of each of ``fns`` (e.g. CUDA-graph replays), all timed in each of
+    ``rounds`` rounds in ``round_order``. Timed one after the other instead, the first variant
+    after building the inputs read 11-18 % slow on an H100 (perf/results/decode-h100-mixed.md)."""
+    times = [[] for _ in fns]
+    for r in range(rounds):
+        for i in round_order(range(len(fns)), r):
+            times[i].append(time_per_call(fns[i], iters, warmup))
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
 def capture_graph(fn, eager_first: bool = True) -> torch.cuda.CUDAGraph:
     """``fn`` captured once in a CUDA graph: (optionally an eager call and a sync), one warm-up
     call on a side stream, then the capture."""

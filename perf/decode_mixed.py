@@ -33,7 +33,7 @@ sys.path.insert(0, HERE)
 import decode_matrix as dm  # noqa: E402
 
 from blasst_cute.kernels import launch_decode  # noqa: E402
-from blasst_cute.testing import capture_graph, round_order, time_per_call  # noqa: E402
+from blasst_cute.testing import alternated_medians, capture_graph  # noqa: E402
 
 GRID = [round(10 ** (k / 6), 3) for k in range(34)]  # 1 .. ~4.6e5, 6 points a decade
 
@@ -96,11 +96,8 @@ def main():
                 variants.append((S, "dense", None, capture_graph(fn(None))))
                 for f, spf in dm.target_factors(sp, GRID, tuple(args.targets)):
                     variants.append((S, f"skip f={f:.3g}", spf, capture_graph(fn(f))))
-            times = [[] for _ in variants]
-            for r in range(args.rounds):  # the card's clock drifts: alternate, reverse, median
-                for i in round_order(range(len(variants)), r):
-                    times[i].append(time_per_call(variants[i][3].replay, 10, warmup=1) * 1e6)
-            med = [sorted(t)[len(t) // 2] for t in times]
+            med = [t * 1e6 for t in alternated_medians([v[3].replay for v in variants],
+                                                       args.rounds)]
             ours = [m for m, v in zip(med, variants) if v[0] is not None]
             t_ref = ours[0]
             t_best = min(m for m, v in zip(med, variants) if v[1] == "dense")

@@ -25,7 +25,7 @@ sys.path.insert(0, HERE)
 import decode_matrix as dm  # noqa: E402
 
 from blasst_cute.kernels import launch_decode  # noqa: E402
-from blasst_cute.testing import capture_cycle, round_order, time_per_call  # noqa: E402
+from blasst_cute.testing import alternated_medians, capture_cycle  # noqa: E402
 
 DEFAULT_SHAPES = ["8,32768,32,8", "16,32768,32,8", "32,32768,32,8", "64,32768,32,8",
                   "128,32768,32,8", "32,8192,32,8", "64,8192,32,8", "16,131072,32,8",
@@ -64,11 +64,8 @@ def main():
                 cache_seqlens=sets[i]["lens"], block_table=sets[i]["bt"], num_splits=ns)
                 for i in range(len(sets))]
             graphs[S] = capture_cycle(fns, args.calls)
-        times = {S: [] for S in graphs}
-        for r in range(args.rounds):
-            for S in round_order(graphs, r):
-                times[S].append(time_per_call(graphs[S].replay, 5, warmup=1) / args.calls)
-        med = {S: sorted(t)[len(t) // 2] * 1e6 for S, t in times.items()}
+        per_graph = alternated_medians([g.replay for g in graphs.values()], args.rounds, iters=5)
+        med = {S: t / args.calls * 1e6 for S, t in zip(graphs, per_graph)}
         for S in sorted(med):
             print(f"| {B} | {L} | {hq}/{hk} | {units} | {S0} | {S} | {med[S]:.1f} | "
                   f"{kv_bytes / (med[S] * 1e-6) / 1e9:.0f} | {med[S0] / med[S]:.3f}x |",

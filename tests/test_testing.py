@@ -49,3 +49,19 @@ def test_tee_log_prints_and_appends(tmp_path, capsys):
     log("b")
     assert path.read_text() == "a\n\nb\n"
     assert capsys.readouterr().out == "a\n\nb\n"
+
+
+def test_alternated_medians_orders_rounds_and_takes_medians(monkeypatch):
+    from blasst_cute import testing
+    calls, readings = [], {"a": iter([5.0, 1.0, 3.0]), "b": iter([2.0, 9.0, 4.0])}
+    fns = [lambda: "a", lambda: "b"]
+
+    def fake_time_per_call(fn, iters, warmup):
+        name = fn()
+        calls.append((name, iters, warmup))
+        return next(readings[name])
+
+    monkeypatch.setattr(testing, "time_per_call", fake_time_per_call)
+    assert testing.alternated_medians(fns, rounds=3, iters=7, warmup=2) == [3.0, 4.0]
+    assert [c[0] for c in calls] == ["a", "b", "b", "a", "a", "b"]
+    assert all(c[1:] == (7, 2) for c in calls)

@@ -35,7 +35,8 @@ from blasst_cute import reference  # noqa: E402
 from blasst_cute.kernels import launch_mla  # noqa: E402
 from blasst_cute.testing import CheckRecorder, dense_attention, lse_err, rel_err  # noqa: E402
 from blasst_cute.testing import replay_matches_eager  # noqa: E402
-from blasst_cute.testing import capture_graph, round_order, time_graph, time_per_call  # noqa: E402
+from blasst_cute.testing import alternated_medians, capture_graph  # noqa: E402
+from blasst_cute.testing import time_graph, time_per_call  # noqa: E402
 
 D, DV = 576, 512
 BENCH_ROUNDS = 3  # bench: rounds of alternated timing per split count
@@ -332,17 +333,10 @@ def bench_splits(q, kvc, bt, lens, out, lse, ws, num_splits, scale, t_dense, t_s
             lo, hi = (mid, hi) if sp[mid] <= target else (lo, mid)
             f = min(sp, key=lambda x: abs(sp[x] - target))
         points.append((f"skip f={f:.4g}", f, sp[f]))
-    # Time the points in alternation (rounds reversed on odd ones; median): timed one after the
-    # other, the first time after building the inputs can read slow (11-18 % for the GQA decode
-    # kernel's dense on an H100, perf/results/decode-h100-mixed.md).
     graphs = [capture_graph(mk(f)) for _, f, _ in points]
-    times = [[] for _ in points]
-    for r in range(BENCH_ROUNDS):
-        for i in round_order(range(len(points)), r):
-            times[i].append(time_per_call(graphs[i].replay, 20, warmup=1))
+    med = alternated_medians([g.replay for g in graphs], BENCH_ROUNDS, iters=20)
     graphs = None
-    for (name, f, s_), ts in zip(points, times):
-        t = sorted(ts)[len(ts) // 2]
+    for (name, f, s_), t in zip(points, med):
         if f is None and t_dense is None:
             t_dense = t
         ideal = 1.0 / (1.0 - s_ * DV / (D + DV))
