@@ -12,8 +12,8 @@ workloads; the sparsity is the kernel's own counters). Host time per call.
 
 Timing is perf/bench.py's: median of CUDA-event-bracketed single calls (a sync after each),
 rotating input sets past the L2 size; the peers and every variant of a shape alternate (3 rounds,
-reversed on odd rounds). "kernel" columns:
-16 calls in one CUDA graph cycling the input sets (device time, launch gaps amortized), next to
+reversed on odd rounds; the B=1 A/B rows and the graph columns are timed on their own). "kernel"
+columns: 16 calls in one CUDA graph cycling the input sets (device time, launch gaps amortized), next to
 a device copy moving the same DRAM bytes timed the same way. At B=1 the sparse section also runs
 contiguous split chunks (the interleaved default's A/B) and 64-key tiles. Dense inputs are random; the peers read the contiguous
 [B, L, Hk, D] cache and BLASST reads the same memory as 64-token pages through a shuffled block
