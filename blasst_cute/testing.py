@@ -90,14 +90,18 @@ def time_per_call(fn, iters: int = 20, warmup: int = 3) -> float:
     return e0.elapsed_time(e1) / iters * 1e-3
 
 
-def alternated_medians(fns, rounds: int = 3, iters: int = 10, warmup: int = 1) -> list:
-    """Median seconds per call of each of ``fns`` (e.g. CUDA-graph replays), all timed in each of
-    ``rounds`` rounds in ``round_order``. Timed one after the other instead, the first variant
-    after building the inputs read 11-18 % slow on an H100 (perf/results/decode-h100-mixed.md)."""
+def alternated_medians(fns, rounds: int = 3, iters: int = 10, warmup: int = 1,
+                       timer=None) -> list:
+    """Median time of each of ``fns`` (e.g. CUDA-graph replays), all timed in each of ``rounds``
+    rounds in ``round_order``. Timed one after the other instead, the first variant after
+    building the inputs read 11-18 % slow on an H100 (perf/results/decode-h100-mixed.md).
+    ``timer(fn, iters, warmup)`` times one entry (default :func:`time_per_call`: seconds per
+    call); an entry is whatever the timer takes."""
+    timer = timer or time_per_call
     times = [[] for _ in fns]
     for r in range(rounds):
         for i in round_order(range(len(fns)), r):
-            times[i].append(time_per_call(fns[i], iters, warmup))
+            times[i].append(timer(fns[i], iters, warmup))
     return [sorted(t)[len(t) // 2] for t in times]
 
 

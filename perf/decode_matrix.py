@@ -37,7 +37,8 @@ sys.path.insert(0, HERE)
 
 import blasst_cute  # noqa: E402
 from blasst_cute.kernels import launch_decode  # noqa: E402
-from blasst_cute.testing import capture_graph, round_order, time_graph_cycle, time_per_call  # noqa: E402
+from blasst_cute.testing import alternated_medians, capture_graph, round_order, time_graph_cycle  # noqa: E402
+from blasst_cute.testing import time_per_call  # noqa: E402
 from blasst_cute.workloads import WorkloadSpec, synthetic_qkv, to_paged  # noqa: E402
 from bench import bench_ms, n_rotations, stamp  # noqa: E402
 
@@ -165,14 +166,10 @@ def same_size_copy_ms(kv_bytes, n_sets):
 
 
 def interleaved_ms(variants, iters, rounds=3):
-    """Median ms of each variant (a list of per-input-set callables), the variants timed in
-    alternation ``rounds`` times, reversed on odd rounds (bench_ms medians, then the median over
-    rounds)."""
-    res = [[] for _ in variants]
-    for k in range(rounds):
-        for r, fns in round_order(zip(res, variants), k):
-            r.append(bench_ms(fns, iters=max(5, iters // rounds)))
-    return [sorted(r)[len(r) // 2] for r in res]
+    """Median ms of each variant (a list of per-input-set callables, timed by bench_ms), the
+    variants alternated over ``rounds`` rounds (testing.alternated_medians)."""
+    return alternated_medians(variants, rounds, max(5, iters // rounds), warmup=3,
+                              timer=lambda fns, n, w: bench_ms(fns, warmup=w, iters=n))
 
 
 def graph_ms(fn, iters=20):

@@ -65,3 +65,17 @@ def test_alternated_medians_orders_rounds_and_takes_medians(monkeypatch):
     assert testing.alternated_medians(fns, rounds=3, iters=7, warmup=2) == [3.0, 4.0]
     assert [c[0] for c in calls] == ["a", "b", "b", "a", "a", "b"]
     assert all(c[1:] == (7, 2) for c in calls)
+
+
+def test_alternated_medians_takes_a_timer():
+    from blasst_cute import testing
+    seen = []
+
+    def timer(entry, iters, warmup):
+        seen.append((entry, iters, warmup))
+        return {"x": 2.0, "y": 1.0}[entry[0]]
+
+    assert testing.alternated_medians([["x"], ["y"]], rounds=2, iters=5, warmup=3,
+                                      timer=timer) == [2.0, 1.0]
+    assert [e[0][0] for e in seen] == ["x", "y", "y", "x"]
+    assert all(e[1:] == (5, 3) for e in seen)
