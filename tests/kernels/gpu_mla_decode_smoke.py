@@ -468,6 +468,7 @@ def main():
     ap.add_argument("--no-sdpa", action="store_true", help="bench: skip the SDPA peer")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     log(f"torch {torch.__version__}, device {torch.cuda.get_device_name()}")
     ok = True
     if not args.no_check:
