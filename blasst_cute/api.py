@@ -388,11 +388,11 @@ def decode_mla(q, kv_cache, *, cache_seqlens: torch.Tensor, block_table: Optiona
     ``backend="reference"``. The reference (CPU, or ``backend="reference"``) uses the kernel's
     tile geometry, so both take the same skip decisions.
 
-    Skipping saves the exp and the P·V product, never bytes (V is part of the K row). It pays where
-    a latent row feeds the most MMA work: H=128 (B=64 L=32k, ~70 % skipped: 1.2x its dense on an H100,
-    1.3-1.4x on an H200). At H=16/64 the dense kernel already runs at the DRAM roof, and the skip
-    build at ~70 % ran 0.94-0.95x of dense on an H100 (perf/results/mla-decode-h100-table.md):
-    leave the factor None there.
+    Skipping saves the exp and the P·V product, never bytes (V is part of the K row). It pays
+    where a latent row feeds the most MMA work: H=128 (B=64 L=32k, ~70 % skipped: 1.2x its dense
+    on an H100, 1.3-1.4x on an H200). At H=16/64 the dense kernel already runs at the DRAM roof,
+    and the skip build at ~70 % ran 0.94-0.95x of dense on an H100
+    (perf/results/mla-decode-h100-table.md): leave the factor None there.
     """
     _check_backend(backend)
     _check_bool("return_lse", return_lse)
