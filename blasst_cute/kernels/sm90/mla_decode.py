@@ -619,6 +619,29 @@ class BlasstMlaDecodeSm90:
                     if tScS_mn[r, c][1] >= lim:
                         s_mn[r, c] = -Float32.inf
 
+    def p_store_atom(self) -> cute.CopyAtom:
+        """stmatrix (four 8x8 matrices, not transposed): a warp's P fragment into smem."""
+        return cute.make_copy_atom(
+            cute.nvgpu.warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4), self.dtype)
+
+    @cute.jit
+    def store_counters(self, mVisited: Optional[cute.Tensor], mSkipped: Optional[cute.Tensor],
+                       tidx: Int32, batch_idx: Int32, n_local: Int32, num_kept: Int32):
+        """Visited and skipped key tiles of this CTA, added by one thread (stats builds only)."""
+        if const_expr(self.has_stats):
+            if tidx == 0 and n_local > 0:
+                cute.arch.atomic_add(elem_ptr(mVisited, (batch_idx,)), n_local)
+                cute.arch.atomic_add(elem_ptr(mSkipped, (batch_idx,)), n_local - num_kept)
+
+    @cute.jit
+    def release_stage(self, mbar_empty, stage: Int32, cta_rank: Int32):
+        """This warp no longer reads K stage ``stage``: one arrival on its empty barrier in every
+        CTA of the cluster (each refills its share of the next tile)."""
+        with cute.arch.elect_one():
+            cute.arch.mbarrier_arrive(mbar_empty + stage)
+            for r in cutlass.range_constexpr(1, self.cluster_m):
+                cute.arch.mbarrier_arrive(mbar_empty + stage, (cta_rank + r) % self.cluster_m)
+
     # ------------------------------------------------------------------ consumer warpgroups
     @cute.jit
     def mma(
@@ -659,9 +682,7 @@ class BlasstMlaDecodeSm90:
         acc_S_shape = thr_mma_qk.partition_shape_C((TILE_M, TILE_N))
         acc_O = cute.make_rmem_tensor(thr_mma_pv.partition_shape_C((TILE_M, HEAD_DIM_V)), Float32)
         acc_O.fill(0.0)
-        st_atom = cute.make_copy_atom(
-            cute.nvgpu.warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4), self.dtype
-        )
+        st_atom = self.p_store_atom()
         thr_st = cute.make_tiled_copy_C(st_atom, tiled_mma_qk).get_slice(tidx)
         tPsP = thr_st.partition_D(sP)
         (tScS_mn, n_rows_thr, row_valid, row_limit, mask_from, softmax, log2_lambda,
@@ -712,18 +733,10 @@ class BlasstMlaDecodeSm90:
                 wgmma(tiled_mma_pv, acc_O, tOrP, tOrVt[None, None, None, stage], False)
                 warpgroup.wait_group(0)
                 num_kept += 1
-            # The K stage (and V inside it) is no longer read by this warp: release it to the
-            # producer of every CTA of the cluster (each refills its share of both copies).
-            with cute.arch.elect_one():
-                cute.arch.mbarrier_arrive(mbar_empty + stage)
-                for r in cutlass.range_constexpr(1, self.cluster_m):
-                    cute.arch.mbarrier_arrive(mbar_empty + stage, (cta_rank + r) % self.cluster_m)
+            # The K stage (and V inside it) is no longer read by this warp
+            self.release_stage(mbar_empty, stage, cta_rank)
 
-        # ---- counters: one thread per CTA
-        if const_expr(self.has_stats):
-            if tidx == 0 and n_local > 0:
-                cute.arch.atomic_add(elem_ptr(mVisited, (batch_idx,)), n_local)
-                cute.arch.atomic_add(elem_ptr(mSkipped, (batch_idx,)), n_local - num_kept)
+        self.store_counters(mVisited, mSkipped, tidx, batch_idx, n_local, num_kept)
 
         self.finish(acc_O, softmax, sRowSum, thr_mma_pv, tScS_mn, n_rows_thr, wg, quad_leader,
                     scale_log2, mO, mLSE, m_block, num_rows, H, batch_idx, split_idx)
@@ -760,15 +773,6 @@ class BlasstMlaDecodeSm90:
                       split_idx, n_rows_thr, TILE_M, HEAD_DIM_V, self.direct_out, self.dtype)
 
     # ------------------------------------------------------------------ alternate schedule
-    @cute.jit
-    def release_stage(self, mbar_empty, stage: Int32, cta_rank: Int32):
-        """This warp no longer reads K stage ``stage``: one arrival on its empty barrier in every
-        CTA of the cluster (each refills its share of the next tile)."""
-        with cute.arch.elect_one():
-            cute.arch.mbarrier_arrive(mbar_empty + stage)
-            for r in cutlass.range_constexpr(1, self.cluster_m):
-                cute.arch.mbarrier_arrive(mbar_empty + stage, (cta_rank + r) % self.cluster_m)
-
     @cute.jit
     def mma_alternate(
         self,
@@ -821,9 +825,7 @@ class BlasstMlaDecodeSm90:
         acc_S_shape = thr_mma_qk.partition_shape_C((TILE_M, TILE_N))
         acc_O = cute.make_rmem_tensor(thr_mma_pv.partition_shape_C((TILE_M, HEAD_DIM_V)), Float32)
         acc_O.fill(0.0)
-        st_atom = cute.make_copy_atom(
-            cute.nvgpu.warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4), self.dtype
-        )
+        st_atom = self.p_store_atom()
         thr_st = cute.make_tiled_copy_C(st_atom, tiled_mma_qk).get_slice(tid_wg)
         tPsP = thr_st.partition_D(sPk)
         (tScS_mn, n_rows_thr, row_valid, row_limit, mask_from, softmax, log2_lambda,
@@ -896,11 +898,7 @@ class BlasstMlaDecodeSm90:
                 if kept_last != 0:
                     self.release_stage(mbar_empty, 1 - wg, cta_rank)
 
-        # ---- counters: one thread per CTA
-        if const_expr(self.has_stats):
-            if tidx == 0 and n_local > 0:
-                cute.arch.atomic_add(elem_ptr(mVisited, (batch_idx,)), n_local)
-                cute.arch.atomic_add(elem_ptr(mSkipped, (batch_idx,)), n_local - num_kept)
+        self.store_counters(mVisited, mSkipped, tidx, batch_idx, n_local, num_kept)
 
         self.finish(acc_O, softmax, sRowSum, thr_mma_pv, tScS_mn, n_rows_thr, wg, quad_leader,
                     scale_log2, mO, mLSE, m_block, num_rows, H, batch_idx, split_idx)
