@@ -81,6 +81,9 @@ GROUPED_MERGE = os.environ.get("BLASST_MLA_GROUPED_MERGE", "1") != "0"
 # sparse, perf/results/mla-decode-h100-alternate.md) or "split_keys" (both on every tile, half
 # the keys each). BLASST_MLA_SCHEDULE=split_keys restores the earlier one (comparisons).
 SCHEDULE = os.environ.get("BLASST_MLA_SCHEDULE", "alternate")
+# Alternate schedule: release the K stage of the other warpgroup's kept tile before waiting for
+# the next tile (two loads in flight per CTA; see mla_decode.py). "1"/"0": always/never.
+EARLY_RELEASE = os.environ.get("BLASST_MLA_EARLY_RELEASE", "0") == "1"
 
 
 def mla_num_splits(work_units: int, n_tiles: int, num_sms: int) -> int:
@@ -142,7 +145,7 @@ def _config_key(config: dict) -> tuple:
     c.setdefault("page_size", None)
     c.setdefault("causal", True)
     for k in ("has_skip", "factor_per_batch", "has_stats", "direct_out", "interleave_splits",
-              "use_pdl"):
+              "use_pdl", "early_release"):
         c[k] = bool(c.get(k, False))
     c["cluster_m"] = int(c.get("cluster_m", 1))
     c.setdefault("schedule", SCHEDULE)
@@ -156,7 +159,7 @@ def _make_kernel(key: tuple) -> BlasstMlaDecodeSm90:
         has_skip=c["has_skip"], factor_per_batch=c["factor_per_batch"],
         has_stats=c["has_stats"], direct_out=c["direct_out"], cluster_m=c["cluster_m"],
         interleave_splits=c["interleave_splits"], use_pdl=c["use_pdl"],
-        schedule=c["schedule"])
+        schedule=c["schedule"], early_release=c["early_release"])
 
 
 def _compile_args(c: dict, stream):
@@ -226,7 +229,7 @@ def _get_plan(q, kv_cache, block_table, causal, has_skip, fpb, has_stats, num_sp
     key = (q.shape, q.dtype, q.get_device(), kv_cache.shape, kv_cache.stride(),
            None if block_table is None else (block_table.shape, block_table.stride(0)),
            causal, has_skip, fpb, has_stats, num_splits, CLUSTER_MODE, INTERLEAVE_SPLITS, USE_PDL,
-           SCHEDULE)
+           SCHEDULE, EARLY_RELEASE)
     plan = _plans.get(key)
     if plan is not None:
         return plan
@@ -246,7 +249,8 @@ def _get_plan(q, kv_cache, block_table, causal, has_skip, fpb, has_stats, num_sp
                                               tiles_per_split),
                       # one split: both tile orders coincide (one compiled kernel)
                       interleave_splits=geo["interleave_splits"] and not p.direct,
-                      use_pdl=USE_PDL, schedule=SCHEDULE)
+                      use_pdl=USE_PDL, schedule=SCHEDULE,
+                      early_release=EARLY_RELEASE and SCHEDULE == "alternate")
         ck = _config_key(config)
         p.fn = _compiled(ck, lambda: _make_kernel(ck).launch_ptrs,
                          _compile_args(dict(ck), cuda_stream(0)))

@@ -46,6 +46,10 @@ def mla_configs():
             cfgs.append(dict(dtype=torch.bfloat16, page_size=64, has_skip=has_skip,
                              has_stats=has_skip, cluster_m=2, interleave_splits=True,
                              use_pdl=True, schedule=schedule))
+    for has_skip in (False, True):  # the early K-stage release (launch_mla.EARLY_RELEASE)
+        cfgs.append(dict(dtype=torch.bfloat16, page_size=64, has_skip=has_skip,
+                         has_stats=has_skip, interleave_splits=True, use_pdl=True,
+                         early_release=True))
     return [("mla", c, launch_mla.compile_mla_decode_sm90) for c in cfgs]
 
 
@@ -95,7 +99,8 @@ def main(argv=None) -> int:
                         "in --against)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--save", metavar="FILE", help="write the fingerprints as JSON")
-    g.add_argument("--against", metavar="FILE", help="compare with a saved JSON; exit 1 on a difference")
+    g.add_argument("--against", metavar="FILE",
+                   help="compare with a saved JSON; exit 1 on a difference")
     a = p.parse_args(argv)
     ref = None
     if a.against:
@@ -110,7 +115,7 @@ def main(argv=None) -> int:
     bad = [k for k in kinds if k not in SETS]
     if bad:
         p.error(f"--kernels: unknown {bad}; expected a subset of {sorted(SETS)}")
-    prints, differ = {}, []
+    prints, differ, unsaved = {}, [], []
     for kind in kinds:
         for k, cfg, fn in SETS[kind]():
             cid = _cfg_id(k, cfg)
@@ -119,6 +124,7 @@ def main(argv=None) -> int:
             if ref is not None:
                 if cid not in ref:
                     status = "  (not in the saved set)"
+                    unsaved.append(cid)
                 elif ref[cid] != prints[cid]:
                     status = "  DIFFERS"
                     differ.append(cid)
@@ -131,7 +137,9 @@ def main(argv=None) -> int:
         print(f"{len(prints)} fingerprints -> {a.save}")
         return 0
     missing = [c for c in ref if c.split(":", 1)[0] in kinds and c not in prints]
-    print(f"{len(prints) - len(differ)} of {len(prints)} configurations byte-identical"
+    compared = len(prints) - len(unsaved)
+    print(f"{compared - len(differ)} of {compared} saved configurations byte-identical"
+          + (f"; {len(unsaved)} new ones not compared" if unsaved else "")
           + (f"; {len(missing)} saved ones not compiled now" if missing else ""))
     for c in differ:
         print(f"DIFFERS: {c}")

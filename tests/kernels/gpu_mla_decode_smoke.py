@@ -1,7 +1,7 @@
 """One-call GPU check + benchmark of the sm90 absorbed-MLA decode kernel (run on an H100/H200).
 
     python tests/kernels/gpu_mla_decode_smoke.py [--no-check] [--no-bench] [--quick] [--out DIR]
-        [--shapes BxLxH[xLq],...] [--mixed N] [--splits S,...] [--no-sdpa]
+        [--shapes BxLxH[xLq],...] [--mixed N] [--splits S,...] [--no-sdpa] [--early-release-ab]
 
 Checks (one line each): dense vs float64 attention on the expanded form (K = the 576-dim latent
 row, V = its first 512 dims), skipping vs the reference with the kernel's geometry (outputs and
@@ -15,6 +15,8 @@ query length: the same computation), and sparse decode at ~70% / ~90% block spar
 repeats one synthetic sequence over the batch (every CTA then skips the same tiles); --mixed N
 deals N different ones over it, where the least sparse sequences set the time
 (perf/results/mla-decode-h100-mixed.md). --splits 0,4 times several split counts.
+--early-release-ab times each point with and without the early K-stage release
+(launch_mla.EARLY_RELEASE) in the same rounds.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from blasst_cute.testing import time_graph, time_per_call  # noqa: E402
 
 D, DV = 576, 512
 BENCH_ROUNDS = 3  # bench: rounds of alternated timing per split count
+EARLY_RELEASE_AB = False  # bench: also time every point with launch_mla.EARLY_RELEASE flipped
 LOG = []
 GEO_KEYS = ("block_m", "block_n", "pack_gqa", "order", "num_splits", "rows_per_decision",
             "split_tiles", "interleave_splits")
@@ -333,10 +336,21 @@ def bench_splits(q, kvc, bt, lens, out, lse, ws, num_splits, scale, t_dense, t_s
             lo, hi = (mid, hi) if sp[mid] <= target else (lo, mid)
             f = min(sp, key=lambda x: abs(sp[x] - target))
         points.append((f"skip f={f:.4g}", f, sp[f]))
-    graphs = [capture_graph(mk(f)) for _, f, _ in points]
+    if EARLY_RELEASE_AB:  # each point also with launch_mla.EARLY_RELEASE flipped, same rounds
+        points = [(f"{n} ER={int(e)}", f, s_, e) for n, f, s_ in points
+                  for e in (launch_mla.EARLY_RELEASE, not launch_mla.EARLY_RELEASE)]
+    else:
+        points = [p + (launch_mla.EARLY_RELEASE,) for p in points]
+    graphs, default = [], launch_mla.EARLY_RELEASE
+    try:
+        for _, f, _, early in points:
+            launch_mla.EARLY_RELEASE = early
+            graphs.append(capture_graph(mk(f)))
+    finally:
+        launch_mla.EARLY_RELEASE = default
     med = alternated_medians([g.replay for g in graphs], BENCH_ROUNDS, iters=20)
     graphs = None
-    for (name, f, s_), t in zip(points, med):
+    for (name, f, s_, _), t in zip(points, med):
         if f is None and t_dense is None:
             t_dense = t
         ideal = 1.0 / (1.0 - s_ * DV / (D + DV))
@@ -466,8 +480,13 @@ def main():
                     help="bench: split counts to time, comma-separated ('0' = the launcher's); "
                          "ratios are against the first one's dense time")
     ap.add_argument("--no-sdpa", action="store_true", help="bench: skip the SDPA peer")
+    ap.add_argument("--early-release-ab", action="store_true",
+                    help="bench: time each point also with the early K-stage release flipped "
+                         "(launch_mla.EARLY_RELEASE), in the same rounds")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    global EARLY_RELEASE_AB
+    EARLY_RELEASE_AB = args.early_release_ab
     os.makedirs(args.out, exist_ok=True)
     log(f"torch {torch.__version__}, device {torch.cuda.get_device_name()}")
     ok = True

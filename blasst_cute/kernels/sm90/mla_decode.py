@@ -165,6 +165,7 @@ class BlasstMlaDecodeSm90:
         interleave_splits: bool = False,
         use_pdl: bool = False,
         schedule: str = "alternate",
+        early_release: bool = False,
     ):
         if schedule not in SCHEDULES:
             raise NotImplementedError(f"blasst sm90 MLA decode: schedule {schedule!r} ({SCHEDULES})")
@@ -207,6 +208,11 @@ class BlasstMlaDecodeSm90:
         # alone, and both add every kept tile's P V to their half of O;
         # "split_keys": both work on every tile, each on 32 of its 64 keys.
         self.schedule = schedule
+        # alternate: a warpgroup waits for its P V of the other warpgroup's kept tile i - 1 and
+        # releases that K stage before it waits for tile i, instead of after issuing S of tile i.
+        # The producer can then load tile i + 1 while tile i is still in flight (two loads per CTA
+        # instead of one), for memory-bound launches whose CTAs finish unevenly. Same bits.
+        self.early_release = early_release
         self.rows_per_tma = self.rows_per_copy // cluster_m
         self.num_stages = NUM_STAGES
         self.num_consumer_threads = 256
@@ -849,12 +855,17 @@ class BlasstMlaDecodeSm90:
                 num_kept += kept_prev
                 self.other_tile_pv(i - 1, kept_prev, acc_O, softmax, sRunMax, tOrPs, tOrVt,
                                    tiled_mma_pv, mbar_empty, tid_wg, n_rows_thr, cta_rank)
+                if const_expr(self.early_release):
+                    warpgroup.wait_group(0)  # the P V of tile i - 1 (a no-op if skipped)
+                    if kept_prev != 0:
+                        self.release_stage(mbar_empty, 1 - wg, cta_rank)
             acc_S = cute.make_rmem_tensor(acc_S_shape, Float32)
             cute.arch.mbarrier_wait(mbar_full + wg, (i // NS) % 2)
             wgmma(tiled_mma_qk, acc_S, tSrQ, tSrK[None, None, None, wg], True)
-            if kept_prev != 0:
-                warpgroup.wait_group(1)  # the P V of tile i - 1 (S may still run)
-                self.release_stage(mbar_empty, 1 - wg, cta_rank)
+            if const_expr(not self.early_release):
+                if kept_prev != 0:
+                    warpgroup.wait_group(1)  # the P V of tile i - 1 (S may still run)
+                    self.release_stage(mbar_empty, 1 - wg, cta_rank)
             warpgroup.wait_group(0)
             self.mask_tile(acc_S, tScS_mn, row_limit, tile_first + i * tile_step, mask_from)
             m_tile = softmax.tile_row_max(acc_S)
