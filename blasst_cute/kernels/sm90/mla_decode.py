@@ -856,8 +856,10 @@ class BlasstMlaDecodeSm90:
                 self.other_tile_pv(i - 1, kept_prev, acc_O, softmax, sRunMax, tOrPs, tOrVt,
                                    tiled_mma_pv, mbar_empty, tid_wg, n_rows_thr, cta_rank)
                 if const_expr(self.early_release):
-                    warpgroup.wait_group(0)  # the P V of tile i - 1 (a no-op if skipped)
+                    # (the wait inside the branch: unconditional, ptxas serializes every wgmma
+                    # of the skip build; test_wgmma_not_serialized)
                     if kept_prev != 0:
+                        warpgroup.wait_group(0)  # the P V of tile i - 1
                         self.release_stage(mbar_empty, 1 - wg, cta_rank)
             acc_S = cute.make_rmem_tensor(acc_S_shape, Float32)
             cute.arch.mbarrier_wait(mbar_full + wg, (i // NS) % 2)
