@@ -79,46 +79,6 @@ def test_compile_mla_decode_cluster_cpu(config):
     assert launch_mla.compile_mla_decode_sm90(config) is not None
 
 
-def _cuobjdump():
-    """cuobjdump from PATH or the nvidia-cuda-cuobjdump wheel, else None."""
-    import shutil
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    try:
-        import nvidia
-        for root in nvidia.__path__:
-            cand = os.path.join(root, "cu13", "bin", "cuobjdump")
-            if os.path.exists(cand):
-                return cand
-    except ImportError:
-        pass
-    return None
-
-
-@cpu_only
-@pytest.mark.parametrize("extra", [dict(), dict(has_skip=True, has_stats=True),
-                                   dict(has_skip=True, has_stats=True, early_release=True)],
-                         ids=["dense", "skip", "skip-early-release"])
-def test_wgmma_not_serialized(extra, tmp_path):
-    # ptxas serializes every wgmma (a WARPGROUP.ARRIVE / DEPBAR pair around each HGMMA) when it
-    # cannot prove the async pipeline safe, e.g. for some waits on a runtime branch; an
-    # unconditional wait in the early-release skip build did that (twenty-sixth session)
-    import subprocess
-    tool = _cuobjdump()
-    if tool is None:
-        pytest.skip("cuobjdump not installed")
-    cfg = dict(dtype=torch.bfloat16, page_size=64, interleave_splits=True, use_pdl=True, **extra)
-    launch_mla.compile_mla_decode_sm90(cfg, options=f"--dump-dir={tmp_path} --keep-cubin")
-    cubins = list(tmp_path.glob("*.cubin"))
-    assert cubins, "--keep-cubin wrote no cubin"
-    sass = subprocess.run([tool, "-sass", str(cubins[0])], capture_output=True, text=True,
-                          check=True).stdout
-    n_mma, n_depbar = sass.count("HGMMA"), sass.count("WARPGROUP.DEPBAR")
-    assert n_mma > 0
-    assert 2 * n_depbar < n_mma, f"{n_depbar} warpgroup waits for {n_mma} wgmmas: serialized"
-
-
 @cpu_only
 def test_compile_combine_with_pdl_cpu():
     # the combine launched after the MLA kernel (programmatic dependent launch, D = 512)
