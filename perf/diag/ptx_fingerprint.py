@@ -5,7 +5,7 @@
     python perf/diag/ptx_fingerprint.py --against /tmp/before.json
 
 Compiles each configuration of the chosen kernels for sm_90a (CUTE_DSL_ARCH) with the PTX kept
-(CUTE_DSL_KEEP=ptx) and records a SHA-256 of the PTX per configuration. The PTX of one source
+(compile options --keep-ptx --dump-dir) and records a SHA-256 of the PTX per configuration. The PTX of one source
 is byte-identical from run to run and carries no line numbers, so moving code or renaming
 Python helpers leaves it unchanged, while any change to the emitted instructions does not.
 Identical PTX means identical cubins, so no GPU run is needed to show the change is a no-op.
@@ -22,11 +22,7 @@ import os
 import sys
 import tempfile
 
-DUMP_DIR = tempfile.mkdtemp(prefix="blasst-ptx-")
 os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
-os.environ["CUTE_DSL_KEEP"] = "ptx"
-os.environ["CUTE_DSL_DUMP_DIR"] = DUMP_DIR
-os.environ["CUTE_DSL_DISABLE_FILE_CACHING"] = "1"
 
 import torch  # noqa: E402
 
@@ -75,17 +71,15 @@ SETS = {"mla": mla_configs, "decode": decode_configs, "prefill": prefill_configs
 
 def ptx_digest(compile_fn, cfg: dict) -> str:
     """SHA-256 over the PTX files this compilation wrote (sorted, so their names do not matter)."""
-    before = set(os.listdir(DUMP_DIR))
-    compile_fn(cfg)
-    new = sorted(f for f in set(os.listdir(DUMP_DIR)) - before if f.endswith(".ptx"))
-    if not new:
-        raise RuntimeError(f"no PTX written for {cfg} (is CUTE_DSL_KEEP honoured by this DSL?)")
-    blobs = []
-    for f in new:
-        path = os.path.join(DUMP_DIR, f)
-        with open(path, "rb") as fh:
-            blobs.append(fh.read())
-        os.remove(path)
+    with tempfile.TemporaryDirectory(prefix="blasst-ptx-") as d:
+        compile_fn(cfg, options=f"--dump-dir={d} --keep-ptx")
+        blobs = []
+        for f in sorted(os.listdir(d)):
+            if f.endswith(".ptx"):
+                with open(os.path.join(d, f), "rb") as fh:
+                    blobs.append(fh.read())
+    if not blobs:
+        raise RuntimeError(f"no PTX written for {cfg} (--keep-ptx not honoured by this DSL?)")
     h = hashlib.sha256()
     for b in sorted(blobs):
         h.update(hashlib.sha256(b).digest())

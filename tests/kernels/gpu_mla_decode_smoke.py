@@ -42,7 +42,6 @@ from blasst_cute.testing import time_graph, time_per_call  # noqa: E402
 
 D, DV = 576, 512
 BENCH_ROUNDS = 3  # bench: rounds of alternated timing per split count
-EARLY_RELEASE_AB = False  # bench: also time every point with launch_mla.EARLY_RELEASE flipped
 LOG = []
 GEO_KEYS = ("block_m", "block_n", "pack_gqa", "order", "num_splits", "rows_per_decision",
             "split_tiles", "interleave_splits")
@@ -297,7 +296,7 @@ def sdpa_expanded(q, kv, scale):
 
 
 def bench_splits(q, kvc, bt, lens, out, lse, ws, num_splits, scale, t_dense, t_sdpa, flops,
-                 nbytes, rows, prefix):
+                 nbytes, rows, prefix, early_release_ab=False):
     """Dense and skip at ~70% / ~90% block sparsity with one split count, timed in alternation
     (CUDA graphs, BENCH_ROUNDS rounds, median); t_dense: the dense time the ratios are against
     (None: this one's; another split count's dense was timed in its own rounds). Returns that
@@ -336,7 +335,7 @@ def bench_splits(q, kvc, bt, lens, out, lse, ws, num_splits, scale, t_dense, t_s
             lo, hi = (mid, hi) if sp[mid] <= target else (lo, mid)
             f = min(sp, key=lambda x: abs(sp[x] - target))
         points.append((f"skip f={f:.4g}", f, sp[f]))
-    if EARLY_RELEASE_AB:  # each point also with launch_mla.EARLY_RELEASE flipped, same rounds
+    if early_release_ab:  # each point also with launch_mla.EARLY_RELEASE flipped, same rounds
         points = [(f"{n} ER={int(e)}", f, s_, e) for n, f, s_ in points
                   for e in (launch_mla.EARLY_RELEASE, not launch_mla.EARLY_RELEASE)]
     else:
@@ -363,11 +362,13 @@ def bench_splits(q, kvc, bt, lens, out, lse, ws, num_splits, scale, t_dense, t_s
     return t_dense
 
 
-def bench(cfgs, page_size=64, out_dir=".", mixed=0, split_counts=(None,), sdpa=True):
+def bench(cfgs, page_size=64, out_dir=".", mixed=0, split_counts=(None,), sdpa=True,
+          early_release_ab=False):
     """cfgs: (B, L, H) or (B, L, H, Lq_new) tuples (Lq_new 1 by default). Dense + skip at
     ~70%/~90% block sparsity per kernel variant. mixed=N: N different sequences dealt over the
     batch (sequence b is number b % N) instead of one sequence repeated; split_counts: split
-    counts to time (None = the launcher's; ratios are against the first one's dense time)."""
+    counts to time (None = the launcher's; ratios are against the first one's dense time);
+    early_release_ab: each point also with launch_mla.EARLY_RELEASE flipped, same rounds."""
     card = torch.cuda.get_device_name()
     log(f"card: {card}; sequences: "
         f"{f'{mixed} different' if mixed else 'one, repeated over the batch'}; "
@@ -416,7 +417,8 @@ def bench(cfgs, page_size=64, out_dir=".", mixed=0, split_counts=(None,), sdpa=T
             t_dense = bench_splits(q, kvc, bt, lens, out, lse, ws, num_splits, scale, t_dense,
                                    t_sdpa, flops, nbytes, rows,
                                    (f"| {B} | {L} | {H} | {lq} | blasst |"
-                                    + ("" if len(split_counts) == 1 else f" S={S}")))
+                                    + ("" if len(split_counts) == 1 else f" S={S}")),
+                                   early_release_ab)
 
         kvc = q = out = ws = None  # free before the next shape
         torch.cuda.empty_cache()
@@ -485,8 +487,6 @@ def main():
                          "(launch_mla.EARLY_RELEASE), in the same rounds")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    global EARLY_RELEASE_AB
-    EARLY_RELEASE_AB = args.early_release_ab
     os.makedirs(args.out, exist_ok=True)
     log(f"torch {torch.__version__}, device {torch.cuda.get_device_name()}")
     ok = True
@@ -510,7 +510,7 @@ def main():
         try:
             splits = [int(x) or None for x in args.splits.split(",")] if args.splits else [None]
             bench(cfgs, out_dir=args.out, mixed=args.mixed, split_counts=splits,
-                  sdpa=not args.no_sdpa)
+                  sdpa=not args.no_sdpa, early_release_ab=args.early_release_ab)
         except Exception:  # noqa: BLE001
             log(traceback.format_exc())
     with open(os.path.join(args.out, "gpu_mla_decode_smoke.log"), "a") as f:
