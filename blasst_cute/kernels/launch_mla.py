@@ -82,8 +82,11 @@ GROUPED_MERGE = os.environ.get("BLASST_MLA_GROUPED_MERGE", "1") != "0"
 # the keys each). BLASST_MLA_SCHEDULE=split_keys restores the earlier one (comparisons).
 SCHEDULE = os.environ.get("BLASST_MLA_SCHEDULE", "alternate")
 # Alternate schedule: release the K stage of the other warpgroup's kept tile before waiting for
-# the next tile (two loads in flight per CTA; see mla_decode.py). "1"/"0": always/never.
-EARLY_RELEASE = os.environ.get("BLASST_MLA_EARLY_RELEASE", "0") == "1"
+# the next tile (two loads in flight per CTA; see mla_decode.py). H200, same rounds: dense
+# 0.98-1.07x, ~70 % skipped 1.01-1.08x the late release (H=16/64 at ~70 %: 0.97 -> 1.01x and
+# 0.91 -> 0.98x own dense; perf/results/mla-decode-h200-early-release.md).
+# BLASST_MLA_EARLY_RELEASE=0 restores the late release (comparisons).
+EARLY_RELEASE = os.environ.get("BLASST_MLA_EARLY_RELEASE", "1") != "0"
 
 
 def mla_num_splits(work_units: int, n_tiles: int, num_sms: int) -> int:

@@ -211,7 +211,8 @@ class BlasstMlaDecodeSm90:
         # alternate: a warpgroup waits for its P V of the other warpgroup's kept tile i - 1 and
         # releases that K stage before it waits for tile i, instead of after issuing S of tile i.
         # The producer can then load tile i + 1 while tile i is still in flight (two loads per CTA
-        # instead of one), for memory-bound launches whose CTAs finish unevenly. Same bits.
+        # instead of one), for memory-bound launches whose CTAs finish unevenly. Same bits. The
+        # launcher's default (launch_mla.EARLY_RELEASE; H200: faster in 29 of 33 points).
         self.early_release = early_release
         self.rows_per_tma = self.rows_per_copy // cluster_m
         self.num_stages = NUM_STAGES
