@@ -6,8 +6,9 @@ each HGMMA then gets its own ``WARPGROUP.ARRIVE`` / ``WARPGROUP.DEPBAR`` pair, t
 gives the right answers, and it runs far slower. The seventh session met five such causes in
 the prefill kernel; the twenty-sixth met one in the MLA decode kernel's early-release skip build
 (an unconditional wait). The test compiles each build for sm_90a, disassembles the cubin with
-``cuobjdump`` (CUDA toolkit or the ``nvidia-cuda-cuobjdump`` wheel; the test skips without it)
-and requires far fewer warpgroup waits than wgmmas.
+``cuobjdump`` (CUDA toolkit, or the ``nvidia-cuda-cuobjdump`` and ``nvidia-cuda-nvdisasm``
+wheels of the ``test`` extra; the test skips without them) and requires far fewer warpgroup
+waits than wgmmas.
 """
 
 import os
@@ -27,20 +28,23 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU compile c
 
 
 def _cuobjdump():
-    """cuobjdump from PATH or the nvidia-cuda-cuobjdump wheel, else None."""
+    """cuobjdump from PATH or the nvidia-cuda-cuobjdump wheel, with the nvdisasm it runs for
+    -sass beside it or on PATH, else None."""
     found = shutil.which("cuobjdump")
-    if found:
-        return found
-    try:
-        import nvidia
-    except ImportError:
+    if found is None:
+        try:
+            import nvidia
+        except ImportError:
+            return None
+        cands = [os.path.join(root, sub, "bin", "cuobjdump") for root in nvidia.__path__
+                 for sub in ("cu13", "cuda_cuobjdump")]
+        found = next((c for c in cands if os.path.exists(c)), None)
+        if found is None:
+            return None
+    if not (shutil.which("nvdisasm")
+            or os.path.exists(os.path.join(os.path.dirname(found), "nvdisasm"))):
         return None
-    for root in nvidia.__path__:
-        for sub in ("cu13", "cuda_cuobjdump"):
-            cand = os.path.join(root, sub, "bin", "cuobjdump")
-            if os.path.exists(cand):
-                return cand
-    return None
+    return found
 
 
 BF16 = torch.bfloat16
@@ -72,13 +76,15 @@ BUILDS["prefill-d128-dense"] = (launch.compile_prefill_sm90,
 def test_wgmma_not_serialized(name, tmp_path):
     tool = _cuobjdump()
     if tool is None:
-        pytest.skip("cuobjdump not installed")
+        pytest.skip("cuobjdump / nvdisasm not installed")
     compile_fn, cfg = BUILDS[name]
     compile_fn(cfg, options=f"--dump-dir={tmp_path} --keep-cubin")
     cubins = list(tmp_path.glob("*.cubin"))
     assert cubins, "--keep-cubin wrote no cubin"
+    env = dict(os.environ)  # cuobjdump -sass runs nvdisasm: the wheels put it beside cuobjdump
+    env["PATH"] = os.path.dirname(tool) + os.pathsep + env.get("PATH", "")
     sass = subprocess.run([tool, "-sass", str(cubins[0])], capture_output=True, text=True,
-                          check=True).stdout
+                          check=True, env=env).stdout
     n_mma, n_depbar = sass.count("HGMMA"), sass.count("WARPGROUP.DEPBAR")
     assert n_mma > 0
     assert 2 * n_depbar < n_mma, f"{n_depbar} warpgroup waits for {n_mma} wgmmas: serialized"
