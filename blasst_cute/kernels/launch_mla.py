@@ -82,9 +82,9 @@ GROUPED_MERGE = os.environ.get("BLASST_MLA_GROUPED_MERGE", "1") != "0"
 # the keys each). BLASST_MLA_SCHEDULE=split_keys restores the earlier one (comparisons).
 SCHEDULE = os.environ.get("BLASST_MLA_SCHEDULE", "alternate")
 # Alternate schedule: release the K stage of the other warpgroup's kept tile before waiting for
-# the next tile (two loads in flight per CTA; see mla_decode.py). H200, same rounds: dense
-# 0.98-1.07x, ~70 % skipped 1.01-1.08x the late release (H=16/64 at ~70 %: 0.97 -> 1.01x and
-# 0.91 -> 0.98x own dense; perf/results/mla-decode-h200-early-release.md).
+# the next tile (two loads in flight per CTA; see mla_decode.py). H200, same rounds as the late
+# release: 0.3-7 % faster at 29 of 33 dense and skip points, 0.5-2 % slower at 4 (dense B=128
+# L=4k and B=32 L=8k; perf/results/mla-decode-h200-early-release.md).
 # BLASST_MLA_EARLY_RELEASE=0 restores the late release (comparisons).
 EARLY_RELEASE = os.environ.get("BLASST_MLA_EARLY_RELEASE", "1") != "0"
 
