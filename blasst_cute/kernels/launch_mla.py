@@ -148,10 +148,14 @@ def _config_key(config: dict) -> tuple:
     c.setdefault("page_size", None)
     c.setdefault("causal", True)
     for k in ("has_skip", "factor_per_batch", "has_stats", "direct_out", "interleave_splits",
-              "use_pdl", "early_release"):
+              "use_pdl"):
         c[k] = bool(c.get(k, False))
     c["cluster_m"] = int(c.get("cluster_m", 1))
     c.setdefault("schedule", SCHEDULE)
+    # the launcher's policy unless given (so the CPU compile of supported_configs() builds what
+    # ships); only the alternate schedule has it (one compiled kernel for split_keys)
+    c["early_release"] = (bool(c.get("early_release", EARLY_RELEASE))
+                          and c["schedule"] == "alternate")
     return tuple(sorted(c.items(), key=lambda kv: kv[0]))
 
 
@@ -185,7 +189,8 @@ def compile_mla_decode_sm90(config: dict, options: Optional[str] = None):
     """Compile one MLA decode configuration (no GPU needed; CUTE_DSL_ARCH=sm_90a on a CPU host).
 
     config keys: dtype, page_size (None = contiguous cache), and optionally causal, has_skip,
-    factor_per_batch, has_stats, direct_out, cluster_m (1 or 2), interleave_splits, use_pdl.
+    factor_per_batch, has_stats, direct_out, cluster_m (1 or 2), interleave_splits, use_pdl,
+    schedule (default SCHEDULE), early_release (default EARLY_RELEASE; alternate schedule only).
     Returns the compiled ``launch_ptrs``.
     """
     key = _config_key(config)
@@ -252,8 +257,7 @@ def _get_plan(q, kv_cache, block_table, causal, has_skip, fpb, has_stats, num_sp
                                               tiles_per_split),
                       # one split: both tile orders coincide (one compiled kernel)
                       interleave_splits=geo["interleave_splits"] and not p.direct,
-                      use_pdl=USE_PDL, schedule=SCHEDULE,
-                      early_release=EARLY_RELEASE and SCHEDULE == "alternate")
+                      use_pdl=USE_PDL, schedule=SCHEDULE, early_release=EARLY_RELEASE)
         ck = _config_key(config)
         p.fn = _compiled(ck, lambda: _make_kernel(ck).launch_ptrs,
                          _compile_args(dict(ck), cuda_stream(0)))

@@ -42,10 +42,10 @@ def mla_configs():
             cfgs.append(dict(dtype=torch.bfloat16, page_size=64, has_skip=has_skip,
                              has_stats=has_skip, cluster_m=2, interleave_splits=True,
                              use_pdl=True, schedule=schedule))
-    for has_skip in (False, True):  # the early K-stage release (launch_mla.EARLY_RELEASE)
+    for has_skip in (False, True):  # the late K-stage release (BLASST_MLA_EARLY_RELEASE=0)
         cfgs.append(dict(dtype=torch.bfloat16, page_size=64, has_skip=has_skip,
                          has_stats=has_skip, interleave_splits=True, use_pdl=True,
-                         early_release=True))
+                         early_release=False))
     return [("mla", c, launch_mla.compile_mla_decode_sm90) for c in cfgs]
 
 

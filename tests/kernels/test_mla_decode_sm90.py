@@ -48,11 +48,11 @@ def test_compile_mla_decode_cpu(config):
                                    dict(page_size=None, has_skip=True, causal=False),
                                    dict(page_size=16, direct_out=True),
                                    dict(page_size=64, has_skip=True, has_stats=True,
-                                        early_release=True, interleave_splits=True),
-                                   dict(page_size=64, cluster_m=2, early_release=True)],
+                                        early_release=False, interleave_splits=True),
+                                   dict(page_size=64, cluster_m=2, early_release=False)],
                          ids=["fp16-p128", "p32-stats", "p256-direct", "contig-noncausal",
-                              "p16-dense-direct", "p64-skip-early-release",
-                              "p64-dense-cluster-early-release"])
+                              "p16-dense-direct", "p64-skip-late-release",
+                              "p64-dense-cluster-late-release"])
 def test_compile_mla_decode_variants_cpu(extra):
     cfg = dict(dtype=torch.bfloat16)
     cfg.update(extra)

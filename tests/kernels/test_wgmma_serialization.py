@@ -52,8 +52,9 @@ MLA = dict(dtype=BF16, page_size=64, interleave_splits=True, use_pdl=True)
 BUILDS = {
     "mla-dense": (launch_mla.compile_mla_decode_sm90, dict(MLA)),
     "mla-skip": (launch_mla.compile_mla_decode_sm90, dict(MLA, has_skip=True, has_stats=True)),
-    "mla-skip-early-release": (launch_mla.compile_mla_decode_sm90,
-                               dict(MLA, has_skip=True, has_stats=True, early_release=True)),
+    # the default is the early K-stage release (launch_mla.EARLY_RELEASE); the late one too
+    "mla-skip-late-release": (launch_mla.compile_mla_decode_sm90,
+                              dict(MLA, has_skip=True, has_stats=True, early_release=False)),
 }
 for _c in launch_decode.supported_configs():  # page 64, split (combine) epilogue
     if _c["page_size"] == 64 and not _c.get("direct_out") and _c.get("tile_n") is None \
