@@ -3,7 +3,8 @@
     python perf/ab/prefill_ab.py [--seqlens 4096 16384 32768] [--rounds 7] [--iters 10] \
         [--variants dense skip0 sparse ...] [--baseline FILE] [--lambdas 0.3 0.95]
 
-Variants per shape (--head-dim, default 128; Hq/Hk 32/8, B*L = 32k; names in PRESETS, or
+Variants per shape (--head-dim, default 128, --head-dim-v (default: the head dim; 128 with
+--head-dim 192 is the MLA prefill shape); Hq 32, Hk --heads-kv (default 8), B*L = 32k; names in PRESETS, or
 "fa4" / "fa4_nopack" for FlashAttention-4 dense with / without its GQA packing): the dense
 build, the skip build at a factor that enables skipping but never skips (1e-30, "skip0") or at
 --sparse-factor ("sparse"; with --lambdas, one sparse column per lambda = factor / L:
@@ -194,8 +195,8 @@ def make_runner(name, module, causal, has_skip, factor, **kw):
         key = (name, causal)
         fn = _compiled.get(key)
         if fn is None:
-            kern = module.BlasstFwdSm90(TORCH_TO_CUTLASS[q.dtype], q.shape[-1], causal=causal,
-                                        has_skip=has_skip, **kw)
+            kern = module.BlasstFwdSm90(TORCH_TO_CUTLASS[q.dtype], q.shape[-1], v.shape[-1],
+                                        causal=causal, has_skip=has_skip, **kw)
             t = time.time()
             fn = cute.compile(kern, *args)
             print(f"  compiled {name} causal={causal} in {time.time() - t:.1f}s", flush=True)
@@ -229,7 +230,7 @@ def sparsity(q, k, v, causal, factor, tuning=None):
     """(share of (warp, key tile) softmaxes skipped, share of (warpgroup, key tile) P·V wgmmas
     skipped, out) from the kernel's counters."""
     B, L, H = q.shape[0], q.shape[1], q.shape[2]
-    out = torch.empty_like(q)
+    out = q.new_empty(*q.shape[:3], v.shape[-1])
     lse = torch.empty(B, H, L, device=q.device)
     counts = torch.zeros(4, B, H, dtype=torch.int32, device=q.device)
     launch.run_prefill_sm90(q, k, v, out, lse, causal=causal, softmax_scale=q.shape[-1] ** -0.5,
@@ -259,6 +260,9 @@ def main():
     p.add_argument("--causal", choices=("true", "false", "both"), default="both")
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--head-dim-v", type=int, default=None,
+                   help="V head dim (default: --head-dim; 128 with --head-dim 192 for MLA)")
+    p.add_argument("--heads-kv", type=int, default=8, help="KV heads (32 query heads)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--sparse-factor", type=float, default=1000.0)
@@ -277,7 +281,8 @@ def main():
     zero = ZERO
     for L in a.seqlens:
         B = max(1, a.tokens // L)
-        sets = [synthetic_qkv(B, L, L, 32, 8, a.head_dim, device="cuda", seed=s) for s in range(1)]
+        sets = [synthetic_qkv(B, L, L, 32, a.heads_kv, a.head_dim, a.head_dim_v,
+                              device="cuda", seed=s) for s in range(1)]
         sparse_factors = ([(f"@{lam:g}", lam * L) for lam in a.lambdas] if a.lambdas
                           else [("", a.sparse_factor)])
         for causal in ([False, True] if a.causal == "both" else [a.causal == "true"]):
@@ -313,7 +318,7 @@ def main():
                     print(f"  {name} sparsity {' '.join(got)}", flush=True)
             bufs = []
             for (q, k, v) in sets:
-                bufs.append((q, k, v, torch.empty_like(q),
+                bufs.append((q, k, v, q.new_empty(*q.shape[:3], v.shape[-1]),
                              torch.empty(B, 32, L, device="cuda")))
             # warm-up/compile + a bit-exactness check of skip0 vs dense
             for name, fn in variants.items():
