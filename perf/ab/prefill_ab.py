@@ -16,7 +16,8 @@ version of prefill.py given as --baseline, e.g.
 Rounds interleave the variants so that clock/power drift (H100 at its 700 W cap) hits all of
 them alike, in forward order on even rounds and reverse order on odd ones (a fixed order favoured
 the later sparse variants by a few percent); the table shows the median over rounds of per-round
-medians, and the spread. Use an even --rounds.
+medians, and the spread. Use an even --rounds. With fa4 among the variants a second table gives
+every variant's speed relative to FA4 (the issues' bars).
 Sparsity is the kernel's own count (a decision per 16-row warp, each skipping its softmax) and,
 in parentheses, the same decisions per 64-row warpgroup: the share of PV wgmmas skipped.
 """
@@ -381,6 +382,15 @@ def main():
                         for n in names)
         print(tag.ljust(22) + cells + "   sparsity " + " ".join(f"{v:.3f}" for v in r["ss"].values())
               + " (per warpgroup " + " ".join(f"{v:.3f}" for v in r["ss64"].values()) + ")")
+    for peer in [n for n in FA4_VARIANTS if n in names]:  # the issue's ratios are against FA4
+        print(f"\nspeed relative to {peer} (>1 = faster than {peer})")
+        print("shape".ljust(22) + "".join(n.rjust(13) for n in names))
+        for r in rows:
+            tag = f"L={r['L'] // 1024}k {'causal' if r['causal'] else 'noncausal'}"
+            print(tag.ljust(22) + "".join(
+                (f"{r['med'][peer] / r['med'][n]:.3f}" if n in r["med"] and peer in r["med"]
+                 else "-").rjust(13)
+                for n in names))
     print("dense ms: " + ", ".join(f"{r['L'] // 1024}k{'c' if r['causal'] else 'n'} {r['med']['dense']:.3f}"
                                   for r in rows))
 
