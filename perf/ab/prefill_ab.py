@@ -3,8 +3,8 @@
     python perf/ab/prefill_ab.py [--seqlens 4096 16384 32768] [--rounds 7] [--iters 10] \
         [--variants dense skip0 sparse ...] [--baseline FILE] [--lambdas 0.3 0.95]
 
-Variants per shape (--head-dim, default 128, --head-dim-v (default: the head dim; 128 with
---head-dim 192 is the MLA prefill shape); Hq 32, Hk --heads-kv (default 8), B*L = 32k; names in PRESETS, or
+Variants per shape (--head-dim, default 128; --head-dim-v, default the head dim: 192 and 128
+are the MLA prefill shape; Hq 32, Hk --heads-kv, default 8; B*L = 32k; names in PRESETS, or
 "fa4" / "fa4_nopack" for FlashAttention-4 dense with / without its GQA packing): the dense
 build, the skip build at a factor that enables skipping but never skips (1e-30, "skip0") or at
 --sparse-factor ("sparse"; with --lambdas, one sparse column per lambda = factor / L:
@@ -196,8 +196,10 @@ def make_runner(name, module, causal, has_skip, factor, **kw):
         key = (name, causal)
         fn = _compiled.get(key)
         if fn is None:
-            kern = module.BlasstFwdSm90(TORCH_TO_CUTLASS[q.dtype], q.shape[-1], v.shape[-1],
-                                        causal=causal, has_skip=has_skip, **kw)
+            # head_dim_v only where it differs (older --baseline versions lack the argument)
+            dv = {} if v.shape[-1] == q.shape[-1] else dict(head_dim_v=v.shape[-1])
+            kern = module.BlasstFwdSm90(TORCH_TO_CUTLASS[q.dtype], q.shape[-1], causal=causal,
+                                        has_skip=has_skip, **dv, **kw)
             t = time.time()
             fn = cute.compile(kern, *args)
             print(f"  compiled {name} causal={causal} in {time.time() - t:.1f}s", flush=True)
