@@ -91,6 +91,10 @@ PDL_MIN_SPLITS = 8
 # The producer warp issues the V loads that need no vote (decode.py, producer_v): measured no
 # gain on the H100 (perf/results/decode-h100-small.md); off unless BLASST_DECODE_PRODUCER_V=1.
 PRODUCER_V = os.environ.get("BLASST_DECODE_PRODUCER_V", "0") == "1"
+# Paged caches: the producer warp reads its first page ids before the sequence length arrives
+# (decode.py, speculate_pages), taking one dependent global read off the path to the first K
+# load. Not yet measured on a GPU: off unless BLASST_DECODE_SPECULATE_PAGES=1.
+SPECULATE_PAGES = os.environ.get("BLASST_DECODE_SPECULATE_PAGES", "0") == "1"
 
 # Splits take the key tiles round-robin (split s: tiles s, s + S, ...) rather than as contiguous
 # chunks: the kept tiles (sinks, recent keys) spread evenly over the CTAs of a sequence, so no
@@ -157,7 +161,8 @@ def _config_key(config: dict) -> tuple:
     c.setdefault("causal", True)
     c.setdefault("order", "forward")
     for k in ("has_skip", "factor_per_batch", "has_stats", "direct_out", "fused_merge",
-              "interleave_splits", "producer_v", "pipelined_merge", "use_pdl"):
+              "interleave_splits", "producer_v", "pipelined_merge", "use_pdl",
+              "speculate_pages"):
         c[k] = bool(c.get(k, False))
     c.setdefault("num_k_stages", None)
     c.setdefault("num_v_stages", None)
@@ -174,6 +179,7 @@ def _make_kernel(key: tuple) -> BlasstDecodeSm90:
         num_k_stages=c["num_k_stages"], num_v_stages=c["num_v_stages"],
         interleave_splits=c["interleave_splits"], producer_v=c["producer_v"],
         pipelined_merge=c["pipelined_merge"], use_pdl=c["use_pdl"],
+        speculate_pages=c["speculate_pages"],
     )
 
 
@@ -200,7 +206,7 @@ def compile_decode_sm90(config: dict, options: Optional[str] = None):
 
     config keys: dtype, head_dim, page_size (None = contiguous cache), and optionally tile_n,
     causal, has_skip, factor_per_batch, has_stats, direct_out, fused_merge, order, num_k_stages,
-    num_v_stages, interleave_splits, producer_v, pipelined_merge, use_pdl.
+    num_v_stages, interleave_splits, producer_v, pipelined_merge, use_pdl, speculate_pages.
     Returns the compiled callable of ``BlasstDecodeSm90.launch_ptrs``.
     """
     key = _config_key(config)
@@ -434,13 +440,14 @@ def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, n
                   has_stats=has_stats, direct_out=direct, fused_merge=FUSED_MERGE or eager_fused,
                   producer_v=PRODUCER_V, pipelined_merge=PIPELINED_MERGE,
                   use_pdl=USE_PDL and splits >= PDL_MIN_SPLITS,
+                  speculate_pages=SPECULATE_PAGES and paged,
                   order=geo["order"],
                   # one split: the two tile orders coincide (one compiled kernel)
                   interleave_splits=geo["interleave_splits"] and not direct)
     tkey = ()
     if tuning:
         # experiments only: num_k_stages, num_v_stages, fused_merge, producer_v,
-        # pipelined_merge, use_pdl (tile_n / interleave_splits: popped above)
+        # pipelined_merge, use_pdl, speculate_pages (tile_n / interleave_splits: popped above)
         config.update(tuning)
         tkey = tuple(sorted(tuning.items()))
     config["fused_merge"] = p.fused = fused = bool(config["fused_merge"]) and not direct
@@ -449,7 +456,7 @@ def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, n
     fkey = ("decode", q.dtype, d, page_size, geo["block_n"], bool(causal), has_skip, fpb,
             has_stats, direct, fused, geo["order"], config["interleave_splits"],
             bool(config["producer_v"]), bool(config["pipelined_merge"]), bool(config["use_pdl"]),
-            tkey)
+            bool(config["speculate_pages"]), tkey)
     compile_args = _decode_compile_args(dict(ck), cuda_stream(0))
     p.fn = _compiled(fkey, compile_args, lambda: _make_kernel(ck).launch_ptrs)
     ks = k_cache.stride()

@@ -200,6 +200,7 @@ ALT_TUNINGS = [
                                     "use_pdl": False}),
     ("fused old merge, producer V", {"fused_merge": True, "pipelined_merge": False,
                                      "producer_v": True}),
+    ("speculative page ids", {"speculate_pages": True}),
 ]
 
 
@@ -225,7 +226,8 @@ def run_checks(quick=False, sweep=0):
         lambda: check_case(2, 4, 16, 4, [6000, 1], 256, factor=1000.0, synth=True, num_splits=3))
     rec("cuda graph replay new factor", lambda: graph_check())
     # The non-default kernel paths (launcher tuning): the fused merge for many rows (G16, two
-    # m-blocks) and the old merge loops, the producer-issued V loads, no PDL.
+    # m-blocks) and the old merge loops, the producer-issued V loads, no PDL, the speculative
+    # first page ids (pages past a sequence's last one re-read: 999 keys of 32-key pages).
     for name, tuning in ALT_TUNINGS:
         rec(f"{name}: dense paged32 lq8 G16 split3",
             lambda t=tuning: check_case(2, 8, 32, 2, [8, 999], 32, num_splits=3, tuning=t))

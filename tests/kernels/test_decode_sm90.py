@@ -48,9 +48,18 @@ def test_compile_decode_cpu(config):
                                         producer_v=True, fused_merge=True,
                                         pipelined_merge=False, use_pdl=False),
                                    dict(head_dim=128, page_size=16, has_skip=True,
-                                        num_k_stages=2, num_v_stages=3)],
+                                        num_k_stages=2, num_v_stages=3),
+                                   dict(head_dim=128, page_size=16, tile_n=64, has_skip=True,
+                                        has_stats=True, interleave_splits=True, use_pdl=True,
+                                        speculate_pages=True),
+                                   dict(head_dim=128, page_size=64, interleave_splits=True,
+                                        speculate_pages=True),
+                                   dict(head_dim=128, page_size=256, has_skip=True,
+                                        direct_out=True, speculate_pages=True)],
                          ids=["d64", "d64-tile64", "tile64", "reverse-noncausal", "combine-kernel",
-                              "producer-v-dense", "producer-v-skip-old-merge", "k2-v3"])
+                              "producer-v-dense", "producer-v-skip-old-merge", "k2-v3",
+                              "speculate-p16-tile64-skip", "speculate-p64-dense",
+                              "speculate-p256-direct"])
 def test_compile_decode_variants_cpu(extra):
     cfg = dict(dtype=torch.bfloat16)
     cfg.update(extra)
@@ -155,8 +164,8 @@ def test_empty_and_tiny_sequences():
 
 
 @gpu
-@pytest.mark.parametrize("alt", range(3), ids=["fused-pipelined", "combine-old-nopdl",
-                                               "fused-old-producer-v"])
+@pytest.mark.parametrize("alt", range(4), ids=["fused-pipelined", "combine-old-nopdl",
+                                               "fused-old-producer-v", "speculate-pages"])
 def test_alternate_kernel_paths(alt):
     from gpu_decode_smoke import ALT_TUNINGS, check_case
     _, tuning = ALT_TUNINGS[alt]

@@ -171,6 +171,7 @@ class BlasstDecodeSm90:
         producer_v: bool = False,
         pipelined_merge: bool = False,
         use_pdl: bool = False,
+        speculate_pages: bool = False,
         trace: bool = False,
     ):
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
@@ -216,6 +217,13 @@ class BlasstDecodeSm90:
         # (griddepcontrol.wait), and the kernel after (the next call, or the combine) may launch
         # as soon as this grid runs.
         self.use_pdl = use_pdl
+        # Paged, forward order, interleaved splits or one split: the producer warp reads its
+        # first batch of page ids before the sequence length is known, at the slots of the tiles
+        # split_idx + i * num_splits, so that read and the seqlens read overlap instead of
+        # following each other ahead of the first K load. load() re-reads the ids the guess got
+        # wrong (copies past the sequence's last page).
+        self.speculate_pages = (speculate_pages and self.paged and not self.reverse
+                                and (interleave_splits or direct_out))
         # Diagnostics: per-CTA timestamps of the kernel's phases (TRACE_SLOTS, trace_ptr).
         self.trace = trace
         # Rows per TMA copy: a whole page, or a slice of one when pages are larger than a tile.
@@ -473,6 +481,14 @@ class BlasstDecodeSm90:
             cute.arch.griddepcontrol_wait()
             cute.arch.griddepcontrol_launch_dependents()
 
+        first_ids = Int32(0)
+        guess_slot = Int32(0)
+        if const_expr(self.speculate_pages):
+            if warp_idx == self.producer_warp:
+                guess_slot = self.first_slot_guess(cute.arch.lane_idx(), split_idx, num_splits,
+                                                   mBlockTable.shape[1])
+                first_ids = mBlockTable[batch_idx, guess_slot]
+
         # ---- key tiles of this CTA: the split's slice of the tiles the q-tile sees
         seqlen_k = mSeqlens[batch_idx]
         seqlen_q = mQ.shape[1]
@@ -494,7 +510,7 @@ class BlasstDecodeSm90:
             self.load(
                 mK, sK, tma_atom_K, mBlockTable, sPages, mbar_k_full, mbar_k_empty,
                 head_kv, batch_idx, seqlen_k, tile_first, tile_step, n_local,
-                mV, sV, tma_atom_V, mbar_v_full, mbar_v_empty,
+                mV, sV, tma_atom_V, mbar_v_full, mbar_v_empty, first_ids, guess_slot,
             )
         elif warp_idx < 4:
             self.mma(
@@ -551,16 +567,33 @@ class BlasstDecodeSm90:
                                 self.page_size, self.paged)
 
     @cute.jit
-    def batch_page_ids(self, mBlockTable: cute.Tensor, batch_idx: Int32, seqlen_k: Int32,
-                       lane: Int32, i0: Int32, tile_first: Int32, tile_step: Int32, n_local: Int32):
-        """This lane's page id of the batch starting at local step i0 (clamped to valid pages)."""
+    def batch_page_slot(self, seqlen_k: Int32, lane: Int32, i0: Int32, tile_first: Int32,
+                        tile_step: Int32, n_local: Int32) -> Int32:
+        """This lane's block-table slot in the batch starting at local step i0 (tile i0 +
+        lane // cpt, copy lane % cpt; clamped to the valid steps and pages)."""
         cpt = self.copies_per_tile
         step = cutlass.max(cutlass.min(i0 + lane // cpt, n_local - 1), 0)
         tile = self.tile_of(step, tile_first, tile_step, n_local)
         key0 = tile * self.tile_n + (lane % cpt) * self.rows_per_copy
         last_page = cutlass.max((seqlen_k + self.page_size - 1) // self.page_size - 1, 0)
-        slot = cutlass.max(cutlass.min(key0 // self.page_size, last_page), 0)
-        return mBlockTable[batch_idx, slot]
+        return cutlass.max(cutlass.min(key0 // self.page_size, last_page), 0)
+
+    @cute.jit
+    def batch_page_ids(self, mBlockTable: cute.Tensor, batch_idx: Int32, seqlen_k: Int32,
+                       lane: Int32, i0: Int32, tile_first: Int32, tile_step: Int32, n_local: Int32):
+        """This lane's page id of the batch starting at local step i0 (see batch_page_slot)."""
+        return mBlockTable[batch_idx, self.batch_page_slot(seqlen_k, lane, i0, tile_first,
+                                                           tile_step, n_local)]
+
+    @cute.jit
+    def first_slot_guess(self, lane: Int32, split_idx: Int32, num_splits: Int32,
+                         max_pages: Int32) -> Int32:
+        """speculate_pages: batch_page_slot of the first batch for tiles split_idx + i *
+        num_splits, clamped to the block table's row instead of the sequence (unknown yet)."""
+        cpt = self.copies_per_tile
+        tile = split_idx + (lane // cpt) * num_splits
+        key0 = tile * self.tile_n + (lane % cpt) * self.rows_per_copy
+        return cutlass.min(key0 // self.page_size, max_pages - 1)
 
     @cute.jit
     def tma_views(self, tma_atom: cute.CopyAtom, mX: cute.Tensor, sX: cute.Tensor, head_kv: Int32):
@@ -589,6 +622,7 @@ class BlasstDecodeSm90:
         head_kv: Int32, batch_idx: Int32, seqlen_k: Int32,
         tile_first: Int32, tile_step: Int32, n_local: Int32,
         mV: cute.Tensor, sV: cute.Tensor, tma_atom_V: cute.CopyAtom, mbar_v_full, mbar_v_empty,
+        first_ids: Int32, guess_slot: Int32,
     ):
         NK, NV = self.num_k_stages, self.num_v_stages
         cpt = self.copies_per_tile
@@ -603,7 +637,14 @@ class BlasstDecodeSm90:
         tiles_per_batch = 32 // cpt
         ids_cur = Int32(0)
         ids_nxt = Int32(0)
-        if const_expr(self.paged):
+        if const_expr(self.speculate_pages):
+            # Only the ids of tiles the split visits are ever handed out; re-read those whose
+            # guessed slot is not the real one.
+            ids_nxt = first_ids
+            want = self.batch_page_slot(seqlen_k, lane, Int32(0), tile_first, tile_step, n_local)
+            if lane // cpt < n_local and want != guess_slot:
+                ids_nxt = mBlockTable[batch_idx, want]
+        elif const_expr(self.paged):
             ids_nxt = self.batch_page_ids(mBlockTable, batch_idx, seqlen_k, lane, Int32(0),
                                           tile_first, tile_step, n_local)
         for i in cutlass.range(n_local, unroll=1):
