@@ -485,8 +485,11 @@ class BlasstDecodeSm90:
         guess_slot = Int32(0)
         if const_expr(self.speculate_pages):
             if warp_idx == self.producer_warp:
-                guess_slot = self.first_slot_guess(cute.arch.lane_idx(), split_idx, num_splits,
-                                                   mBlockTable.shape[1])
+                # the first batch's slots for tiles split_idx + i * num_splits, as if the
+                # sequence filled the block table's row (no step clamp: n_local >= 32)
+                guess_slot = self.batch_page_slot(
+                    mBlockTable.shape[1] * self.page_size, cute.arch.lane_idx(), Int32(0),
+                    split_idx, num_splits, Int32(32))
                 first_ids = mBlockTable[batch_idx, guess_slot]
 
         # ---- key tiles of this CTA: the split's slice of the tiles the q-tile sees
@@ -584,16 +587,6 @@ class BlasstDecodeSm90:
         """This lane's page id of the batch starting at local step i0 (see batch_page_slot)."""
         return mBlockTable[batch_idx, self.batch_page_slot(seqlen_k, lane, i0, tile_first,
                                                            tile_step, n_local)]
-
-    @cute.jit
-    def first_slot_guess(self, lane: Int32, split_idx: Int32, num_splits: Int32,
-                         max_pages: Int32) -> Int32:
-        """speculate_pages: batch_page_slot of the first batch for tiles split_idx + i *
-        num_splits, clamped to the block table's row instead of the sequence (unknown yet)."""
-        cpt = self.copies_per_tile
-        tile = split_idx + (lane // cpt) * num_splits
-        key0 = tile * self.tile_n + (lane % cpt) * self.rows_per_copy
-        return cutlass.min(key0 // self.page_size, max_pages - 1)
 
     @cute.jit
     def tma_views(self, tma_atom: cute.CopyAtom, mX: cute.Tensor, sX: cute.Tensor, head_kv: Int32):
