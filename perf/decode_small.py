@@ -117,7 +117,7 @@ VARIANTS = {
     "new ws": (None, None, True),
     "new pv": (dict(producer_v=True), None, False),
     "new nopdl": (dict(use_pdl=False), None, False),  # no programmatic dependent launch
-    "new spec": (dict(speculate_pages=True), None, False),  # first page ids read speculatively
+    "new nospec": (dict(speculate_pages=False), None, False),  # page ids read after the length
     # ring depths (K, V/P stages); the launcher's: (3, 2) dense, (2, 3) skip (head dim 128)
     "new k2 v3": (dict(num_k_stages=2, num_v_stages=3), None, False),
     "new k3 v2": (dict(num_k_stages=3, num_v_stages=2), None, False),

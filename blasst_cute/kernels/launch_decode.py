@@ -93,8 +93,10 @@ PDL_MIN_SPLITS = 8
 PRODUCER_V = os.environ.get("BLASST_DECODE_PRODUCER_V", "0") == "1"
 # Paged caches: the producer warp reads its first page ids before the sequence length arrives
 # (decode.py, speculate_pages), taking one dependent global read off the path to the first K
-# load. Not yet measured on a GPU: off unless BLASST_DECODE_SPECULATE_PAGES=1.
-SPECULATE_PAGES = os.environ.get("BLASST_DECODE_SPECULATE_PAGES", "0") == "1"
+# load. H100, page 64 (perf/results/decode-h100-small.md, speculative page ids): -0.4 to -0.5 us
+# at B=1 (+4.5 % at L=8k 64/4, +1.5-2 % at 8k 32/8, +1 % at 32k 64/4), +0.3-0.5 % at B=8 8k,
+# never slower. BLASST_DECODE_SPECULATE_PAGES=0 turns it off.
+SPECULATE_PAGES = os.environ.get("BLASST_DECODE_SPECULATE_PAGES", "1") != "0"
 
 # Splits take the key tiles round-robin (split s: tiles s, s + S, ...) rather than as contiguous
 # chunks: the kept tiles (sinks, recent keys) spread evenly over the CTAs of a sequence, so no
@@ -713,7 +715,8 @@ def supported_configs():
                                  direct_out=direct, fused_merge=FUSED_MERGE and not direct,
                                  interleave_splits=INTERLEAVE_SPLITS and not direct,
                                  producer_v=PRODUCER_V, pipelined_merge=PIPELINED_MERGE,
-                                 use_pdl=USE_PDL))
+                                 use_pdl=USE_PDL,
+                                 speculate_pages=SPECULATE_PAGES and page_size is not None))
     # 64-key tiles (short caches, SHORT_CACHE_TILE_N): one or several copies per tile; short
     # eager calls also merge in the launch (EAGER_FUSED_MAX_KV_BYTES)
     for page_size in (None, 16, 64, 256):
@@ -722,7 +725,8 @@ def supported_configs():
                              has_skip=has_skip, factor_per_batch=has_skip, has_stats=has_skip,
                              fused_merge=page_size in (None, 64),
                              interleave_splits=INTERLEAVE_SPLITS,
-                             pipelined_merge=PIPELINED_MERGE, use_pdl=USE_PDL))
+                             pipelined_merge=PIPELINED_MERGE, use_pdl=USE_PDL,
+                             speculate_pages=SPECULATE_PAGES and page_size is not None))
     return cfgs
 
 

@@ -101,6 +101,8 @@ PRESETS = {
     # the QK of the next key tile issued before the current tile's vote and softmax (la), with
     # 3 K/V stages (la3; hdim 128)
     "dense_la": ("new", False, 0.0, dict(qk_lookahead=True)),
+    # the warpgroup ping-pong token (pp; default for hdim <= 128 only)
+    "dense_pp": ("new", False, 0.0, dict(pingpong=True)),
     "skip0_la": ("new", True, ZERO, dict(qk_lookahead=True)),
     "sparse_la": ("new", True, "sparse", dict(qk_lookahead=True)),
     "dense_la3": ("new", False, 0.0, dict(qk_lookahead=True, num_stages=3)),

@@ -200,7 +200,7 @@ ALT_TUNINGS = [
                                     "use_pdl": False}),
     ("fused old merge, producer V", {"fused_merge": True, "pipelined_merge": False,
                                      "producer_v": True}),
-    ("speculative page ids", {"speculate_pages": True}),
+    ("page ids read after the length", {"speculate_pages": False}),
 ]
 
 

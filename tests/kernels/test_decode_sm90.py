@@ -51,15 +51,15 @@ def test_compile_decode_cpu(config):
                                         num_k_stages=2, num_v_stages=3),
                                    dict(head_dim=128, page_size=16, tile_n=64, has_skip=True,
                                         has_stats=True, interleave_splits=True, use_pdl=True,
-                                        speculate_pages=True),
+                                        speculate_pages=False),
                                    dict(head_dim=128, page_size=64, interleave_splits=True,
-                                        speculate_pages=True),
+                                        speculate_pages=False),
                                    dict(head_dim=128, page_size=256, has_skip=True,
-                                        direct_out=True, speculate_pages=True)],
+                                        direct_out=True, speculate_pages=False)],
                          ids=["d64", "d64-tile64", "tile64", "reverse-noncausal", "combine-kernel",
                               "producer-v-dense", "producer-v-skip-old-merge", "k2-v3",
-                              "speculate-p16-tile64-skip", "speculate-p64-dense",
-                              "speculate-p256-direct"])
+                              "nospeculate-p16-tile64-skip", "nospeculate-p64-dense",
+                              "nospeculate-p256-direct"])
 def test_compile_decode_variants_cpu(extra):
     cfg = dict(dtype=torch.bfloat16)
     cfg.update(extra)
@@ -165,7 +165,7 @@ def test_empty_and_tiny_sequences():
 
 @gpu
 @pytest.mark.parametrize("alt", range(4), ids=["fused-pipelined", "combine-old-nopdl",
-                                               "fused-old-producer-v", "speculate-pages"])
+                                               "fused-old-producer-v", "no-speculate-pages"])
 def test_alternate_kernel_paths(alt):
     from gpu_decode_smoke import ALT_TUNINGS, check_case
     _, tuning = ALT_TUNINGS[alt]

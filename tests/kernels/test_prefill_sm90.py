@@ -75,7 +75,8 @@ def test_compile_sm90a(dtype, dims, causal, variant, varlen):
                                     dict(defer_v_release=False), dict(lazy_p_zero=True),
                                     dict(qk_lookahead=True), dict(qk_lookahead=True, has_skip=False),
                                     dict(lookahead_after_skips=0),
-                                    dict(rescale_o_before_pv=True), dict(has_skip=False, v_warp=False),
+                                    dict(rescale_o_before_pv=True), dict(rescale_o_before_pv=False),
+                                    dict(has_skip=False, v_warp=False),
                                     dict(fast_vote=False, late_v_wait=False, v_load_skip=False)],
                          ids=str)
 @pytest.mark.parametrize("dims", [(128, 128), (256, 256), MLA], ids=_dims_id)
@@ -94,6 +95,8 @@ def test_compile_skip_variants(tuning, dims):
         pytest.skip("CUTE_DSL_ARCH is not sm_90a")
     if dims[0] > 128 and tuning.get("num_stages") == 3:
         pytest.skip(f"hdim {dims[0]}/{dims[1]} x 3 stages does not fit shared memory")
+    if tuning.get("rescale_o_before_pv") is (dims != MLA):
+        pytest.skip(f"the default build at {dims[0]}/{dims[1]} (the other compile tests build it)")
     single_v_producer = tuning == dict(has_skip=False, v_warp=False)
     if single_v_producer:
         if dims[1] <= 128:
@@ -257,8 +260,8 @@ def _kernel_of(**kw):
 
 def test_v_warp_and_rescale_defaults():
     """V tiles come from a second producer warp in the skip build (v_load_skip) and, at hdim_v
-    256 without a cluster, in the dense build; the O rescale before the next PV is only an
-    option."""
+    256 without a cluster, in the dense build; the O rescale before the next PV is the default
+    for 192/128 (MLA) only."""
     for kw in (dict(head_dim=256), dict(head_dim=256, causal=True), dict(has_skip=True),
                dict(head_dim=256, has_skip=True, v_load_skip=False)):
         assert _kernel_of(**kw).v_warp, kw
@@ -268,6 +271,11 @@ def test_v_warp_and_rescale_defaults():
     for kw in (dict(), dict(head_dim=256), dict(head_dim=256, has_skip=True)):
         assert not _kernel_of(**kw).rescale_o_before_pv, kw
     assert _kernel_of(head_dim=256, rescale_o_before_pv=True).rescale_o_before_pv
+    for kw in (dict(), dict(causal=True), dict(has_skip=True)):
+        assert _kernel_of(head_dim=192, head_dim_v=128, **kw).rescale_o_before_pv, kw
+    assert not _kernel_of(head_dim=192, head_dim_v=128,
+                          rescale_o_before_pv=False).rescale_o_before_pv
+    assert not _kernel_of(head_dim=192, head_dim_v=128, qk_lookahead=True).rescale_o_before_pv
 
 
 def test_vote_thread_max_defaults():
@@ -565,18 +573,19 @@ def test_qk_lookahead_bitwise(causal, dims):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("dims", [(128, 128), (256, 256)], ids=_dims_id)
+@pytest.mark.parametrize("dims", [(128, 128), (256, 256), MLA], ids=_dims_id)
 @pytest.mark.gpu
 def test_rescale_o_before_pv_bitwise(causal, dims):
-    """The O rescale of a kept tile applied before the next PV (rescale_o_before_pv, an option)
-    or right after the tile (default): the same bits, counters included, dense and at low to
-    near-total sparsity (whole-warpgroup PV skips), 1 and 2 tiles; against the reference (skip,
-    varlen)."""
+    """The O rescale of a kept tile applied before the next PV (rescale_o_before_pv; MLA's
+    default) or right after the tile (the others'): the same bits, counters included, dense and
+    at low to near-total sparsity (whole-warpgroup PV skips), 1 and 2 tiles; against the
+    reference (skip, varlen)."""
     if not _on_hopper():
         pytest.skip("needs sm_90")
     _assert_schedules_bitwise(dims, causal, [
         ((2, 1000, 1500, 4, 1), 30.0), ((1, 700, 2100, 4, 2), 300.0), ((1, 512, 4096, 2, 1), 1e5),
-        ((1, 200, 100, 2, 1), 30.0), ((1, 130, 150, 2, 2), 3.0)], [dict(rescale_o_before_pv=True)])
+        ((1, 200, 100, 2, 1), 30.0), ((1, 130, 150, 2, 2), 3.0)],
+        [dict(rescale_o_before_pv=dims != MLA)])
 
 
 @pytest.mark.parametrize("causal", [False, True])

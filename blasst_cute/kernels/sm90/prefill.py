@@ -196,7 +196,7 @@ class BlasstFwdSm90:
         defer_v_release: Optional[bool] = None,
         qk_lookahead: bool = False,
         lookahead_after_skips: Optional[int] = None,
-        rescale_o_before_pv: bool = False,
+        rescale_o_before_pv: Optional[bool] = None,
         vote_thread_max=None,
         flag_addr_before_sync: Optional[bool] = None,
     ):
@@ -437,9 +437,15 @@ class BlasstFwdSm90:
         # the tensor pipe, just before the PV it must precede (rows that skipped the tile keep
         # scale 1; a PV every warp skipped needs none), instead of after the tile's last wait,
         # where it delays the next QK (FA4 does so for hdim_v > 128). Same arithmetic in the
-        # same order: same bits. An option, off: H100, hdim 256, two runs of 6-8 rounds
+        # same order: same bits. Default (None): on for 192/128 (MLA), where the QK is 1.5x
+        # the PV and the rescale sat in its way: H100, 32 heads, B*L = 32k, two runs of 10-16
+        # rounds (mla-prefill-h100-s30.md): causal dense +7-14 % (0.98-1.02x FA4 instead of
+        # 0.90-0.92x), the skip build at 0 % +2-4 %, 48-94 % skipped +0-4 %; non-causal dense
+        # within +-1.5 %. Off elsewhere: H100, hdim 256, two runs of 6-8 rounds
         # (prefill-h100-d256-vwarp.md): dense -2 to +3 % (noise), the skip build at 0 % -6 to
         # 0 %, never a gain; no gain at hdim 128 either.
+        if rescale_o_before_pv is None:
+            rescale_o_before_pv = (head_dim, self.head_dim_v) == (192, 128) and not qk_lookahead
         self.rescale_o_before_pv = bool(rescale_o_before_pv)
         self.num_threads = 128 * (self.num_mma_wg + 1)
         self.num_mma_threads = 128 * self.num_mma_wg
