@@ -93,9 +93,9 @@ PDL_MIN_SPLITS = 8
 PRODUCER_V = os.environ.get("BLASST_DECODE_PRODUCER_V", "0") == "1"
 # Paged caches: the producer warp reads its first page ids before the sequence length arrives
 # (decode.py, speculate_pages), taking one dependent global read off the path to the first K
-# load. H100, page 64 (perf/results/decode-h100-small.md, speculative page ids): -0.4 to -0.5 us
-# at B=1 (+4.5 % at L=8k 64/4, +1.5-2 % at 8k 32/8, +1 % at 32k 64/4), +0.3-0.5 % at B=8 8k,
-# never slower. BLASST_DECODE_SPECULATE_PAGES=0 turns it off.
+# load. H100, page 64, two runs (perf/results/decode-h100-small.md, speculative page ids):
+# -0.1 to -0.5 us at B=1 (+3.7-4.7 % at L=8k 64/4, +1-2 % at 8k 32/8, +1-1.4 % at 32k 64/4),
+# +0.2-0.8 % at B=8 L=8k, +0.1 % at B=32; never slower. BLASST_DECODE_SPECULATE_PAGES=0: off.
 SPECULATE_PAGES = os.environ.get("BLASST_DECODE_SPECULATE_PAGES", "1") != "0"
 
 # Splits take the key tiles round-robin (split s: tiles s, s + S, ...) rather than as contiguous

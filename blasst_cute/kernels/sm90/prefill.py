@@ -440,7 +440,7 @@ class BlasstFwdSm90:
         # same order: same bits. Default (None): on for 192/128 (MLA), where the QK is 1.5x
         # the PV and the rescale sat in its way: H100, 32 heads, B*L = 32k, two runs of 10-16
         # rounds (mla-prefill-h100-s30.md): causal dense +7-14 % (0.98-1.02x FA4 instead of
-        # 0.90-0.92x), the skip build at 0 % +2-4 %, 48-94 % skipped +0-4 %; non-causal dense
+        # 0.85-0.92x), the skip build at 0 % +2-4 %, 48-94 % skipped +0-4 %; non-causal dense
         # within +-1.5 %. Off elsewhere: H100, hdim 256, two runs of 6-8 rounds
         # (prefill-h100-d256-vwarp.md): dense -2 to +3 % (noise), the skip build at 0 % -6 to
         # 0 %, never a gain; no gain at hdim 128 either.
