@@ -123,7 +123,7 @@ _KNOB_DEFAULTS = dict(
     vote_smem=True, lpt=None, debug_no_vote=False, decision_rows=16, debug_no_v_load=False,
     pv_skip=True, lpt_heads=None, fast_vote=True, late_v_wait=True, v_load_skip=None, v_warp=None,
     lazy_p_zero=False, defer_v_release=None, qk_lookahead=False, lookahead_after_skips=None,
-    rescale_o_before_pv=None, vote_thread_max=None, flag_addr_before_sync=None,
+    rescale_o_before_pv=None, vote_thread_max=None, flag_addr_before_sync=None, keep_first=None,
 )
 
 

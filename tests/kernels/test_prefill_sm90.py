@@ -76,6 +76,7 @@ def test_compile_sm90a(dtype, dims, causal, variant, varlen):
                                     dict(qk_lookahead=True), dict(qk_lookahead=True, has_skip=False),
                                     dict(lookahead_after_skips=0),
                                     dict(rescale_o_before_pv=True), dict(rescale_o_before_pv=False),
+                                    dict(keep_first=True), dict(keep_first=False),
                                     dict(has_skip=False, v_warp=False),
                                     dict(fast_vote=False, late_v_wait=False, v_load_skip=False)],
                          ids=str)
@@ -88,7 +89,8 @@ def test_compile_skip_variants(tuning, dims):
     the look-ahead schedule for the whole q-tile (skip and dense builds), the hdim-128 skip
     build without the switch to it (what keys shorter than 16k get; the other compile tests
     build the default, which switches), the O rescale before the next PV, the hdim-256 dense
-    build with V issued by the producer's first warp (its default: a second warp). (The vote on
+    build with V issued by the producer's first warp (its default: a second warp), the keep
+    block laid out after the skip block (hdim 128) or before it (the others). (The vote on
     per-thread maxima in the default schedule is compiled by the hdim-64 and 256 skip builds,
     where it is the default.)"""
     if os.environ.get("CUTE_DSL_ARCH", "sm_90a") != "sm_90a" and not _on_hopper():
@@ -96,6 +98,8 @@ def test_compile_skip_variants(tuning, dims):
     if dims[0] > 128 and tuning.get("num_stages") == 3:
         pytest.skip(f"hdim {dims[0]}/{dims[1]} x 3 stages does not fit shared memory")
     if tuning.get("rescale_o_before_pv") is (dims != MLA):
+        pytest.skip(f"the default build at {dims[0]}/{dims[1]} (the other compile tests build it)")
+    if tuning.get("keep_first") is (dims == (128, 128)):
         pytest.skip(f"the default build at {dims[0]}/{dims[1]} (the other compile tests build it)")
     single_v_producer = tuning == dict(has_skip=False, v_warp=False)
     if single_v_producer:
@@ -351,6 +355,17 @@ def test_flag_addr_before_sync_defaults():
                dict(has_skip=True, pv_skip=False), dict(has_skip=True, flag_addr_before_sync=False)):
         assert not _kernel_of(**kw).flag_addr_before_sync, kw
     assert _kernel_of(has_skip=True, head_dim=64, flag_addr_before_sync=True).flag_addr_before_sync
+
+
+def test_keep_first_defaults():
+    """The keep block is laid out as the vote branch's fall-through path by default at
+    hdim 128/128 only (measured faster there, not at 64, 256 or 192/128)."""
+    assert _kernel_of(has_skip=True).keep_first
+    for kw in (dict(has_skip=True, head_dim=64), dict(has_skip=True, head_dim=256),
+               dict(has_skip=True, head_dim=192, head_dim_v=128),
+               dict(has_skip=True, keep_first=False)):
+        assert not _kernel_of(**kw).keep_first, kw
+    assert _kernel_of(has_skip=True, head_dim=256, keep_first=True).keep_first
 
 
 def test_lookahead_defaults_and_policy():
@@ -618,6 +633,19 @@ def test_flag_addr_before_sync_bitwise(causal, dims):
     _assert_schedules_bitwise(dims, causal, [
         ((2, 1000, 1500, 4, 1), 30.0), ((1, 700, 2100, 4, 2), 300.0), ((1, 512, 4096, 2, 1), 1e5),
         ((1, 130, 150, 2, 2), 3.0)], [dict(flag_addr_before_sync=dims[0] != 128)])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dims", [(128, 128), (64, 64), (256, 256)], ids=_dims_id)
+@pytest.mark.gpu
+def test_keep_first_bitwise(causal, dims):
+    """The keep block before or after the skip block (keep_first, the hdim-128 default): the
+    same bits and counters."""
+    if not _on_hopper():
+        pytest.skip("needs sm_90")
+    _assert_schedules_bitwise(dims, causal, [
+        ((2, 1000, 1500, 4, 1), 30.0), ((1, 700, 2100, 4, 2), 300.0), ((1, 512, 4096, 2, 1), 1e5),
+        ((1, 130, 150, 2, 2), 3.0)], [dict(keep_first=dims != (128, 128))])
 
 
 @pytest.mark.parametrize("causal", [False, True])

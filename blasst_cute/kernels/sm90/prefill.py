@@ -35,9 +35,11 @@
 # ~20 more instructions per kept tile, and the keep block waits for the warp vote over both of a
 # thread's rows, while the dense build starts row 0's exp2s during row 1's max reduction.
 # ptxas puts the keep block's wait for the previous PV first, where the dense build has ~17 exp2s
-# ahead of it, and wraps the softmax in a reconvergence region (BSSY) the dense loop lacks;
-# builds that moved the wait below 8-64 exp2s, or ahead of the branch (no region, but P zeroed
-# on both paths), were 0.5-10 % slower (ncu cycles, prefill-h100-skip-cost-ncu.md section 7).
+# ahead of it, and wraps the softmax in a reconvergence region (BSSY) the dense loop lacks
+# unless the keep block is the branch's fall-through side (keep_first, hdim 128's default: no
+# region, 0.5-0.8 % fewer cycles); builds that moved the wait below 8-64 exp2s, or ahead of the
+# branch (no region, but P zeroed on both paths), were 0.5-10 % slower (ncu cycles,
+# prefill-h100-skip-cost-ncu.md sections 7-8).
 # In long skipped runs each warpgroup's time per tile is a serial chain (its QK, the row max, the
 # vote, the skip path, the waits before its next QK) that the other warpgroup's QK only partly
 # covers (ncu: the tensor pipe ~74 % busy at 85 % skipped against 85 % dense); defer_v_release
@@ -199,6 +201,7 @@ class BlasstFwdSm90:
         rescale_o_before_pv: Optional[bool] = None,
         vote_thread_max=None,
         flag_addr_before_sync: Optional[bool] = None,
+        keep_first: Optional[bool] = None,
     ):
         head_dim_v = head_dim if head_dim_v is None else head_dim_v
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
@@ -431,6 +434,16 @@ class BlasstFwdSm90:
         if flag_addr_before_sync is None:
             flag_addr_before_sync = head_dim == 128
         self.flag_addr_before_sync = bool(flag_addr_before_sync) and self.pv_skip
+        # keep_first (skip builds): the vote branch's "then" side is the keep block, so ptxas lays
+        # the keep path out as the fall-through and drops the BSSY/BSYNC reconvergence region
+        # around the softmax (SASS); the same instructions and bits. ncu cycles at locked clocks,
+        # H100, 0 % skipped, against dense (prefill-h100-skip-cost-ncu.md, section 8): hdim 128
+        # 16k non-causal 1.044 instead of 1.051-1.053 (three runs), causal 1.035 instead of
+        # 1.040, 4k 1.022 instead of 1.027; 71 % skipped -0.2 %. Hdim 64 +0.1 % (70 %: -0.8 %),
+        # hdim 256 +1.1 % (69 %: +0.5 %). Default (None): hdim 128/128 only.
+        if keep_first is None:
+            keep_first = (head_dim, head_dim_v) == (128, 128)
+        self.keep_first = bool(keep_first)
         self.pingpong = (head_dim <= 128 and intra_wg_overlap) if pingpong is None else pingpong
         # rescale_o_before_pv (default schedule): the O rescale of a kept tile waits in a
         # register per row and is applied at the next iteration, while that iteration's QK is on
@@ -1424,18 +1437,30 @@ class BlasstFwdSm90:
                              skip: Boolean, release_v: Optional[Boolean] = None):
         """release_v (v_load_skip): whether to release the V stage of the previous tile's PV
         here (None: always)."""
-        if skip:
-            warpgroup.wait_group(0)
-            self.release_v_stage(ctx, kv_state_v, release_v)
-            # Zero P rows add nothing if the warpgroup's PV of this tile still runs.
-            if const_expr(not self.lazy_p_zero):
-                ctx["tOrP"].fill(0.0)
-            if const_expr(self.rescale_o_before_pv):
-                ctx["o_scale"].fill(1.0)  # this warp's rows of O stay as they are
+        # The keep path is one basic block, as in the dense build, so that the compiler
+        # interleaves the P conversion and O rescale with the exp2s (MUFU-bound).
+        if const_expr(self.keep_first):
+            if not skip:
+                self.softmax_keep(ctx, acc_S, m_tile, kv_state_v, release_v=release_v)
+            else:
+                self.softmax_skip(ctx, kv_state_v, release_v)
         else:
-            # The whole keep path is one basic block, as in the dense build, so that the
-            # compiler interleaves the P conversion and O rescale with the exp2s (MUFU-bound).
-            self.softmax_keep(ctx, acc_S, m_tile, kv_state_v, release_v=release_v)
+            if skip:
+                self.softmax_skip(ctx, kv_state_v, release_v)
+            else:
+                self.softmax_keep(ctx, acc_S, m_tile, kv_state_v, release_v=release_v)
+
+    @cute.jit
+    def softmax_skip(self, ctx, kv_state_v, release_v: Optional[Boolean]):
+        """A skipped tile: no exp2, no row sum, no O rescale; once the previous PV is done, P
+        rows of zeros (and the V stage released)."""
+        warpgroup.wait_group(0)
+        self.release_v_stage(ctx, kv_state_v, release_v)
+        # Zero P rows add nothing if the warpgroup's PV of this tile still runs.
+        if const_expr(not self.lazy_p_zero):
+            ctx["tOrP"].fill(0.0)
+        if const_expr(self.rescale_o_before_pv):
+            ctx["o_scale"].fill(1.0)  # this warp's rows of O stay as they are
 
     @cute.jit
     def release_v_stage(self, ctx, kv_state_v, release_v: Optional[Boolean]):
