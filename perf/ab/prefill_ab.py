@@ -248,6 +248,15 @@ def sparsity(q, k, v, causal, factor, tuning=None):
     return c[1] / max(1.0, c[0]), c[3] / max(1.0, c[2]), out
 
 
+def paired_ratio(base: list, times: list) -> tuple:
+    """(median, first quartile, third quartile) of base[r] / times[r] over rounds r."""
+    ratios = sorted(b / t for b, t in zip(base, times))
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q = statistics.quantiles(ratios, n=4)
+    return statistics.median(ratios), q[0], q[2]
+
+
 def time_ms(fn, sets, iters):
     times = []
     for i in range(iters):
@@ -366,8 +375,11 @@ def main():
                     per[name].append(time_ms(fn, bufs, a.iters))
             med = {n: statistics.median(v) for n, v in per.items()}
             spread = {n: (max(v) - min(v)) / statistics.median(v) for n, v in per.items()}
+            # per-round ratios against dense (variants of one round run seconds apart, so
+            # clock and power drift between rounds cancels): median and quartiles
+            paired = {n: paired_ratio(per["dense"], v) for n, v in per.items()}
             row = dict(L=L, B=B, causal=causal, s0=s0, ss=ss, ss64=ss64, same=same, med=med,
-                       spread=spread)
+                       spread=spread, paired=paired)
             rows.append(row)
             d = med["dense"]
             sp = " ".join(f"sparsity{tag or '@%g' % f}={ss[tag]:.3f}" for tag, f in sparse_factors)
@@ -375,8 +387,10 @@ def main():
             print(f"L={L} B={B} causal={causal} sparsity@1e-30={s0:.4f} {sp} (per warpgroup "
                   f"{sp64}) skip0*==dense bits: {same}", flush=True)
             for n in variants:
+                pm, q1, q3 = paired[n]
                 print(f"   {n:14s} {med[n]:8.3f} ms  x{d / med[n]:.3f} vs dense  "
-                      f"(spread {spread[n] * 100:.1f}%)", flush=True)
+                      f"(spread {spread[n] * 100:.1f}%; per round x{pm:.3f} [{q1:.3f}, {q3:.3f}])",
+                      flush=True)
         del sets
         torch.cuda.empty_cache()
     print("\nSUMMARY (speed relative to dense of the same run; >1 = faster)")
@@ -388,6 +402,13 @@ def main():
                         for n in names)
         print(tag.ljust(22) + cells + "   sparsity " + " ".join(f"{v:.3f}" for v in r["ss"].values())
               + " (per warpgroup " + " ".join(f"{v:.3f}" for v in r["ss64"].values()) + ")")
+    print("\nper-round ratios against dense: median [quartiles]")
+    print("shape".ljust(22) + "".join(n.rjust(24) for n in names))
+    for r in rows:
+        tag = f"L={r['L'] // 1024}k {'causal' if r['causal'] else 'noncausal'}"
+        print(tag.ljust(22) + "".join(
+            ("%.3f [%.3f, %.3f]" % r["paired"][n] if n in r["paired"] else "-").rjust(24)
+            for n in names))
     for peer in [n for n in FA4_VARIANTS if n in names]:  # the issue's ratios are against FA4
         print(f"\nspeed relative to {peer} (>1 = faster than {peer})")
         print("shape".ljust(22) + "".join(n.rjust(13) for n in names))
