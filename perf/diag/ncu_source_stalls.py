@@ -10,8 +10,9 @@ On the GPU host, profile one launch with the source counters and export the SASS
 then, anywhere: ``python perf/diag/ncu_source_stalls.py OUT/dense.csv OUT/skip.csv``. For each
 CSV it finds the loop whose back edge closes the most executed body holding >= 16 wgmmas (the
 consumer main loop of the dense build and of skip builds without the look-ahead switch; give
-``--range 0xLO:0xHI``, offsets from the kernel's first instruction, for other layouts), and prints the loop's share of all samples, its samples by opcode and by
-stall reason, and its instructions that drew more than --min-share of the loop's samples. The PC
+``--range 0xLO:0xHI``, offsets from the kernel's first instruction, for other layouts), and
+prints the loop's share of all samples, its samples by opcode and by stall reason, and its
+instructions that drew more than --min-share of the loop's samples. The PC
 sampler takes one warp per interval, so builds with more warps (a second producer warp) give
 each warp fewer samples: compare shares within a loop, not raw counts across builds. The CSV's
 stall columns do not cover every reason (the first wgmma of a group draws most of its samples
