@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prefill GPU tests in 7 pytest processes side by side (about 8 minutes on an H100), on the
+# The prefill GPU tests in 8 pytest processes side by side (about 8 minutes on an H100), on the
 # GPU host from the repo root: bash perf/diag/prefill_gpu_tests.sh OUTDIR
 set -uo pipefail
 out=${1:-.}
@@ -13,5 +13,6 @@ run -m "gpu or slow" $t -k "schedule_variants or random_sweep" > "$out/pt-sched.
 run -m gpu $t -k "qk_lookahead and False or lookahead_long_keys or rescale_o_before_pv" > "$out/pt-lookahead.log" 2>&1 &
 run -m gpu $t -k "qk_lookahead and True" > "$out/pt-lookahead-causal.log" 2>&1 &
 run -m gpu $t -k "vote_thread_max" > "$out/pt-vote.log" 2>&1 &
+run -m gpu $t -k "keep_path_trims" > "$out/pt-trims.log" 2>&1 &
 wait
 for f in "$out"/pt-*.log; do echo "== $f:"; grep -E "passed|failed" "$f"; grep -E "^FAILED|Error" "$f" | head -5; done

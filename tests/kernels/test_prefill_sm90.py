@@ -77,6 +77,8 @@ def test_compile_sm90a(dtype, dims, causal, variant, varlen):
                                     dict(lookahead_after_skips=0),
                                     dict(rescale_o_before_pv=True), dict(rescale_o_before_pv=False),
                                     dict(keep_first=False),
+                                    dict(thr_add_only=True, flag_store_uniform=True,
+                                         v_release_pred=True),
                                     dict(has_skip=False, v_warp=False),
                                     dict(fast_vote=False, late_v_wait=False, v_load_skip=False)],
                          ids=str)
@@ -90,7 +92,8 @@ def test_compile_skip_variants(tuning, dims):
     build without the switch to it (what keys shorter than 16k get; the other compile tests
     build the default, which switches), the O rescale before the next PV, the hdim-256 dense
     build with V issued by the producer's first warp (its default: a second warp), the hdim-128
-    skip build with the skip block laid out first (the other head dims' default). (The vote on
+    skip build with the skip block laid out first (the other head dims' default), the hdim-128
+    skip build with the three keep-path trims (options; hdim 128 only on CPU). (The vote on
     per-thread maxima in the default schedule is compiled by the hdim-64 and 256 skip builds,
     where it is the default.)"""
     if os.environ.get("CUTE_DSL_ARCH", "sm_90a") != "sm_90a" and not _on_hopper():
@@ -101,6 +104,8 @@ def test_compile_skip_variants(tuning, dims):
         pytest.skip(f"the default build at {dims[0]}/{dims[1]} (the other compile tests build it)")
     if "keep_first" in tuning and dims != (128, 128):
         pytest.skip(f"the default build at {dims[0]}/{dims[1]} (the other compile tests build it)")
+    if "thr_add_only" in tuning and dims != (128, 128):
+        pytest.skip("keep-path trims: hdim 128 on CPU (the GPU tests run them at other dims)")
     single_v_producer = tuning == dict(has_skip=False, v_warp=False)
     if single_v_producer:
         if dims[1] <= 128:
@@ -355,6 +360,16 @@ def test_flag_addr_before_sync_defaults():
                dict(has_skip=True, pv_skip=False), dict(has_skip=True, flag_addr_before_sync=False)):
         assert not _kernel_of(**kw).flag_addr_before_sync, kw
     assert _kernel_of(has_skip=True, head_dim=64, flag_addr_before_sync=True).flag_addr_before_sync
+
+
+def test_keep_path_trim_defaults():
+    """The keep-path trims (thr_add_only, flag_store_uniform, v_release_pred) are options, off
+    by default; thr_add_only needs the per-row thresholds (fast_vote)."""
+    k = _kernel_of(has_skip=True)
+    assert not (k.thr_add_only or k.flag_store_uniform or k.v_release_pred)
+    k = _kernel_of(has_skip=True, thr_add_only=True, flag_store_uniform=True, v_release_pred=True)
+    assert k.thr_add_only and k.flag_store_uniform and k.v_release_pred
+    assert not _kernel_of(has_skip=True, thr_add_only=True, fast_vote=False).thr_add_only
 
 
 def test_keep_first_defaults():
@@ -646,6 +661,24 @@ def test_keep_first_bitwise(causal, dims):
     _assert_schedules_bitwise(dims, causal, [
         ((2, 1000, 1500, 4, 1), 30.0), ((1, 700, 2100, 4, 2), 300.0), ((1, 512, 4096, 2, 1), 1e5),
         ((1, 130, 150, 2, 2), 3.0)], [dict(keep_first=dims != (128, 128))])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dims", [(128, 128), (64, 64), (256, 256)], ids=_dims_id)
+@pytest.mark.gpu
+def test_keep_path_trims_bitwise(causal, dims):
+    """The keep path's trims (thr_add_only, flag_store_uniform, v_release_pred all on; at hdim
+    128 also thr_add_only alone) against the default build: the same bits and counters, with
+    padding rows, rows that see no key (Lq > Lk, causal) and skipping off (factor >= Lk)."""
+    if not _on_hopper():
+        pytest.skip("needs sm_90")
+    tunings = [dict(thr_add_only=True, flag_store_uniform=True, v_release_pred=True)]
+    if dims == (128, 128):
+        tunings.append(dict(thr_add_only=True))
+    _assert_schedules_bitwise(dims, causal, [
+        ((2, 1000, 1500, 4, 1), 30.0), ((1, 700, 2100, 4, 2), 300.0), ((1, 512, 4096, 2, 1), 1e5),
+        ((1, 130, 150, 2, 2), 3.0), ((1, 300, 200, 2, 1), 30.0), ((1, 300, 200, 2, 1), 1e4)],
+        tunings)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -78,6 +78,7 @@
 # Idioms follow FlashAttention-4's SM90 forward (flash_attn/cute/flash_fwd_sm90.py) and CUTLASS's
 # CuTe DSL Hopper FMHA example; the code here is written for blasst_cute.
 
+import math
 from typing import Optional
 
 import cuda.bindings.driver as cuda
@@ -202,6 +203,9 @@ class BlasstFwdSm90:
         vote_thread_max=None,
         flag_addr_before_sync: Optional[bool] = None,
         keep_first: Optional[bool] = None,
+        flag_store_uniform: bool = False,
+        v_release_pred: bool = False,
+        thr_add_only: bool = False,
     ):
         head_dim_v = head_dim if head_dim_v is None else head_dim_v
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
@@ -444,6 +448,26 @@ class BlasstFwdSm90:
         if keep_first is None:
             keep_first = (head_dim, head_dim_v) == (128, 128)
         self.keep_first = bool(keep_first)
+        # Keep-path trims, options (prefill-h100-skip-cost-ncu.md, section 10). ncu cycles at
+        # locked clocks, H100, hdim 128, 0 % skipped, against the build without them:
+        # - thr_add_only (fast_vote): row r skips iff m_tile <= m_run + margin_r, margin_r =
+        #   log2(lambda) / scale_log2 on valid rows, +inf on padding rows, NaN with skipping
+        #   off (never true); a row that saw no key (m_run = -inf) votes skip only while it sees
+        #   none (-inf <= -inf). The threshold is one FADD per row instead of FADD + FMNMX with
+        #   a floor (<= instead of <: a flip only at exact equality). 16k: -0.26 % (71/70 %
+        #   skipped: -0.1/-0.3 %); 4k, no look-ahead switch: +1 % (ptxas inlined the retry
+        #   loops of two barrier waits). A default candidate for the builds with the switch,
+        #   not yet run through the GPU test suite as one.
+        # - flag_store_uniform (pv_skip): this warp's flag byte and decision-mbarrier addresses
+        #   formed before the lane-0 test, in uniform registers (and the pipelines' signalling
+        #   lane as lane 0 without a cluster): 4 fewer instructions on the keep path.
+        # - v_release_pred (default schedule, v_load_skip): "the previous PV ran" and the
+        #   signalling lane as one predicate, formed next to the PV flag read: 2 fewer.
+        # Each of the last two alone costs cycles (16k: +0.8 % and +0.2 %); all three give
+        # -0.6 % at 0 % but +0.6/+1.4 % at 71/70 % skipped and +1.9 % at 4k.
+        self.thr_add_only = bool(thr_add_only) and self.fast_vote
+        self.flag_store_uniform = bool(flag_store_uniform) and self.pv_skip
+        self.v_release_pred = bool(v_release_pred)
         self.pingpong = (head_dim <= 128 and intra_wg_overlap) if pingpong is None else pingpong
         # rescale_o_before_pv (default schedule): the O rescale of a kept tile waits in a
         # register per row and is applied at the next iteration, while that iteration's QK is on
@@ -978,7 +1002,14 @@ class BlasstFwdSm90:
         row_thr = cute.make_rmem_tensor(num_rows, Float32)
         row_floor = cute.make_rmem_tensor(num_rows, Float32)
         margin = Float32(0.0)
-        if const_expr(self.fast_vote):
+        if const_expr(self.thr_add_only):
+            # row_floor holds the per-row margin (see thr_add_only)
+            vote_on = skip_enabled and scale_log2 > Float32(0.0)
+            margin = log2_lambda / scale_log2
+            for r in cutlass.range_constexpr(num_rows):
+                margin_r = margin if row_valid[r] else Float32.inf
+                row_floor[r] = margin_r if vote_on else Float32(math.nan)
+        elif const_expr(self.fast_vote):
             vote_on = skip_enabled and scale_log2 > Float32(0.0)
             margin = log2_lambda / scale_log2 if vote_on else -Float32.inf
             for r in cutlass.range_constexpr(num_rows):
@@ -1003,6 +1034,9 @@ class BlasstFwdSm90:
             log2_lambda=log2_lambda, skip_enabled=skip_enabled, row_thr=row_thr, row_floor=row_floor, margin=margin,
             o_scale=o_scale,
         )
+        if const_expr(self.flag_store_uniform):
+            warp_in_wg = cute.arch.make_warp_uniform(cute.arch.warp_idx()) % 4
+            ctx["warp_flags"] = sFlags[warp_in_wg, wg_idx, None]  # (slot,)
 
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.num_stages)
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
@@ -1205,6 +1239,9 @@ class BlasstFwdSm90:
         elif const_expr(self.pv_skip):
             pv_skip = group_all_published(ctx["sFlags"], self._slot(n_block + 1), wg_idx)
         num_skipped = self.count_pv_skip(num_skipped, pv_skip)
+        release_v = None
+        if const_expr(self.v_load_skip and self.v_release_pred):
+            release_v = pipeline_v.is_signaling_thread and not pv_skip
         switch_out = ()
         if const_expr(switch is not None):
             # the look-ahead switch's loop test (blocks_until_skip_run)
@@ -1237,9 +1274,9 @@ class BlasstFwdSm90:
         # v_load_skip: the V stage of a skipped PV is waited for and released at the end of this
         # iteration instead: its (byte-less) completion needs the other warpgroups' votes on
         # that tile, which land while this one does its softmax.
-        release_v = None
         if const_expr(self.v_load_skip):
-            release_v = not pv_skip
+            if const_expr(not self.v_release_pred):
+                release_v = not pv_skip
         elif const_expr(self.late_v_wait):
             if pv_skip:
                 pipeline_v.consumer_wait(kv_state_v)  # before its release below
@@ -1479,6 +1516,10 @@ class BlasstFwdSm90:
     def release_v_stage(self, ctx, kv_state_v, release_v: Optional[Boolean]):
         if const_expr(release_v is None):
             ctx["pipeline_v"].consumer_release(kv_state_v)
+        elif const_expr(self.v_release_pred):
+            if release_v:  # (already ANDed with the signalling lane)
+                pipeline_v = ctx["pipeline_v"]
+                pipeline_v.sync_object_empty.arrive(kv_state_v.index, pipeline_v.consumer_mask)
         else:
             if release_v:
                 ctx["pipeline_v"].consumer_release(kv_state_v)
@@ -1511,7 +1552,10 @@ class BlasstFwdSm90:
         if const_expr(self.fast_vote):
             vote = Boolean(True)
             for r in cutlass.range_constexpr(cute.size(m_tile)):
-                vote = vote and m_tile[r] < ctx["row_thr"][r]
+                if const_expr(self.thr_add_only):
+                    vote = vote and m_tile[r] <= ctx["row_thr"][r]
+                else:
+                    vote = vote and m_tile[r] < ctx["row_thr"][r]
             skip = warp_vote_all(vote)
         elif const_expr(self.debug_no_vote):
             skip = ctx["log2_lambda"] > Float32(1e30)
@@ -1532,10 +1576,28 @@ class BlasstFwdSm90:
     def publish_decision(self, ctx, skip: Boolean, n_block: Int32):
         """This warp's flag for tile n_block (read by its warpgroup for the PV skip, and with
         v_load_skip by the V producer once the slot's decision barrier completes)."""
-        publish_warp_flag(skip, ctx["sFlags"], self._slot(n_block), ctx["wg_idx"])
-        if const_expr(self.v_load_skip):
-            if cute.arch.lane_idx() == 0:
-                cute.arch.mbarrier_arrive(ctx["mbar_decision"] + self._slot(n_block))
+        if const_expr(self.flag_store_uniform):
+            slot = self._slot(n_block)
+            flags = ctx["warp_flags"]
+            # this warp's byte of the slot, its address formed outside the lane test
+            flag = cute.make_tensor(flags.iterator + cute.crd2idx(slot, flags.layout),
+                                    cute.make_layout(1))
+            mbar = ctx["mbar_decision"] + slot
+            byte = cutlass.Int8(1) if skip else cutlass.Int8(0)
+            # lane 0; without a cluster that is the pipelines' signalling lane, whose test the K
+            # and V releases share
+            lane0 = cute.arch.lane_idx() == 0
+            if const_expr(self.cluster_size == 1):
+                lane0 = ctx["pipeline_k"].is_signaling_thread
+            if lane0:
+                flag[0] = byte
+                if const_expr(self.v_load_skip):
+                    cute.arch.mbarrier_arrive(mbar)
+        else:
+            publish_warp_flag(skip, ctx["sFlags"], self._slot(n_block), ctx["wg_idx"])
+            if const_expr(self.v_load_skip):
+                if cute.arch.lane_idx() == 0:
+                    cute.arch.mbarrier_arrive(ctx["mbar_decision"] + self._slot(n_block))
 
     @cute.jit
     def rows_vote(self, ctx, m_tile: cute.Tensor) -> Boolean:
@@ -1552,7 +1614,10 @@ class BlasstFwdSm90:
         if const_expr(self.fast_vote):
             row_max, row_thr, row_floor = ctx["softmax"].row_max, ctx["row_thr"], ctx["row_floor"]
             for r in cutlass.range_constexpr(cute.size(row_thr)):
-                row_thr[r] = cute.arch.fmax(row_max[r] + ctx["margin"], row_floor[r])
+                if const_expr(self.thr_add_only):
+                    row_thr[r] = row_max[r] + row_floor[r]
+                else:
+                    row_thr[r] = cute.arch.fmax(row_max[r] + ctx["margin"], row_floor[r])
 
     def _slot(self, n_block):
         """Flag slot (tile parity) of key tile n_block >= 0."""
