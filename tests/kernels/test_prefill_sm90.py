@@ -363,10 +363,23 @@ def test_flag_addr_before_sync_defaults():
 
 
 def test_keep_path_trim_defaults():
-    """The keep-path trims (thr_add_only, flag_store_uniform, v_release_pred) are options, off
-    by default; thr_add_only needs the per-row thresholds (fast_vote)."""
+    """Of the keep-path trims, thr_add_only is on by default in the hdim-128 builds with the
+    look-ahead switch (keys from 16k) and the causal hdim-128 builds, and needs the per-row
+    thresholds (fast_vote); flag_store_uniform and v_release_pred are options, off by default."""
     k = _kernel_of(has_skip=True)
-    assert not (k.thr_add_only or k.flag_store_uniform or k.v_release_pred)
+    assert k.lookahead_after_skips > 0 and k.thr_add_only
+    assert not (k.flag_store_uniform or k.v_release_pred)
+    assert _kernel_of(has_skip=True, causal=True, lookahead_after_skips=0).thr_add_only
+    for kw in (dict(lookahead_after_skips=0), dict(head_dim=64), dict(head_dim=256),
+               dict(head_dim=64, causal=True), dict(head_dim=256, causal=True),
+               dict(head_dim=192, head_dim_v=128, causal=True), dict(thr_add_only=False),
+               dict(causal=True, thr_add_only=False)):
+        assert not _kernel_of(has_skip=True, **kw).thr_add_only, kw
+    assert _kernel_of(has_skip=True, lookahead_after_skips=0, thr_add_only=True).thr_add_only
+    # what the launcher builds: the switch (and thr_add_only) from LOOKAHEAD_MIN_SEQLEN_K keys
+    assert launch.prefill_lookahead(launch.LOOKAHEAD_MIN_SEQLEN_K - 1, None) == dict(
+        lookahead_after_skips=0)
+    assert launch.prefill_lookahead(launch.LOOKAHEAD_MIN_SEQLEN_K, None) == {}
     k = _kernel_of(has_skip=True, thr_add_only=True, flag_store_uniform=True, v_release_pred=True)
     assert k.thr_add_only and k.flag_store_uniform and k.v_release_pred
     assert not _kernel_of(has_skip=True, thr_add_only=True, fast_vote=False).thr_add_only
@@ -668,13 +681,15 @@ def test_keep_first_bitwise(causal, dims):
 @pytest.mark.gpu
 def test_keep_path_trims_bitwise(causal, dims):
     """The keep path's trims (thr_add_only, flag_store_uniform, v_release_pred all on; at hdim
-    128 also thr_add_only alone) against the default build: the same bits and counters, with
+    128 also thr_add_only flipped from its default) against the default build: the same bits and counters, with
     padding rows, rows that see no key (Lq > Lk, causal) and skipping off (factor >= Lk)."""
     if not _on_hopper():
         pytest.skip("needs sm_90")
     tunings = [dict(thr_add_only=True, flag_store_uniform=True, v_release_pred=True)]
     if dims == (128, 128):
-        tunings.append(dict(thr_add_only=True))
+        # the build without the threshold trim's default (the launcher's keys here are short:
+        # on for causal, off otherwise)
+        tunings.append(dict(thr_add_only=not causal))
     _assert_schedules_bitwise(dims, causal, [
         ((2, 1000, 1500, 4, 1), 30.0), ((1, 700, 2100, 4, 2), 300.0), ((1, 512, 4096, 2, 1), 1e5),
         ((1, 130, 150, 2, 2), 3.0), ((1, 300, 200, 2, 1), 30.0), ((1, 300, 200, 2, 1), 1e4)],

@@ -205,7 +205,7 @@ class BlasstFwdSm90:
         keep_first: Optional[bool] = None,
         flag_store_uniform: bool = False,
         v_release_pred: bool = False,
-        thr_add_only: bool = False,
+        thr_add_only: Optional[bool] = None,
     ):
         head_dim_v = head_dim if head_dim_v is None else head_dim_v
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
@@ -448,23 +448,30 @@ class BlasstFwdSm90:
         if keep_first is None:
             keep_first = (head_dim, head_dim_v) == (128, 128)
         self.keep_first = bool(keep_first)
-        # Keep-path trims, options (prefill-h100-skip-cost-ncu.md, section 10). ncu cycles at
+        # Keep-path trims (prefill-h100-skip-cost-ncu.md, sections 10 and 11). ncu cycles at
         # locked clocks, H100, hdim 128, 0 % skipped, against the build without them:
         # - thr_add_only (fast_vote): row r skips iff m_tile <= m_run + margin_r, margin_r =
         #   log2(lambda) / scale_log2 on valid rows, +inf on padding rows, NaN with skipping
         #   off (never true); a row that saw no key (m_run = -inf) votes skip only while it sees
         #   none (-inf <= -inf). The threshold is one FADD per row instead of FADD + FMNMX with
-        #   a floor (<= instead of <: a flip only at exact equality). 16k: -0.26 % (71/70 %
-        #   skipped: -0.1/-0.3 %); 4k, no look-ahead switch: +1 % (ptxas inlined the retry
-        #   loops of two barrier waits). A default candidate for the builds with the switch,
-        #   not yet run through the GPU test suite as one.
+        #   a floor (<= instead of <: a flip only at exact equality). 16k non-causal -0.26 /
+        #   -0.28 % (two sessions), causal -1.0 %; 71 / 70 % skipped +0.16 / -0.26 %; 4k
+        #   causal -0.4 % (73 % skipped: -0.65 %); 4k non-causal (no look-ahead switch) +1 %
+        #   (ptxas inlined the retry loops of two barrier waits). Default (None): on in the
+        #   hdim-128 builds with the look-ahead switch (keys from 16k) and the causal hdim-128
+        #   builds; off elsewhere (other head dims not measured).
         # - flag_store_uniform (pv_skip): this warp's flag byte and decision-mbarrier addresses
         #   formed before the lane-0 test, in uniform registers (and the pipelines' signalling
         #   lane as lane 0 without a cluster): 4 fewer instructions on the keep path.
         # - v_release_pred (default schedule, v_load_skip): "the previous PV ran" and the
         #   signalling lane as one predicate, formed next to the PV flag read: 2 fewer.
         # Each of the last two alone costs cycles (16k: +0.8 % and +0.2 %); all three give
-        # -0.6 % at 0 % but +0.6/+1.4 % at 71/70 % skipped and +1.9 % at 4k.
+        # -0.6 % at 0 % but +0.6/+1.4 % at 71/70 % skipped and +1.9 % at 4k. (Tried and
+        # removed: a warp that kept the tile issuing the PV without loading the flag word,
+        # +0.4-0.8 %: ptxas predicated the load and hoisted its R2UR into the QK issue.)
+        if thr_add_only is None:
+            thr_add_only = self.lookahead_after_skips > 0 or (
+                causal and (head_dim, head_dim_v) == (128, 128))
         self.thr_add_only = bool(thr_add_only) and self.fast_vote
         self.flag_store_uniform = bool(flag_store_uniform) and self.pv_skip
         self.v_release_pred = bool(v_release_pred)
