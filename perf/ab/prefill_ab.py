@@ -92,8 +92,8 @@ PRESETS = {
     "skip0_nodv": ("new", True, ZERO, dict(defer_v_release=False)),
     # the skip block laid out first (keep_first=False, the layout before the 32nd session)
     "skip0_kf0": ("new", True, ZERO, dict(keep_first=False)),
-    # the skip threshold with a floor (thr_add_only=False, the default before the 35th session
-    # in the builds with the look-ahead switch, keys from 16k)
+    # the skip threshold with a floor (thr_add_only=False): the hdim-128 default before the 35th
+    # session; since then only non-causal keys shorter than 16k build it
     "skip0_thr0": ("new", True, ZERO, dict(thr_add_only=False)),
     "sparse_lz": ("new", True, "sparse", dict(lazy_p_zero=True)),
     "sparse_dv": ("new", True, "sparse", dict(defer_v_release=True)),

@@ -681,14 +681,15 @@ def test_keep_first_bitwise(causal, dims):
 @pytest.mark.gpu
 def test_keep_path_trims_bitwise(causal, dims):
     """The keep path's trims (thr_add_only, flag_store_uniform, v_release_pred all on; at hdim
-    128 also thr_add_only flipped from its default) against the default build: the same bits and counters, with
-    padding rows, rows that see no key (Lq > Lk, causal) and skipping off (factor >= Lk)."""
+    128 also thr_add_only flipped from its default) against the default build: the same bits
+    and counters, with padding rows, rows that see no key (Lq > Lk, causal) and skipping off
+    (factor >= Lk)."""
     if not _on_hopper():
         pytest.skip("needs sm_90")
     tunings = [dict(thr_add_only=True, flag_store_uniform=True, v_release_pred=True)]
     if dims == (128, 128):
-        # the build without the threshold trim's default (the launcher's keys here are short:
-        # on for causal, off otherwise)
+        # thr_add_only flipped: these keys are short (no look-ahead switch), so its default is
+        # on for causal and off otherwise
         tunings.append(dict(thr_add_only=not causal))
     _assert_schedules_bitwise(dims, causal, [
         ((2, 1000, 1500, 4, 1), 30.0), ((1, 700, 2100, 4, 2), 300.0), ((1, 512, 4096, 2, 1), 1e5),
