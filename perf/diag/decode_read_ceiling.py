@@ -4,14 +4,16 @@
 
 Issue #4 asks the dense decode kernel for >= 85 % of the card's copy bandwidth (a 2 GiB
 device copy, read + write) at every shape, the smallest launches included. A decode kernel must
-read every K and V byte at least once, so the fastest pure read of those bytes bounds what any
-decode kernel can reach at that size. Per shape (bf16, d128, B x L keys x Hk heads, K and V):
+read every K and V byte at least once, so the fastest plain read of those bytes shows how close
+any decode kernel can get at that size (a bound only as tight as the reads tried here). Per shape
+(bf16, d128, B x L keys x Hk heads, K and V):
 
 - copy: a device copy moving the same DRAM bytes (read half, write half), as perf/decode_small.py
   times it;
-- read: a Triton kernel that reads the bytes once (int4-wide loads, an XOR per program, one word
-  written per program), the best of a small grid of block sizes, loads per program and warps;
-- torch sum: ``x.sum()`` over the same bytes viewed as int32 (torch's own reduction).
+- read: a Triton kernel that reads every 32-bit word once (an XOR per program, one word written
+  per program), the fastest of CONFIGS (words per load, loads per program, warps); the XOR of
+  the programs' words is checked against the input's;
+- torch sum: ``x.sum()`` over the same int32 words (torch's own reduction).
 
 Timing as decode_small.py does it: CALLS_PER_GRAPH calls cycling through enough input sets to
 overflow the L2, captured in one CUDA graph and replayed (launch gaps amortized; each kernel's
