@@ -2,14 +2,13 @@
 
     python perf/diag/decode_read_ceiling.py [--shapes 1,8192,64,4 1,8192,32,8 ...]
 
-Issue #4 asks the dense decode kernel for >= 85 % of the card's copy bandwidth (a 2 GiB
-device copy, read + write) at every shape, the smallest launches included. A decode kernel must
-read every K and V byte at least once, so the fastest plain read of those bytes shows how close
-any decode kernel can get at that size (a bound only as tight as the reads tried here). Per shape
-(bf16, d128, B x L keys x Hk heads, K and V):
+Issue #4 asks the dense decode kernel for >= 85 % of the card's copy bandwidth (a 2 GiB device
+copy, read + write: decode_matrix.copy_bandwidth) at every shape, the smallest launches
+included. A decode kernel must read every K and V byte at least once, so the fastest plain read
+of those bytes shows how close any decode kernel can get at that size (a bound only as tight as
+the reads tried here). Per shape (bf16, d128, B x L keys x Hk heads, K and V):
 
-- copy: a device copy moving the same DRAM bytes (read half, write half), as perf/decode_small.py
-  times it;
+- copy: a device copy moving the same DRAM bytes (read half, write half): decode_small.copy_us;
 - read: a Triton kernel that reads every 32-bit word once (an XOR per program, one word written
   per program), the fastest of CONFIGS (words per load, loads per program, warps); the XOR of
   the programs' words is checked against the input's;
@@ -42,8 +41,9 @@ sys.path.insert(0, os.path.join(ROOT, "perf"))
 
 from blasst_cute.testing import time_graph_cycle  # noqa: E402
 from bench import n_rotations  # noqa: E402
+from decode_matrix import copy_bandwidth  # noqa: E402
+from decode_small import CALLS_PER_GRAPH, copy_us  # noqa: E402
 
-CALLS_PER_GRAPH = 16
 SHAPES = ["1,8192,64,4", "1,8192,32,8", "1,32768,64,4", "8,8192,64,4", "1,131072,32,8"]
 # (int32 words per load, loads per program, warps)
 CONFIGS = [(b, it, w) for b in (512, 1024, 2048, 4096, 8192) for it in (1, 2, 4, 8, 16)
@@ -86,25 +86,6 @@ def _programs(n_words: int, cfg) -> int:
     return -(-n_words // (cfg[0] * cfg[1]))
 
 
-def card_copy_bw():
-    """Bytes read + written per second of a 2 GiB device copy (as perf/decode_matrix.py)."""
-    n = 2 << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(2):
-        dst.copy_(src)
-    ts = []
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) * 1e-3)
-    del src, dst
-    return 2 * n / sorted(ts)[len(ts) // 2]
-
-
 def read_fns(bufs, outs, cfg):
     block, loads, warps = cfg
     n = bufs[0].numel()
@@ -119,7 +100,7 @@ def main():
     a = p.parse_args()
     if triton is None or not torch.cuda.is_available():
         sys.exit("decode_read_ceiling.py needs a CUDA GPU and Triton")
-    bw = card_copy_bw()
+    bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: card copy bandwidth {bw / 1e9:.0f} GB/s "
           "(2 GiB, read + write)")
     print("| B | L | Hq/Hk | K+V MB | sets | copy us | copy % | read us | read % | read config "
@@ -131,11 +112,7 @@ def main():
         sets = n_rotations(nbytes)
         bufs = [torch.randint(-2**31, 2**31 - 1, (nbytes // 4,), dtype=torch.int32, device="cuda")
                 for _ in range(sets)]
-        halves = [torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda") for _ in range(sets)]
-        dsts = [torch.empty_like(h) for h in halves]
-        copy_s = time_graph_cycle([lambda s=s, d=d: d.copy_(s) for s, d in zip(halves, dsts)],
-                                  CALLS_PER_GRAPH)
-        del halves, dsts
+        copy_s = copy_us(nbytes, sets) * 1e-6
         best = None
         for cfg in CONFIGS:
             outs = [torch.empty(_programs(bufs[0].numel(), cfg), dtype=torch.int32, device="cuda")
