@@ -124,7 +124,7 @@ _KNOB_DEFAULTS = dict(
     pv_skip=True, lpt_heads=None, fast_vote=True, late_v_wait=True, v_load_skip=None, v_warp=None,
     lazy_p_zero=False, defer_v_release=None, qk_lookahead=False, lookahead_after_skips=None,
     rescale_o_before_pv=None, vote_thread_max=None, flag_addr_before_sync=None, keep_first=None,
-    flag_store_uniform=False, v_release_pred=False, thr_add_only=None,
+    thr_add_only=None,
 )
 
 

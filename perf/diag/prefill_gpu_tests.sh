@@ -13,6 +13,6 @@ run -m "gpu or slow" $t -k "schedule_variants or random_sweep" > "$out/pt-sched.
 run -m gpu $t -k "qk_lookahead and False or lookahead_long_keys or rescale_o_before_pv" > "$out/pt-lookahead.log" 2>&1 &
 run -m gpu $t -k "qk_lookahead and True" > "$out/pt-lookahead-causal.log" 2>&1 &
 run -m gpu $t -k "vote_thread_max" > "$out/pt-vote.log" 2>&1 &
-run -m gpu $t -k "keep_path_trims" > "$out/pt-trims.log" 2>&1 &
+run -m gpu $t -k "thr_add_only_bitwise" > "$out/pt-thr.log" 2>&1 &
 wait
 for f in "$out"/pt-*.log; do echo "== $f:"; grep -E "passed|failed" "$f"; grep -E "^FAILED|Error" "$f" | head -5; done

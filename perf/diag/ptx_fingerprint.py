@@ -63,6 +63,14 @@ def prefill_configs():
                                             causal=causal, varlen=False, has_skip=has_skip,
                                             has_stats=has_skip, factor_per_batch=False),
                             launch.compile_prefill_sm90))
+    # the hdim-128 skip builds as benchmarks and users launch them: no stats, with and without
+    # the look-ahead switch (launch.prefill_lookahead turns it off for keys under 16k)
+    for causal in (False, True):
+        for las in ({}, dict(lookahead_after_skips=0)):
+            out.append(("prefill", dict(dtype=torch.bfloat16, head_dim=128, head_dim_v=128,
+                                        causal=causal, varlen=False, has_skip=True,
+                                        has_stats=False, factor_per_batch=False, **las),
+                        launch.compile_prefill_sm90))
     return out
 
 

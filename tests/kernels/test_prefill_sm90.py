@@ -77,8 +77,7 @@ def test_compile_sm90a(dtype, dims, causal, variant, varlen):
                                     dict(lookahead_after_skips=0),
                                     dict(rescale_o_before_pv=True), dict(rescale_o_before_pv=False),
                                     dict(keep_first=False),
-                                    dict(thr_add_only=True, flag_store_uniform=True,
-                                         v_release_pred=True),
+                                    dict(thr_add_only=True, lookahead_after_skips=0),
                                     dict(has_skip=False, v_warp=False),
                                     dict(fast_vote=False, late_v_wait=False, v_load_skip=False)],
                          ids=str)
@@ -93,7 +92,8 @@ def test_compile_skip_variants(tuning, dims):
     build the default, which switches), the O rescale before the next PV, the hdim-256 dense
     build with V issued by the producer's first warp (its default: a second warp), the hdim-128
     skip build with the skip block laid out first (the other head dims' default), the hdim-128
-    skip build with the three keep-path trims (options; hdim 128 only on CPU). (The vote on
+    skip build without the switch and with thr_add_only (off there by default; hdim 128 only on
+    CPU). (The vote on
     per-thread maxima in the default schedule is compiled by the hdim-64 and 256 skip builds,
     where it is the default.)"""
     if os.environ.get("CUTE_DSL_ARCH", "sm_90a") != "sm_90a" and not _on_hopper():
@@ -105,7 +105,7 @@ def test_compile_skip_variants(tuning, dims):
     if "keep_first" in tuning and dims != (128, 128):
         pytest.skip(f"the default build at {dims[0]}/{dims[1]} (the other compile tests build it)")
     if "thr_add_only" in tuning and dims != (128, 128):
-        pytest.skip("keep-path trims: hdim 128 on CPU (the GPU tests run them at other dims)")
+        pytest.skip("thr_add_only: hdim 128 on CPU (the GPU tests run it at other dims)")
     single_v_producer = tuning == dict(has_skip=False, v_warp=False)
     if single_v_producer:
         if dims[1] <= 128:
@@ -363,12 +363,10 @@ def test_flag_addr_before_sync_defaults():
 
 
 def test_keep_path_trim_defaults():
-    """Of the keep-path trims, thr_add_only is on by default in the hdim-128 builds with the
-    look-ahead switch (keys from 16k) and the causal hdim-128 builds, and needs the per-row
-    thresholds (fast_vote); flag_store_uniform and v_release_pred are options, off by default."""
+    """thr_add_only is on by default in the hdim-128 builds with the look-ahead switch (keys
+    from 16k) and the causal hdim-128 builds, and needs the per-row thresholds (fast_vote)."""
     k = _kernel_of(has_skip=True)
     assert k.lookahead_after_skips > 0 and k.thr_add_only
-    assert not (k.flag_store_uniform or k.v_release_pred)
     assert _kernel_of(has_skip=True, causal=True, lookahead_after_skips=0).thr_add_only
     for kw in (dict(lookahead_after_skips=0), dict(head_dim=64), dict(head_dim=256),
                dict(head_dim=64, causal=True), dict(head_dim=256, causal=True),
@@ -380,8 +378,6 @@ def test_keep_path_trim_defaults():
     assert launch.prefill_lookahead(launch.LOOKAHEAD_MIN_SEQLEN_K - 1, None) == dict(
         lookahead_after_skips=0)
     assert launch.prefill_lookahead(launch.LOOKAHEAD_MIN_SEQLEN_K, None) == {}
-    k = _kernel_of(has_skip=True, thr_add_only=True, flag_store_uniform=True, v_release_pred=True)
-    assert k.thr_add_only and k.flag_store_uniform and k.v_release_pred
     assert not _kernel_of(has_skip=True, thr_add_only=True, fast_vote=False).thr_add_only
 
 
@@ -679,18 +675,15 @@ def test_keep_first_bitwise(causal, dims):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dims", [(128, 128), (64, 64), (256, 256)], ids=_dims_id)
 @pytest.mark.gpu
-def test_keep_path_trims_bitwise(causal, dims):
-    """The keep path's trims (thr_add_only, flag_store_uniform, v_release_pred all on; at hdim
-    128 also thr_add_only flipped from its default) against the default build: the same bits
-    and counters, with padding rows, rows that see no key (Lq > Lk, causal) and skipping off
+def test_thr_add_only_bitwise(causal, dims):
+    """thr_add_only flipped from its default against the default build: the same bits and
+    counters, with padding rows, rows that see no key (Lq > Lk, causal) and skipping off
     (factor >= Lk)."""
     if not _on_hopper():
         pytest.skip("needs sm_90")
-    tunings = [dict(thr_add_only=True, flag_store_uniform=True, v_release_pred=True)]
-    if dims == (128, 128):
-        # thr_add_only flipped: these keys are short (no look-ahead switch), so its default is
-        # on for causal and off otherwise
-        tunings.append(dict(thr_add_only=not causal))
+    # these keys are short (no look-ahead switch): at hdim 128 the default is on for causal and
+    # off otherwise, at the other head dims off
+    tunings = [dict(thr_add_only=not causal if dims == (128, 128) else True)]
     _assert_schedules_bitwise(dims, causal, [
         ((2, 1000, 1500, 4, 1), 30.0), ((1, 700, 2100, 4, 2), 300.0), ((1, 512, 4096, 2, 1), 1e5),
         ((1, 130, 150, 2, 2), 3.0), ((1, 300, 200, 2, 1), 30.0), ((1, 300, 200, 2, 1), 1e4)],

@@ -203,8 +203,6 @@ class BlasstFwdSm90:
         vote_thread_max=None,
         flag_addr_before_sync: Optional[bool] = None,
         keep_first: Optional[bool] = None,
-        flag_store_uniform: bool = False,
-        v_release_pred: bool = False,
         thr_add_only: Optional[bool] = None,
     ):
         head_dim_v = head_dim if head_dim_v is None else head_dim_v
@@ -448,7 +446,7 @@ class BlasstFwdSm90:
         if keep_first is None:
             keep_first = (head_dim, head_dim_v) == (128, 128)
         self.keep_first = bool(keep_first)
-        # Keep-path trims (prefill-h100-skip-cost-ncu.md, sections 10 and 11). ncu cycles at
+        # Keep-path trims (prefill-h100-skip-cost-ncu.md, sections 10-13). ncu cycles at
         # locked clocks, H100, hdim 128, 0 % skipped, against the build without them:
         # - thr_add_only (fast_vote): row r skips iff m_tile <= m_run + margin_r, margin_r =
         #   log2(lambda) / scale_log2 on valid rows, +inf on padding rows, NaN with skipping
@@ -457,24 +455,21 @@ class BlasstFwdSm90:
         #   a floor (<= instead of <: a flip only at exact equality). 16k non-causal -0.26 /
         #   -0.28 % (two sessions), causal -1.0 %; 71 / 70 % skipped +0.16 / -0.26 %; 4k
         #   causal -0.4 % (73 % skipped: -0.65 %); 4k non-causal (no look-ahead switch) +1 %
-        #   (ptxas inlined the retry loops of two barrier waits). Default (None): on in the
+        #   (there ptxas keeps the tile index, pipeline phase and flag address in vector, not
+        #   uniform, registers; SASS). Default (None): on in the
         #   hdim-128 builds with the look-ahead switch (keys from 16k) and the causal hdim-128
         #   builds; off elsewhere (other head dims not measured).
-        # - flag_store_uniform (pv_skip): this warp's flag byte and decision-mbarrier addresses
-        #   formed before the lane-0 test, in uniform registers (and the pipelines' signalling
-        #   lane as lane 0 without a cluster): 4 fewer instructions on the keep path.
-        # - v_release_pred (default schedule, v_load_skip): "the previous PV ran" and the
-        #   signalling lane as one predicate, formed next to the PV flag read: 2 fewer.
-        # Each of the last two alone costs cycles (16k: +0.8 % and +0.2 %); all three give
-        # -0.6 % at 0 % but +0.6/+1.4 % at 71/70 % skipped and +1.9 % at 4k. (Tried and
-        # removed: a warp that kept the tile issuing the PV without loading the flag word,
-        # +0.4-0.8 %: ptxas predicated the load and hoisted its R2UR into the QK issue.)
+        # Tried and removed: the flag byte and decision-mbarrier addresses formed in uniform
+        # registers before the lane test (4 fewer keep-path instructions), and "the previous PV
+        # ran" with the signalling lane as one predicate (2 fewer). Alone +0.8 % and +0.2 % of
+        # dense's cycles at 16k; with thr_add_only -0.6 % at 0 % but +0.6-1.4 % at 70-71 %
+        # skipped and +1.9 % at 4k (sections 10-12). Also a warp that kept the tile issuing the
+        # PV without loading the flag word, +0.4-0.8 %: ptxas predicated the load and hoisted
+        # its R2UR into the QK issue.
         if thr_add_only is None:
             thr_add_only = self.lookahead_after_skips > 0 or (
                 causal and (head_dim, head_dim_v) == (128, 128))
         self.thr_add_only = bool(thr_add_only) and self.fast_vote
-        self.flag_store_uniform = bool(flag_store_uniform) and self.pv_skip
-        self.v_release_pred = bool(v_release_pred)
         self.pingpong = (head_dim <= 128 and intra_wg_overlap) if pingpong is None else pingpong
         # rescale_o_before_pv (default schedule): the O rescale of a kept tile waits in a
         # register per row and is applied at the next iteration, while that iteration's QK is on
@@ -1041,9 +1036,6 @@ class BlasstFwdSm90:
             log2_lambda=log2_lambda, skip_enabled=skip_enabled, row_thr=row_thr, row_floor=row_floor, margin=margin,
             o_scale=o_scale,
         )
-        if const_expr(self.flag_store_uniform):
-            warp_in_wg = cute.arch.make_warp_uniform(cute.arch.warp_idx()) % 4
-            ctx["warp_flags"] = sFlags[warp_in_wg, wg_idx, None]  # (slot,)
 
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.num_stages)
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
@@ -1247,8 +1239,6 @@ class BlasstFwdSm90:
             pv_skip = group_all_published(ctx["sFlags"], self._slot(n_block + 1), wg_idx)
         num_skipped = self.count_pv_skip(num_skipped, pv_skip)
         release_v = None
-        if const_expr(self.v_load_skip and self.v_release_pred):
-            release_v = pipeline_v.is_signaling_thread and not pv_skip
         switch_out = ()
         if const_expr(switch is not None):
             # the look-ahead switch's loop test (blocks_until_skip_run)
@@ -1282,8 +1272,7 @@ class BlasstFwdSm90:
         # iteration instead: its (byte-less) completion needs the other warpgroups' votes on
         # that tile, which land while this one does its softmax.
         if const_expr(self.v_load_skip):
-            if const_expr(not self.v_release_pred):
-                release_v = not pv_skip
+            release_v = not pv_skip
         elif const_expr(self.late_v_wait):
             if pv_skip:
                 pipeline_v.consumer_wait(kv_state_v)  # before its release below
@@ -1523,10 +1512,6 @@ class BlasstFwdSm90:
     def release_v_stage(self, ctx, kv_state_v, release_v: Optional[Boolean]):
         if const_expr(release_v is None):
             ctx["pipeline_v"].consumer_release(kv_state_v)
-        elif const_expr(self.v_release_pred):
-            if release_v:  # (already ANDed with the signalling lane)
-                pipeline_v = ctx["pipeline_v"]
-                pipeline_v.sync_object_empty.arrive(kv_state_v.index, pipeline_v.consumer_mask)
         else:
             if release_v:
                 ctx["pipeline_v"].consumer_release(kv_state_v)
@@ -1583,28 +1568,10 @@ class BlasstFwdSm90:
     def publish_decision(self, ctx, skip: Boolean, n_block: Int32):
         """This warp's flag for tile n_block (read by its warpgroup for the PV skip, and with
         v_load_skip by the V producer once the slot's decision barrier completes)."""
-        if const_expr(self.flag_store_uniform):
-            slot = self._slot(n_block)
-            flags = ctx["warp_flags"]
-            # this warp's byte of the slot, its address formed outside the lane test
-            flag = cute.make_tensor(flags.iterator + cute.crd2idx(slot, flags.layout),
-                                    cute.make_layout(1))
-            mbar = ctx["mbar_decision"] + slot
-            byte = cutlass.Int8(1) if skip else cutlass.Int8(0)
-            # lane 0; without a cluster that is the pipelines' signalling lane, whose test the K
-            # and V releases share
-            lane0 = cute.arch.lane_idx() == 0
-            if const_expr(self.cluster_size == 1):
-                lane0 = ctx["pipeline_k"].is_signaling_thread
-            if lane0:
-                flag[0] = byte
-                if const_expr(self.v_load_skip):
-                    cute.arch.mbarrier_arrive(mbar)
-        else:
-            publish_warp_flag(skip, ctx["sFlags"], self._slot(n_block), ctx["wg_idx"])
-            if const_expr(self.v_load_skip):
-                if cute.arch.lane_idx() == 0:
-                    cute.arch.mbarrier_arrive(ctx["mbar_decision"] + self._slot(n_block))
+        publish_warp_flag(skip, ctx["sFlags"], self._slot(n_block), ctx["wg_idx"])
+        if const_expr(self.v_load_skip):
+            if cute.arch.lane_idx() == 0:
+                cute.arch.mbarrier_arrive(ctx["mbar_decision"] + self._slot(n_block))
 
     @cute.jit
     def rows_vote(self, ctx, m_tile: cute.Tensor) -> Boolean:
