@@ -127,6 +127,12 @@ VARIANTS = {
     "new k6 v4": (dict(num_k_stages=6, num_v_stages=4), None, False),
     "new tile64": (dict(tile_n=64), None, False),  # 64-key tiles: deeper rings, more splits
     "new tile128": (dict(tile_n=128), None, False),  # 128-key tiles at every cache length
+    # the first 0 / 1 (the default) / 2 / 4 key tiles of each split prefetched into L2 before
+    # griddepcontrol.wait (launches with programmatic dependent launch only)
+    "new nol2pf": (dict(l2_prefetch_tiles=0), None, False),
+    "new l2pf1": (dict(l2_prefetch_tiles=1), None, False),
+    "new l2pf2": (dict(l2_prefetch_tiles=2), None, False),
+    "new l2pf4": (dict(l2_prefetch_tiles=4), None, False),
     "new splits x2": (None, "x2", False),
     "new splits /2": (None, "/2", False),
 }

@@ -97,6 +97,20 @@ PRODUCER_V = os.environ.get("BLASST_DECODE_PRODUCER_V", "0") == "1"
 # -0.1 to -0.5 us at B=1 (+3.7-4.7 % at L=8k 64/4, +1-2 % at 8k 32/8, +1-1.4 % at 32k 64/4),
 # +0.2-0.8 % at B=8 L=8k, +0.1 % at B=32; never slower. BLASST_DECODE_SPECULATE_PAGES=0: off.
 SPECULATE_PAGES = os.environ.get("BLASST_DECODE_SPECULATE_PAGES", "1") != "0"
+# Launches with programmatic dependent launch: the producer warp prefetches the K and V of its
+# split's first L2_PREFETCH_TILES key tiles into L2 before griddepcontrol.wait, while the kernel
+# before drains (decode.py, prefetch_first_tiles). H100, page 64, kernel time in a CUDA graph
+# (perf/results/decode-h100-l2-prefetch.md): 1 tile: B=1 L=8k 32/8 -5.4 % / -7.2 % (dense /
+# skip build at 0 %), L=32k 64/4 -1.0 / -0.4 %, L=128k 32/8 +0.1 / +0.2 %; 2 tiles: L=8k 64/4
+# -9.7 / -4.5 %, 8k 32/8 a little faster than 1 tile, 32k 64/4 +1.3-2.3 %.
+# BLASST_DECODE_L2_PREFETCH=N sets the count (0: off).
+try:
+    L2_PREFETCH_TILES = int(os.environ.get("BLASST_DECODE_L2_PREFETCH", "1"))
+except ValueError:
+    raise ValueError("BLASST_DECODE_L2_PREFETCH must be an integer (key tiles per split, 0 = "
+                     f"none), got {os.environ['BLASST_DECODE_L2_PREFETCH']!r}") from None
+if L2_PREFETCH_TILES < 0:
+    raise ValueError(f"BLASST_DECODE_L2_PREFETCH must be >= 0, got {L2_PREFETCH_TILES}")
 
 # Splits take the key tiles round-robin (split s: tiles s, s + S, ...) rather than as contiguous
 # chunks: the kept tiles (sinks, recent keys) spread evenly over the CTAs of a sequence, so no
@@ -168,6 +182,7 @@ def _config_key(config: dict) -> tuple:
         c[k] = bool(c.get(k, False))
     c.setdefault("num_k_stages", None)
     c.setdefault("num_v_stages", None)
+    c["l2_prefetch_tiles"] = int(c.get("l2_prefetch_tiles", 0))
     return tuple(sorted(c.items(), key=lambda kv: kv[0]))
 
 
@@ -181,7 +196,7 @@ def _make_kernel(key: tuple) -> BlasstDecodeSm90:
         num_k_stages=c["num_k_stages"], num_v_stages=c["num_v_stages"],
         interleave_splits=c["interleave_splits"], producer_v=c["producer_v"],
         pipelined_merge=c["pipelined_merge"], use_pdl=c["use_pdl"],
-        speculate_pages=c["speculate_pages"],
+        speculate_pages=c["speculate_pages"], l2_prefetch_tiles=c["l2_prefetch_tiles"],
     )
 
 
@@ -208,7 +223,8 @@ def compile_decode_sm90(config: dict, options: Optional[str] = None):
 
     config keys: dtype, head_dim, page_size (None = contiguous cache), and optionally tile_n,
     causal, has_skip, factor_per_batch, has_stats, direct_out, fused_merge, order, num_k_stages,
-    num_v_stages, interleave_splits, producer_v, pipelined_merge, use_pdl, speculate_pages.
+    num_v_stages, interleave_splits, producer_v, pipelined_merge, use_pdl, speculate_pages,
+    l2_prefetch_tiles.
     Returns the compiled callable of ``BlasstDecodeSm90.launch_ptrs``.
     """
     key = _config_key(config)
@@ -443,13 +459,16 @@ def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, n
                   producer_v=PRODUCER_V, pipelined_merge=PIPELINED_MERGE,
                   use_pdl=USE_PDL and splits >= PDL_MIN_SPLITS,
                   speculate_pages=SPECULATE_PAGES and paged,
+                  l2_prefetch_tiles=L2_PREFETCH_TILES if USE_PDL and splits >= PDL_MIN_SPLITS
+                  else 0,
                   order=geo["order"],
                   # one split: the two tile orders coincide (one compiled kernel)
                   interleave_splits=geo["interleave_splits"] and not direct)
     tkey = ()
     if tuning:
         # experiments only: num_k_stages, num_v_stages, fused_merge, producer_v,
-        # pipelined_merge, use_pdl, speculate_pages (tile_n / interleave_splits: popped above)
+        # pipelined_merge, use_pdl, speculate_pages, l2_prefetch_tiles (tile_n /
+        # interleave_splits: popped above)
         config.update(tuning)
         tkey = tuple(sorted(tuning.items()))
     config["fused_merge"] = p.fused = fused = bool(config["fused_merge"]) and not direct
@@ -458,7 +477,7 @@ def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, n
     fkey = ("decode", q.dtype, d, page_size, geo["block_n"], bool(causal), has_skip, fpb,
             has_stats, direct, fused, geo["order"], config["interleave_splits"],
             bool(config["producer_v"]), bool(config["pipelined_merge"]), bool(config["use_pdl"]),
-            bool(config["speculate_pages"]), tkey)
+            bool(config["speculate_pages"]), int(config.get("l2_prefetch_tiles", 0)), tkey)
     compile_args = _decode_compile_args(dict(ck), cuda_stream(0))
     p.fn = _compiled(fkey, compile_args, lambda: _make_kernel(ck).launch_ptrs)
     ks = k_cache.stride()
@@ -716,7 +735,8 @@ def supported_configs():
                                  interleave_splits=INTERLEAVE_SPLITS and not direct,
                                  producer_v=PRODUCER_V, pipelined_merge=PIPELINED_MERGE,
                                  use_pdl=USE_PDL,
-                                 speculate_pages=SPECULATE_PAGES and page_size is not None))
+                                 speculate_pages=SPECULATE_PAGES and page_size is not None,
+                                 l2_prefetch_tiles=L2_PREFETCH_TILES if USE_PDL else 0))
     # 64-key tiles (short caches, SHORT_CACHE_TILE_N): one or several copies per tile; short
     # eager calls also merge in the launch (EAGER_FUSED_MAX_KV_BYTES)
     for page_size in (None, 16, 64, 256):
@@ -726,7 +746,8 @@ def supported_configs():
                              fused_merge=page_size in (None, 64),
                              interleave_splits=INTERLEAVE_SPLITS,
                              pipelined_merge=PIPELINED_MERGE, use_pdl=USE_PDL,
-                             speculate_pages=SPECULATE_PAGES and page_size is not None))
+                             speculate_pages=SPECULATE_PAGES and page_size is not None,
+                             l2_prefetch_tiles=L2_PREFETCH_TILES if USE_PDL else 0))
     return cfgs
 
 

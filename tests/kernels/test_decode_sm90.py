@@ -55,11 +55,17 @@ def test_compile_decode_cpu(config):
                                    dict(head_dim=128, page_size=64, interleave_splits=True,
                                         speculate_pages=False),
                                    dict(head_dim=128, page_size=256, has_skip=True,
-                                        direct_out=True, speculate_pages=False)],
+                                        direct_out=True, speculate_pages=False),
+                                   dict(head_dim=128, page_size=16, has_skip=True,
+                                        has_stats=True, interleave_splits=True, use_pdl=True,
+                                        speculate_pages=True, l2_prefetch_tiles=2),
+                                   dict(head_dim=128, page_size=None, interleave_splits=True,
+                                        use_pdl=True, l2_prefetch_tiles=4)],
                          ids=["d64", "d64-tile64", "tile64", "reverse-noncausal", "combine-kernel",
                               "producer-v-dense", "producer-v-skip-old-merge", "k2-v3",
                               "nospeculate-p16-tile64-skip", "nospeculate-p64-dense",
-                              "nospeculate-p256-direct"])
+                              "nospeculate-p256-direct", "l2-prefetch-p16-skip",
+                              "l2-prefetch-contiguous"])
 def test_compile_decode_variants_cpu(extra):
     cfg = dict(dtype=torch.bfloat16)
     cfg.update(extra)
@@ -76,6 +82,22 @@ def test_ring_depths_checked_against_smem():
         BlasstDecodeSm90(cutlass.BFloat16, 128, page_size=64, num_k_stages=3, num_v_stages=3)
     with pytest.raises(ValueError, match="num_v_stages 1"):
         BlasstDecodeSm90(cutlass.BFloat16, 128, page_size=64, num_v_stages=1)
+
+
+def test_l2_prefetch_tiles_checked():
+    # the prefetch runs before griddepcontrol.wait, so only launches with PDL have it; one lane
+    # per TMA copy hands out the page ids (at most 32 copies)
+    from blasst_cute.kernels.sm90.decode import BlasstDecodeSm90
+    bf16 = cutlass.BFloat16
+    assert BlasstDecodeSm90(bf16, 128, page_size=64, l2_prefetch_tiles=2).l2_prefetch_tiles == 0
+    assert BlasstDecodeSm90(bf16, 128, page_size=16, use_pdl=True,
+                            l2_prefetch_tiles=4).l2_prefetch_tiles == 4  # 4 x 8 copies
+    for bad in (5, -1):
+        with pytest.raises(ValueError, match="l2_prefetch_tiles"):
+            BlasstDecodeSm90(bf16, 128, page_size=16, use_pdl=True, l2_prefetch_tiles=bad)
+    pdl = [c for c in launch_decode.supported_configs() if c.get("use_pdl")]
+    assert bool(pdl) == launch_decode.USE_PDL
+    assert all(c["l2_prefetch_tiles"] == launch_decode.L2_PREFETCH_TILES for c in pdl)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU compile check")
@@ -259,6 +281,41 @@ def test_ring_depths_same_bits(tuning):
     for a, b in zip(c1, c0):
         assert torch.equal(a, b)
     assert torch.equal(o1, o0) and torch.equal(l1, l0)
+
+
+@gpu
+@pytest.mark.parametrize("paged", [True, False], ids=["paged", "contiguous"])
+def test_l2_prefetch_same_bits(paged):
+    # The first tiles' L2 prefetch before griddepcontrol.wait (1 tile: the default with PDL)
+    # only warms the cache: the same counters and bits as without it, skipping or not, with ragged lengths (1, a page, a tile).
+    from blasst_cute.workloads import synthetic_qkv
+    from gpu_decode_smoke import make_cache
+    B, L, hq, hk = 4, 8192, 32, 8
+    q, k, v = synthetic_qkv(B, 1, L, hq, hk, 128, device="cuda", seed=3)
+    lens = torch.tensor([L, 1, 64, 5000], dtype=torch.int32, device="cuda")
+    if paged:
+        _, _, kc, vc, bt = make_cache(B, L, hk, 128, 64, k=k, v=v)
+    else:
+        kc, vc, bt = k.contiguous(), v.contiguous(), None
+    for factor in (None, 3000.0):
+        res = []
+        for extra in ({"l2_prefetch_tiles": 0}, {"l2_prefetch_tiles": 1},
+                      {"l2_prefetch_tiles": 2}):
+            cnt = [torch.zeros(B, hk, dtype=torch.int32, device="cuda") for _ in range(3)]
+            stats = {} if factor is None else dict(visited=cnt[0], skipped=cnt[1],
+                                                   v_loaded=cnt[2])
+            out, lse = launch_decode.decode_sm90(
+                q, kc, vc, cache_seqlens=lens, block_table=bt, threshold_scale_factor=factor,
+                tuning=dict(use_pdl=True, **extra), **stats)
+            torch.cuda.synchronize()
+            res.append((out, lse, cnt))
+        o0, l0, c0 = res[0]
+        if factor is not None:
+            assert 0 < int(c0[1].sum()) < int(c0[0].sum()), "the case should skip some tiles"
+        for o1, l1, c1 in res[1:]:
+            for a, b in zip(c0, c1):
+                assert torch.equal(a, b)
+            assert torch.equal(o0, o1) and torch.equal(l0, l1)
 
 
 @gpu

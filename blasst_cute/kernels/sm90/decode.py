@@ -172,6 +172,7 @@ class BlasstDecodeSm90:
         pipelined_merge: bool = False,
         use_pdl: bool = False,
         speculate_pages: bool = False,
+        l2_prefetch_tiles: int = 0,
         trace: bool = False,
     ):
         if dtype not in (cutlass.BFloat16, cutlass.Float16):
@@ -224,11 +225,18 @@ class BlasstDecodeSm90:
         # wrong (copies past the sequence's last page).
         self.speculate_pages = (speculate_pages and self.paged and not self.reverse
                                 and (interleave_splits or direct_out))
+        # With use_pdl: before griddepcontrol.wait, the producer warp pulls the K and V of the
+        # split's first l2_prefetch_tiles key tiles into L2 (TMA prefetch) while the kernel
+        # before drains, so the first loads after the wait find them there (prefetch_first_tiles).
+        self.l2_prefetch_tiles = int(l2_prefetch_tiles) if use_pdl else 0
         # Diagnostics: per-CTA timestamps of the kernel's phases (TRACE_SLOTS, trace_ptr).
         self.trace = trace
         # Rows per TMA copy: a whole page, or a slice of one when pages are larger than a tile.
         self.rows_per_copy = min(page_size, tile_n) if self.paged else tile_n
         self.copies_per_tile = tile_n // self.rows_per_copy
+        if not 0 <= self.l2_prefetch_tiles * self.copies_per_tile <= 32:
+            raise ValueError(f"blasst sm90 decode: l2_prefetch_tiles {l2_prefetch_tiles} x "
+                             f"{self.copies_per_tile} copies per tile must be in [0, 32]")
         nk, nv = decode_stages(head_dim, tile_n, dtype.width // 8, has_skip, self.copies_per_tile)
         self.num_k_stages = num_k_stages or nk
         self.num_v_stages = num_v_stages or nv
@@ -477,6 +485,11 @@ class BlasstDecodeSm90:
         sPages = storage.pages.get_tensor(cute.make_layout((self.copies_per_tile, NK)))
         sScale = storage.row_scale.get_tensor(cute.make_layout((TILE_M, NV)))
 
+        if const_expr(self.l2_prefetch_tiles > 0):
+            if warp_idx == self.producer_warp:
+                self.prefetch_first_tiles(
+                    mK, mV, sK, sV, tma_atom_K, tma_atom_V, mSeqlens, mBlockTable, head_kv,
+                    batch_idx, m_block, split_idx, num_splits, qhead_per_kvhead, mQ.shape[1])
         if const_expr(self.use_pdl):
             cute.arch.griddepcontrol_wait()
             cute.arch.griddepcontrol_launch_dependents()
@@ -496,16 +509,8 @@ class BlasstDecodeSm90:
         seqlen_k = mSeqlens[batch_idx]
         seqlen_q = mQ.shape[1]
         num_rows = seqlen_q * qhead_per_kvhead
-        # Tile i of this CTA is tile_first + i * tile_step (forward order).
-        if const_expr(self.interleave_splits):
-            tile_first, tile_step, n_local = split_tiles_interleaved(
-                seqlen_k, seqlen_q, m_block, qhead_per_kvhead, split_idx, num_splits,
-                TILE_M, self.tile_n, self.causal)
-        else:
-            tile_first, _, n_local = split_tile_range(
-                seqlen_k, seqlen_q, m_block, qhead_per_kvhead, split_idx, num_splits,
-                TILE_M, self.tile_n, self.causal)
-            tile_step = Int32(1)
+        tile_first, tile_step, n_local = self.split_tiles(
+            seqlen_k, seqlen_q, m_block, qhead_per_kvhead, split_idx, num_splits)
 
         cute.arch.sync_threads()  # mbarrier init visible
 
@@ -564,6 +569,22 @@ class BlasstDecodeSm90:
         return tile_first + step * tile_step
 
     @cute.jit
+    def split_tiles(self, seqlen_k: Int32, seqlen_q: Int32, m_block: Int32,
+                    qhead_per_kvhead: Int32, split_idx: Int32, num_splits: Int32):
+        """(tile_first, tile_step, n_local): tile i of this CTA is tile_first + i * tile_step
+        (forward order), the split's slice of the key tiles the q-tile sees."""
+        if const_expr(self.interleave_splits):
+            tile_first, tile_step, n_local = split_tiles_interleaved(
+                seqlen_k, seqlen_q, m_block, qhead_per_kvhead, split_idx, num_splits,
+                TILE_M, self.tile_n, self.causal)
+        else:
+            tile_first, _, n_local = split_tile_range(
+                seqlen_k, seqlen_q, m_block, qhead_per_kvhead, split_idx, num_splits,
+                TILE_M, self.tile_n, self.causal)
+            tile_step = Int32(1)
+        return tile_first, tile_step, n_local
+
+    @cute.jit
     def copy_coords(self, tile: Int32, c: int, seqlen_k: Int32):
         """(page slot in the block table, row block inside the page) of copy c of a key tile."""
         return page_copy_coords(tile, c, seqlen_k, self.tile_n, self.rows_per_copy,
@@ -605,7 +626,48 @@ class BlasstDecodeSm90:
             parts_s.append(tXsX_c)
         return tXgX, parts_s
 
-    # ------------------------------------------------------------------ producer (K only)
+    # ------------------------------------------------------------------ producer
+    @cute.jit
+    def prefetch_first_tiles(
+        self, mK: cute.Tensor, mV: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor,
+        tma_atom_K: cute.CopyAtom, tma_atom_V: cute.CopyAtom, mSeqlens: cute.Tensor,
+        mBlockTable: Optional[cute.Tensor], head_kv: Int32, batch_idx: Int32, m_block: Int32,
+        split_idx: Int32, num_splits: Int32, qhead_per_kvhead: Int32, seqlen_q: Int32,
+    ):
+        """Before griddepcontrol.wait (l2_prefetch_tiles): TMA prefetches of the K and V of this
+        split's first key tiles into L2. The kernel before may still write the sequence length
+        and the block table, so what is read here only picks addresses: read at L2
+        (ld.global.cg: no line of them stays in L1 for the reads after the wait) and clamped to
+        the block table and the cache. A stale guess wastes a prefetch; it never changes a
+        result."""
+        lane = cute.arch.lane_idx()
+        seqlen_k = cute.arch.load(mSeqlens.iterator + batch_idx, Int32, cop="cg")
+        seqlen_k = cutlass.max(seqlen_k, 0)
+        tile_first, tile_step, n_local = self.split_tiles(
+            seqlen_k, seqlen_q, m_block, qhead_per_kvhead, split_idx, num_splits)
+        tKgK, _ = self.tma_views(tma_atom_K, mK, sK, head_kv)
+        tVgV, _ = self.tma_views(tma_atom_V, mV, sV, head_kv)
+        cpt = self.copies_per_tile
+        ids = Int32(0)
+        if const_expr(self.paged):
+            slot = self.batch_page_slot(seqlen_k, lane, Int32(0), tile_first, tile_step, n_local)
+            slot = cutlass.min(slot, mBlockTable.shape[1] - 1)
+            ids = cute.arch.load(
+                mBlockTable.iterator + cute.crd2idx((batch_idx, slot), mBlockTable.layout),
+                Int32, cop="cg")
+            ids = cutlass.max(cutlass.min(ids, mK.shape[0] - 1), 0)
+        for i in cutlass.range_constexpr(self.l2_prefetch_tiles):
+            tile = self.tile_of(Int32(i), tile_first, tile_step, n_local)
+            for c in cutlass.range_constexpr(cpt):
+                _, rb = self.copy_coords(tile, c, seqlen_k)
+                pg = batch_idx
+                if const_expr(self.paged):
+                    pg = cute.arch.shuffle_sync(ids, i * cpt + c)
+                if i < n_local:
+                    with cute.arch.elect_one():
+                        cute.prefetch(tma_atom_K, tKgK[None, rb, 0, pg])
+                        cute.prefetch(tma_atom_V, tVgV[None, rb, 0, pg])
+
     @cute.jit
     def load(
         self,
