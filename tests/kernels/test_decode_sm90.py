@@ -287,7 +287,8 @@ def test_ring_depths_same_bits(tuning):
 @pytest.mark.parametrize("paged", [True, False], ids=["paged", "contiguous"])
 def test_l2_prefetch_same_bits(paged):
     # The first tiles' L2 prefetch before griddepcontrol.wait (1 tile: the default with PDL)
-    # only warms the cache: the same counters and bits as without it, skipping or not, with ragged lengths (1, a page, a tile).
+    # only warms the cache: the same counters and bits as without it, skipping or not, with
+    # ragged lengths (1, a page, not a multiple of the tile).
     from blasst_cute.workloads import synthetic_qkv
     from gpu_decode_smoke import make_cache
     B, L, hq, hk = 4, 8192, 32, 8

@@ -93,9 +93,8 @@ def test_compile_skip_variants(tuning, dims):
     build with V issued by the producer's first warp (its default: a second warp), the hdim-128
     skip build with the skip block laid out first (the other head dims' default), the hdim-128
     skip build without the switch and with thr_add_only (off there by default; hdim 128 only on
-    CPU). (The vote on
-    per-thread maxima in the default schedule is compiled by the hdim-64 and 256 skip builds,
-    where it is the default.)"""
+    CPU). (The vote on per-thread maxima in the default schedule is compiled by the hdim-64 and
+    256 skip builds, where it is the default.)"""
     if os.environ.get("CUTE_DSL_ARCH", "sm_90a") != "sm_90a" and not _on_hopper():
         pytest.skip("CUTE_DSL_ARCH is not sm_90a")
     if dims[0] > 128 and tuning.get("num_stages") == 3:
@@ -362,7 +361,7 @@ def test_flag_addr_before_sync_defaults():
     assert _kernel_of(has_skip=True, head_dim=64, flag_addr_before_sync=True).flag_addr_before_sync
 
 
-def test_keep_path_trim_defaults():
+def test_thr_add_only_defaults():
     """thr_add_only is on by default in the hdim-128 builds with the look-ahead switch (keys
     from 16k) and the causal hdim-128 builds, and needs the per-row thresholds (fast_vote)."""
     k = _kernel_of(has_skip=True)

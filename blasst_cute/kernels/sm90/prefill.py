@@ -456,9 +456,9 @@ class BlasstFwdSm90:
         #   -0.28 % (two sessions), causal -1.0 %; 71 / 70 % skipped +0.16 / -0.26 %; 4k
         #   causal -0.4 % (73 % skipped: -0.65 %); 4k non-causal (no look-ahead switch) +1 %
         #   (there ptxas keeps the tile index, pipeline phase and flag address in vector, not
-        #   uniform, registers; SASS). Default (None): on in the
-        #   hdim-128 builds with the look-ahead switch (keys from 16k) and the causal hdim-128
-        #   builds; off elsewhere (other head dims not measured).
+        #   uniform, registers; SASS). Default (None): on in the hdim-128 builds with the
+        #   look-ahead switch (keys from 16k) and the causal hdim-128 builds; off elsewhere
+        #   (other head dims not measured).
         # Tried and removed: the flag byte and decision-mbarrier addresses formed in uniform
         # registers before the lane test (4 fewer keep-path instructions), and "the previous PV
         # ran" with the signalling lane as one predicate (2 fewer). Alone +0.8 % and +0.2 % of
