@@ -453,14 +453,13 @@ def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, n
     B, lq, hq, d = q.shape
     paged = block_table is not None
     page_size = k_cache.shape[1] if paged else None
+    use_pdl = USE_PDL and splits >= PDL_MIN_SPLITS
     config = dict(dtype=q.dtype, head_dim=d, page_size=page_size, tile_n=geo["block_n"],
                   causal=bool(causal), has_skip=has_skip, factor_per_batch=fpb,
                   has_stats=has_stats, direct_out=direct, fused_merge=FUSED_MERGE or eager_fused,
                   producer_v=PRODUCER_V, pipelined_merge=PIPELINED_MERGE,
-                  use_pdl=USE_PDL and splits >= PDL_MIN_SPLITS,
-                  speculate_pages=SPECULATE_PAGES and paged,
-                  l2_prefetch_tiles=L2_PREFETCH_TILES if USE_PDL and splits >= PDL_MIN_SPLITS
-                  else 0,
+                  use_pdl=use_pdl, speculate_pages=SPECULATE_PAGES and paged,
+                  l2_prefetch_tiles=L2_PREFETCH_TILES if use_pdl else 0,
                   order=geo["order"],
                   # one split: the two tile orders coincide (one compiled kernel)
                   interleave_splits=geo["interleave_splits"] and not direct)
@@ -477,7 +476,7 @@ def _make_plan(key, q, k_cache, block_table, causal, has_skip, fpb, has_stats, n
     fkey = ("decode", q.dtype, d, page_size, geo["block_n"], bool(causal), has_skip, fpb,
             has_stats, direct, fused, geo["order"], config["interleave_splits"],
             bool(config["producer_v"]), bool(config["pipelined_merge"]), bool(config["use_pdl"]),
-            bool(config["speculate_pages"]), int(config.get("l2_prefetch_tiles", 0)), tkey)
+            bool(config["speculate_pages"]), int(config["l2_prefetch_tiles"]), tkey)
     compile_args = _decode_compile_args(dict(ck), cuda_stream(0))
     p.fn = _compiled(fkey, compile_args, lambda: _make_kernel(ck).launch_ptrs)
     ks = k_cache.stride()
